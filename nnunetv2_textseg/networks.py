@@ -42,10 +42,12 @@ class BiCLIPNetwork(nn.Module):
             unidirectional baseline (text conditions vision, no image-to-text refinement).
         cycle: build the image-to-text head for the cycle loss.
         iac: build the IAC projection head.
+        ignore_text: always use the null report (the _noText ablation: same network, no report).
     """
 
     def __init__(self, unet: nn.Module, image_channels: int, text_in_dim: int, text_dim: int = 784,
-                 image_dim: int = 128, bidirectional: bool = True, cycle: bool = True, iac: bool = True):
+                 image_dim: int = 128, bidirectional: bool = True, cycle: bool = True, iac: bool = True,
+                 ignore_text: bool = False):
         super().__init__()
         if not (hasattr(unet, "encoder") and hasattr(unet, "decoder")):
             raise TypeError(f"{type(unet).__name__} has no encoder/decoder; BiCLIP needs a "
@@ -60,6 +62,7 @@ class BiCLIPNetwork(nn.Module):
         self.generator = PseudoImageGenerator(text_dim)
         self.image_to_text = ImageToTextHead(text_dim) if cycle else None
         self.iac_head = ProjectionHead(unet.encoder.output_channels[-1]) if iac else None
+        self.ignore_text = ignore_text
         self._text: torch.Tensor | None = None  # set per case at inference; not part of the state dict
         self._warned_null = False
 
@@ -80,6 +83,8 @@ class BiCLIPNetwork(nn.Module):
     def text_embedding(self, text: torch.Tensor | None, batch: int, drop: torch.Tensor | None = None) -> torch.Tensor:
         """Projected text t (B, D); rows with ``drop`` True (or all, if text is None) use the null report."""
         null = self.null_text.unsqueeze(0).expand(batch, -1)
+        if self.ignore_text and text is not None:
+            drop = torch.ones(batch, dtype=torch.bool, device=null.device)
         if text is None:
             raw = null
         else:

@@ -1,0 +1,173 @@
+"""Report plumbing shared by all text trainers: which encoder, the embedding table, per-case text for
+training batches, per-epoch validation and nnU-Net's final validation, and the spatial-word policy.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from torch._dynamo import OptimizedModule
+
+from nnunetv2_textseg.cache import (CacheError, TextEmbeddingCache, build_or_update_cache, cache_folder, cache_path,
+                                    load_checked_cache)
+from nnunetv2_textseg.encoders import EncoderSpec, spec_to_dict
+from nnunetv2_textseg.reports import ReportError, load_dataset_reports
+
+PLANS_KEY = "textseg"  # our entry in the plans.json the trainer writes to its results folder
+ENCODER_ENV = "nnUNet_textseg_encoder"
+TRUST_ENV = "nnUNet_textseg_trust_remote_code"
+
+
+class TextTrainingError(RuntimeError):
+    """A text trainer cannot start (missing reports, foreign model, ...); the message says the fix."""
+
+
+def choose_encoder_spec(preprocessed_folder: Path, default: EncoderSpec) -> EncoderSpec:
+    """Encoder for training: ``$nnUNet_textseg_encoder`` if set, else the one cache that exists for the
+    training split, else the trainer's default. Two caches and no choice is an error, not a guess."""
+    trust = os.environ.get(TRUST_ENV, "0").lower() in ("1", "true", "yes")
+    if os.environ.get(ENCODER_ENV):
+        return EncoderSpec(os.environ[ENCODER_ENV], default.pooling, default.max_length, trust)
+    caches = sorted(cache_folder(preprocessed_folder).glob("*__Tr.npz"))
+    if len(caches) == 1:
+        spec = TextEmbeddingCache.load(caches[0]).spec
+        return EncoderSpec(spec["name_or_path"], spec["pooling"], spec["max_length"],
+                           spec.get("trust_remote_code", False) or trust, spec.get("revision"))
+    if len(caches) > 1:
+        raise TextTrainingError(f"Several report embedding caches exist in {cache_folder(preprocessed_folder)} "
+                                f"({[c.name for c in caches]}). Choose one with {ENCODER_ENV}=NAME_OR_PATH.")
+    return default
+
+
+class nnUNetTrainerText(nnUNetTrainer):
+    """Base for text-guided trainers. Not meant to be trained itself (it adds no text to the network).
+
+    Spatial words ("left", "upper") only stay true if the image is not mirrored or turned upside down,
+    so text trainers restrict rotation to ±``max_rotation_deg`` and disable mirroring in training and
+    in test-time augmentation (``inference_allowed_mirroring_axes``). Images are assumed to be stored
+    in a consistent orientation (as radiology exports are).
+    """
+
+    text_encoder = EncoderSpec()  # default: offline all-MiniLM-L6-v2, mean pooling
+    max_rotation_deg = 15.0
+    allow_mirroring = False
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.text_table: torch.Tensor | None = None  # (N, D_in) pooled embeddings, row per case id
+        self.text_rows: dict[str, int] = {}
+
+    # ---- text preparation ----------------------------------------------------------------------
+    def _text_plans_entry(self, identity: dict, spec: EncoderSpec) -> dict:
+        return {"encoder": spec_to_dict(spec), "encoder_identity": identity, "text_in_dim": int(identity["dim"])}
+
+    def prepare_text(self) -> None:
+        """Load (or lazily build) the report embeddings of every case this fold uses and record the
+        encoder in the plans, so prediction rebuilds the same network and encodes with the same model."""
+        pre = Path(self.preprocessed_dataset_folder_base)
+        spec = choose_encoder_spec(pre, self.text_encoder)
+        path = cache_path(pre, spec, "Tr")
+        raw = Path(os.environ["nnUNet_raw"]) / self.plans_manager.dataset_name if os.environ.get("nnUNet_raw") else None
+        reports = None
+        if raw is not None and raw.is_dir():
+            try:
+                reports = load_dataset_reports(raw, "Tr", validate=False).reports
+            except ReportError as e:
+                if not path.exists():
+                    raise TextTrainingError(f"{self.__class__.__name__} needs a report per training case. {e}") from e
+        if reports is not None:
+            try:
+                cache = load_checked_cache(path, reports)
+            except CacheError:
+                self.print_to_log_file(f"Encoding reports with {spec.name_or_path} into {path} (new or changed reports)")
+                cache, n = build_or_update_cache(reports, path, spec=spec, progress=self.local_rank == 0)
+                self.print_to_log_file(f"Encoded {n} reports")
+        elif path.exists():
+            cache = TextEmbeddingCache.load(path)
+            self.print_to_log_file(f"nnUNet_raw has no reportsTr.csv for this dataset; using the cache {path} as is")
+        else:
+            raise TextTrainingError(f"No reports for {self.plans_manager.dataset_name}: neither "
+                                    f"$nnUNet_raw/{self.plans_manager.dataset_name}/reportsTr.csv nor a cache {path}. "
+                                    f"Attach reports with nnUNetv2_textseg_attach_reports -d "
+                                    f"{self.plans_manager.dataset_name} -i YOUR_TABLE.csv")
+        tr_keys, val_keys = self.do_split()
+        missing = sorted(k for k in list(tr_keys) + list(val_keys) if k not in cache)
+        if missing:
+            raise TextTrainingError(
+                f"{len(missing)} training case(s) have no report: {missing[:10]}{' ...' if len(missing) > 10 else ''}. "
+                f"Add a row per case to $nnUNet_raw/{self.plans_manager.dataset_name}/reportsTr.csv "
+                f"(nnUNetv2_textseg_attach_reports) and start again.")
+        self.text_rows = {c: i for i, c in enumerate(cache.case_ids)}
+        self.text_table = torch.from_numpy(np.ascontiguousarray(cache.pooled)).to(self.device)
+        self.plans_manager.plans[PLANS_KEY] = self._text_plans_entry(cache.identity, spec)
+
+    def initialize(self):
+        if not self.was_initialized:
+            self.prepare_text()
+        super().initialize()
+
+    def text_for(self, keys) -> torch.Tensor:
+        """Pooled report embeddings (B, D_in) for a batch's case ids, in batch order."""
+        return self.text_table[[self.text_rows[str(k)] for k in keys]]
+
+    def unwrapped_network(self) -> torch.nn.Module:
+        mod = self.network.module if self.is_ddp else self.network
+        return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
+
+    @staticmethod
+    def text_plans(plans_manager: PlansManager) -> dict:
+        entry = plans_manager.plans.get(PLANS_KEY)
+        if entry is None:
+            raise TextTrainingError(
+                "These plans carry no text-encoder entry: the model folder was not written by a text trainer, "
+                "or the network is being built before the reports were prepared.")
+        return entry
+
+    # ---- spatial words -------------------------------------------------------------------------
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        rotation, dummy_2d, initial_patch_size, mirror_axes = \
+            super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        if self.allow_mirroring:
+            return rotation, dummy_2d, initial_patch_size, mirror_axes
+        from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
+        r = np.deg2rad(self.max_rotation_deg)
+        rotation = (-r, r)
+        patch_size = self.configuration_manager.patch_size
+        initial_patch_size = get_patch_size(patch_size[-len(patch_size):], rotation, rotation, rotation, (0.85, 1.25))
+        if dummy_2d:
+            initial_patch_size[0] = patch_size[0]
+        self.inference_allowed_mirroring_axes = None
+        return rotation, dummy_2d, initial_patch_size, None
+
+    # ---- validation with reports ---------------------------------------------------------------
+    def validation_step(self, batch: dict) -> dict:
+        net = self.unwrapped_network()
+        net.set_text(self.text_for(batch["keys"]))
+        try:
+            return super().validation_step(batch)
+        finally:
+            net.set_text(None)
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        """nnU-Net's own final validation, with each case's report set on the network when the case is
+        loaded (its loop calls ``dataset.load_case(k)`` right before predicting case k)."""
+        original = self.dataset_class
+        net = self.unwrapped_network()
+        text_for = self.text_for
+
+        class _ReportSettingDataset(original):
+            def load_case(self, identifier):
+                net.set_text(text_for([identifier]))
+                return super().load_case(identifier)
+
+        self.dataset_class = _ReportSettingDataset
+        try:
+            super().perform_actual_validation(save_probabilities)
+        finally:
+            self.dataset_class = original
+            net.set_text(None)

@@ -1,0 +1,8 @@
+"""Makes nnunetv2-textseg's trainers visible to nnU-Net's `-tr` search.
+
+nnU-Net (>= 2.8) imports every module in the folders named by $nnUNet_extTrainer and looks for the
+class by name. The classes live in the installed package (so spawned workers can unpickle them);
+this module only re-exports them.
+"""
+from nnunetv2_textseg.training.biclip import nnUNetTrainerBiCLIP  # noqa: F401
+from nnunetv2_textseg.training.variants import *  # noqa: F401,F403
