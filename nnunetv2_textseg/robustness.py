@@ -35,9 +35,12 @@ import shutil
 import zlib
 from pathlib import Path
 from types import MappingProxyType
-from typing import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:  # SimpleITK is imported lazily so the split tools load fast
+    import SimpleITK as sitk
 
 SPLITS_FILE = "splits_final.json"
 BACKUP_FILE = "splits_final_full.json"
@@ -260,10 +263,10 @@ def make_label_fraction_splits(preprocessed_dataset_folder: Path, fraction: floa
         The written splits, ``[{"train": [...], "val": [...]}, ...]``.
     """
     _check_fraction(fraction)
-    folder = Path(preprocessed_dataset_folder)
+    folder = Path(preprocessed_dataset_folder).resolve()
     if not folder.is_dir():
         raise FileNotFoundError(f"Preprocessed dataset folder {folder} does not exist.")
-    output = Path(output) if output is not None else folder / SPLITS_FILE
+    output = Path(output).resolve() if output is not None else folder / SPLITS_FILE
     _protect_existing(folder, output, overwrite)
     full, source = _resolve_base_splits(folder, output, base_splits, n_folds)
 
@@ -352,7 +355,10 @@ def lowdose_image(img: np.ndarray, photons: float, rng: np.random.Generator) -> 
 
 
 def motion_kernel(kernel_size: int, angle_deg: float) -> np.ndarray:
-    """Normalised ``k×k`` linear kernel: a k-pixel line through the centre at ``angle_deg``.
+    """Normalised ``k×k`` linear kernel: a k-tap line through the centre at ``angle_deg``.
+
+    The line spans the box from edge to edge (k taps at any angle, like common MotionBlur
+    augmentations), so K7 smears a point over 7 pixels along the dominant axis.
 
     The angle is measured from the column (x) axis towards decreasing row index (counter-clockwise
     as displayed).
@@ -363,7 +369,10 @@ def motion_kernel(kernel_size: int, angle_deg: float) -> np.ndarray:
     if k < 1:
         raise ValueError(f"Motion kernel size must be ≥ 1, got {kernel_size}.")
     half = (k - 1) / 2.0
-    dy, dx = -half * math.sin(math.radians(angle_deg)), half * math.cos(math.radians(angle_deg))
+    # Stretch the direction to the box edge so every angle gives k taps (extent k along the line).
+    uy, ux = -math.sin(math.radians(angle_deg)), math.cos(math.radians(angle_deg))
+    scale = half / max(abs(uy), abs(ux))
+    dy, dx = uy * scale, ux * scale
     rr, cc = line(round(half - dy), round(half - dx), round(half + dy), round(half + dx))
     kernel = np.zeros((k, k))
     kernel[np.clip(rr, 0, k - 1), np.clip(cc, 0, k - 1)] = 1.0
@@ -388,18 +397,15 @@ def gaussian_noise(img: np.ndarray, rel_std: float, rng: np.random.Generator) ->
 def psnr(clean: np.ndarray, noisy: np.ndarray, data_range: float | None = None) -> float:
     """Peak signal-to-noise ratio in dB.
 
-    ``data_range`` defaults to the dtype range for integer images (255 for uint8, the usual
-    convention) and to ``max − min`` of ``clean`` otherwise. Identical images give ``inf``.
+    ``data_range`` defaults to 255 for uint8 images (the usual 8-bit convention) and to
+    ``max − min`` of ``clean`` otherwise (the dtype range of int16 CT would inflate PSNR by ~25 dB).
+    Identical images give ``inf``.
     """
     from skimage.metrics import peak_signal_noise_ratio
 
     clean = np.asarray(clean)
     if data_range is None:
-        if np.issubdtype(clean.dtype, np.integer):
-            info = np.iinfo(clean.dtype)
-            data_range = float(info.max) - float(info.min)
-        else:
-            data_range = float(clean.max() - clean.min()) or 1.0
+        data_range = 255.0 if clean.dtype == np.uint8 else float(clean.max() - clean.min()) or 1.0
     a, b = clean.astype(np.float64), np.asarray(noisy, dtype=np.float64)
     if np.array_equal(a, b):
         return math.inf
@@ -449,6 +455,15 @@ def _degrader(kind: str, level: float, method: str) -> Callable[[np.ndarray, np.
     return lambda img, rng, record: gaussian_noise(img, level, rng)
 
 
+def _level_label(level: float | str, value: float) -> float | str:
+    """Keep preset names (``"DL3"``, ``"K7"``) as given; numbers (also from the CLI) as numbers."""
+    try:
+        float(level)
+    except (TypeError, ValueError):
+        return str(level).strip()
+    return value
+
+
 def _image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_ENDINGS))
 
@@ -478,8 +493,8 @@ def _apply_2d(arr: np.ndarray, fn: Callable[[np.ndarray], np.ndarray], vector: b
     return np.stack([_apply_2d(s, fn, False) for s in arr], axis=0)
 
 
-def degrade_image(image: "sitk.Image", kind: str, level: float, rng: np.random.Generator,  # noqa: F821
-                  method: str = "projection", record: dict | None = None) -> "sitk.Image":  # noqa: F821
+def degrade_image(image: sitk.Image, kind: str, level: float, rng: np.random.Generator,
+                  method: str = "projection", record: dict | None = None) -> sitk.Image:
     """Degrade a SimpleITK image, keeping pixel type, size, spacing, origin and direction."""
     import SimpleITK as sitk
 
@@ -577,7 +592,7 @@ def degrade_folder(input_folder: Path, output_folder: Path, kind: str, level: fl
 
     finite = [r["psnr"] for r in per_file.values() if math.isfinite(r["psnr"])]
     _write_json(output_folder / DEGRADATION_FILE, {
-        "kind": kind, "level": level if isinstance(level, str) else value, "level_value": value,
+        "kind": kind, "level": _level_label(level, value), "level_value": value,
         "relative_dose": value / DOSE_LEVELS["DL1"] if kind == "lowdose" else None,
         "seed": seed, "method": method if kind == "lowdose" else None,
         "input_folder": str(input_folder.resolve()),

@@ -1,0 +1,204 @@
+"""Report-aware prediction on top of nnU-Net's own predictor.
+
+``nnUNetTextPredictor`` keeps everything of ``nnUNetPredictor`` (preprocessing workers, sliding
+window, Gaussian weighting, fold ensembling, resampling back, export) and adds the report: all
+reports are encoded once, in batches, with the encoder recorded with the model; before a case is
+predicted its embedding is set on the network, so every sliding-window tile (and every fold) sees
+the report of its own case. The pseudo-image depends on the tile (BMF mixes in the tile's global
+image embedding), so it is computed per tile by design.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+import torch
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from torch._dynamo import OptimizedModule
+
+from nnunetv2_textseg.cache import CacheError
+from nnunetv2_textseg.encoders import EncoderSpec, TextEncoder
+from nnunetv2_textseg.reports import ReportTable
+from nnunetv2_textseg.training.text_trainer import PLANS_KEY
+
+
+class TextPredictionError(RuntimeError):
+    """Prediction cannot run as asked; the message names the cases/files and the fix."""
+
+
+class nnUNetTextPredictor(nnUNetPredictor):
+    """nnUNetPredictor for text trainers. Use :meth:`set_reports` before ``predict_from_files``, or
+    :meth:`predict_single_npy_array_with_report` for one in-memory case."""
+
+    def __init__(self, *args, allow_missing_reports: bool = False, encoder_override: EncoderSpec | None = None,
+                 save_uncertainty: bool = False, save_pseudo_images: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.allow_missing_reports = allow_missing_reports
+        self.encoder_override = encoder_override
+        self.save_uncertainty = save_uncertainty
+        self.save_pseudo_images = save_pseudo_images
+        self.text_config: dict | None = None
+        self.encoder: TextEncoder | None = None
+        self.embeddings: dict[str, torch.Tensor] = {}
+        self._current_case: str | None = None
+        self._current_text: torch.Tensor | None = None
+        self.last_members: list[torch.Tensor] = []  # per-fold softmax of the last case (uncertainty)
+
+    # ---- model -------------------------------------------------------------------------------
+    def initialize_from_trained_model_folder(self, model_training_output_dir: str, use_folds, checkpoint_name:
+                                             str = "checkpoint_final.pth"):
+        plans_file = Path(model_training_output_dir) / "plans.json"
+        if plans_file.exists():
+            import json
+            if PLANS_KEY not in json.loads(plans_file.read_text()):
+                raise TextPredictionError(
+                    f"The model in {model_training_output_dir} was not trained by a text trainer (its plans.json "
+                    f"has no '{PLANS_KEY}' entry), so reports cannot be used. Predict it with nnUNetv2_predict.")
+        super().initialize_from_trained_model_folder(model_training_output_dir, use_folds, checkpoint_name)
+        self.text_config = self.plans_manager.plans[PLANS_KEY]
+
+    def manual_initialization(self, network, plans_manager, configuration_manager, parameters, dataset_json,
+                              trainer_name, inference_allowed_mirroring_axes):
+        super().manual_initialization(network, plans_manager, configuration_manager, parameters, dataset_json,
+                                      trainer_name, inference_allowed_mirroring_axes)
+        self.text_config = plans_manager.plans.get(PLANS_KEY)
+
+    def _net(self) -> torch.nn.Module:
+        return self.network._orig_mod if isinstance(self.network, OptimizedModule) else self.network
+
+    def load_encoder(self) -> TextEncoder:
+        """The encoder the model was trained with (loaded once); a different one is refused."""
+        if self.encoder is None:
+            recorded = self.text_config["encoder"]
+            spec = self.encoder_override or EncoderSpec(**recorded)
+            self.encoder = TextEncoder(spec, device="cpu")
+            want, got = self.text_config["encoder_identity"], self.encoder.identity()
+            diff = {k: (want.get(k), got.get(k)) for k in ("config_sha", "pooling", "max_length", "dim")
+                    if want.get(k) != got.get(k)}
+            if diff:
+                raise CacheError(f"The model was trained with text encoder {recorded['name_or_path']!r}, but "
+                                 f"{spec.name_or_path!r} differs (trained vs given: {diff}). Predict with the "
+                                 f"encoder the model was trained with (omit -encoder, or point it to a copy of "
+                                 f"that model).")
+        return self.encoder
+
+    # ---- reports -----------------------------------------------------------------------------
+    def set_reports(self, reports: ReportTable | Mapping[str, str], batch_size: int = 64) -> None:
+        """Encode all reports now, in batches, so prediction only looks them up."""
+        reports = dict(reports.reports if isinstance(reports, ReportTable) else reports)
+        if not reports:
+            self.embeddings = {}
+            return
+        enc = self.load_encoder().encode(list(reports.values()), batch_size=batch_size, progress=self.allow_tqdm)
+        self.embeddings = {c: torch.from_numpy(enc.pooled[i]) for i, c in enumerate(reports)}
+
+    def check_cases(self, case_ids: Iterable[str], source: str = "the input folder") -> list[str]:
+        """Cases without a report: an error, or (with allow_missing_reports) a warning and the null report."""
+        missing = sorted(c for c in case_ids if c not in self.embeddings)
+        if missing and not self.allow_missing_reports:
+            raise TextPredictionError(
+                f"{len(missing)} case(s) in {source} have no report: {missing[:10]}"
+                f"{' ...' if len(missing) > 10 else ''}. Add them to the report table, or pass "
+                f"--allow_missing_reports to predict them with the learned null report.")
+        if missing:
+            warnings.warn(f"{len(missing)} case(s) have no report and are predicted with the learned null report: "
+                          f"{missing[:10]}")
+        return missing
+
+    def _text_of(self, case: str | None) -> torch.Tensor | None:
+        if self._current_text is not None:
+            return self._current_text
+        return self.embeddings.get(case) if case is not None else None
+
+    # ---- prediction --------------------------------------------------------------------------
+    def predict_from_data_iterator(self, data_iterator, save_probabilities: bool = False,
+                                   num_processes_segmentation_export: int = 3):
+        def with_case_ids(it):
+            # nnU-Net's loop predicts each item right after taking it, so the case id set here is the
+            # one whose logits are computed next.
+            for item in it:
+                self._current_case = os.path.basename(item["ofile"]) if item.get("ofile") else None
+                yield item
+                if item.get("ofile") and (self.save_uncertainty or self.save_pseudo_images):
+                    self._save_extras(item)
+        try:
+            return super().predict_from_data_iterator(with_case_ids(data_iterator), save_probabilities,
+                                                      num_processes_segmentation_export)
+        finally:
+            self._current_case = None
+
+    @torch.inference_mode()
+    def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
+        """nnU-Net's fold ensemble (mean of logits), with the case's report set on the network; keeps each
+        fold's softmax for the uncertainty maps."""
+        net = self._net()
+        net.set_text(self._text_of(self._current_case))
+        self._last_data = data
+        try:
+            members, prediction = [], None
+            for params in self.list_of_parameters:
+                net.load_state_dict(params)
+                logits = self.predict_sliding_window_return_logits(data).to("cpu")
+                if self.save_uncertainty:
+                    members.append(torch.softmax(logits.float(), 0))
+                prediction = logits if prediction is None else prediction + logits
+            if len(self.list_of_parameters) > 1:
+                prediction /= len(self.list_of_parameters)
+            self.last_members = members
+            return prediction
+        finally:
+            net.set_text(None)
+
+    def predict_single_npy_array_with_report(self, input_image: np.ndarray, image_properties: dict,
+                                             report: str | None, output_file_truncated: str | None = None,
+                                             save_or_return_probabilities: bool = False):
+        """In-memory prediction of one case with its report text (None: the null report, if allowed)."""
+        if report is None:
+            if not self.allow_missing_reports:
+                raise TextPredictionError("No report given; pass a report or allow_missing_reports=True.")
+            self._current_text = None
+        else:
+            if not str(report).strip():
+                raise TextPredictionError("The report is empty; pass the case's report text.")
+            self._current_text = torch.from_numpy(self.load_encoder().encode([report]).pooled[0])
+        try:
+            return self.predict_single_npy_array(input_image, image_properties, None, output_file_truncated,
+                                                 save_or_return_probabilities)
+        finally:
+            self._current_text = None
+
+    # ---- extra outputs -----------------------------------------------------------------------
+    def _save_extras(self, item: dict) -> None:
+        from nnunetv2_textseg.visualize import save_case_maps
+        data, props, ofile = self._last_data, item["data_properties"], item["ofile"]
+        maps = {}
+        if self.save_uncertainty and self.last_members:
+            probs = torch.stack(self.last_members)  # (M, K, ...)
+            mean = probs.mean(0)
+            maps["entropy"] = -(mean * torch.log(mean.clamp_min(1e-8))).sum(0)
+            maps["variance"] = probs.var(0, unbiased=False).sum(0) if len(probs) > 1 else torch.zeros_like(mean[0])
+        if self.save_pseudo_images:
+            net = self._net()
+            net.set_text(self._text_of(self._current_case))
+            try:
+                with torch.inference_mode():
+                    # preprocessed 2D data are (C, Z=1, Y, X); the network works on slices (Z, C, Y, X)
+                    x = data.to(self.device).float().transpose(0, 1)
+                    text = net._text.to(self.device) if net._text is not None else None
+                    t = net.text_embedding(text, x.shape[0])
+                    maps["pseudo"] = net.pseudo_image(x, t)[:, 0].cpu()
+            finally:
+                net.set_text(None)
+        save_case_maps(maps, data[0], props, ofile, self.plans_manager, self.configuration_manager)
+
+
+def default_reports_file(input_folder: str | Path) -> Path | None:
+    """``reports.csv`` inside the input folder, else ``reportsTs.csv`` next to it (nnU-Net's imagesTs)."""
+    input_folder = Path(input_folder)
+    for candidate in (input_folder / "reports.csv", input_folder.parent / "reportsTs.csv"):
+        if candidate.is_file():
+            return candidate
+    return None
