@@ -199,6 +199,16 @@ def make_demo_entry() -> None:
     sys.exit(_run(main))
 
 
+def label_fraction_entry() -> None:
+    from nnunetv2_textseg.robustness import splits_main
+    sys.exit(_run(splits_main))
+
+
+def degrade_entry() -> None:
+    from nnunetv2_textseg.robustness import degrade_main
+    sys.exit(_run(degrade_main))
+
+
 def env_main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Print shell exports for nnU-Net's folders and nnUNet_extTrainer "
                                             "(use: eval \"$(nnUNetv2_textseg_env --root DIR)\").")

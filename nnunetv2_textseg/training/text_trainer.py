@@ -26,6 +26,30 @@ class TextTrainingError(RuntimeError):
     """A text trainer cannot start (missing reports, foreign model, ...); the message says the fix."""
 
 
+def _install_clean_error_hook() -> None:
+    """``nnUNetv2_train`` is nnU-Net's script, so our input errors would end in a long traceback through
+    nnU-Net. Print them as one clear message instead; every other exception keeps Python's hook."""
+    import sys
+    from nnunetv2_textseg.cache import CacheError
+    from nnunetv2_textseg.encoders import EncoderError
+
+    previous = sys.excepthook
+    if getattr(previous, "_textseg", False):
+        return
+
+    def hook(exc_type, exc, tb):
+        if issubclass(exc_type, (TextTrainingError, ReportError, CacheError, EncoderError)):
+            print(f"ERROR: {exc}", file=sys.stderr)
+        else:
+            previous(exc_type, exc, tb)
+
+    hook._textseg = True
+    sys.excepthook = hook
+
+
+_install_clean_error_hook()
+
+
 def choose_encoder_spec(preprocessed_folder: Path, default: EncoderSpec) -> EncoderSpec:
     """Encoder for training: ``$nnUNet_textseg_encoder`` if set, else the one cache that exists for the
     training split, else the trainer's default. Two caches and no choice is an error, not a guess."""
@@ -96,7 +120,8 @@ class nnUNetTrainerText(nnUNetTrainer):
                                     f"Attach reports with nnUNetv2_textseg_attach_reports -d "
                                     f"{self.plans_manager.dataset_name} -i YOUR_TABLE.csv")
         tr_keys, val_keys = self.do_split()
-        missing = sorted(k for k in list(tr_keys) + list(val_keys) if k not in cache)
+        available = set(reports) if reports is not None else set(cache.case_ids)
+        missing = sorted(k for k in list(tr_keys) + list(val_keys) if k not in available)
         if missing:
             raise TextTrainingError(
                 f"{len(missing)} training case(s) have no report: {missing[:10]}{' ...' if len(missing) > 10 else ''}. "

@@ -1,0 +1,179 @@
+"""nnUNetv2_textseg_predict and the Python predictor on the session's trained BiCLIP model."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import BIN, DATASET_ID, TRAINER, run
+
+
+def predict_cmd(tm, out: Path, *extra: str, inp: Path | None = None) -> list[str]:
+    return [str(BIN / "nnUNetv2_textseg_predict"), "-i", str(inp or tm.raw / "imagesTs"), "-o", str(out),
+            "-d", str(DATASET_ID), "-c", "2d", "-f", "0", "-tr", TRAINER, "-device", "cpu", "-npp", "1", "-nps", "1",
+            *extra]
+
+
+@pytest.fixture(scope="module")
+def cli_prediction(trained_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pred")
+    r = run(predict_cmd(trained_model, out, "--save_probabilities", "--save_uncertainty", "--save_pseudo_images"),
+            trained_model.env)
+    return out, r
+
+
+def _env(tm):
+    return {k: v for k, v in tm.env.items() if k.startswith("nnUNet")}
+
+
+@pytest.fixture()
+def nnunet_environ(trained_model, monkeypatch):
+    for k, v in _env(trained_model).items():
+        monkeypatch.setenv(k, v)
+
+
+def make_predictor(tm, **kw):
+    from nnunetv2_textseg.predictor import nnUNetTextPredictor
+    p = nnUNetTextPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
+                            perform_everything_on_device=False, device=torch.device("cpu"), allow_tqdm=False, **kw)
+    p.initialize_from_trained_model_folder(str(tm.model_folder), (0,), "checkpoint_final.pth")
+    return p
+
+
+def test_outputs_have_nnunet_names_geometry_and_labels(trained_model, cli_prediction):
+    out, _ = cli_prediction
+    images = sorted((trained_model.raw / "imagesTs").glob("*_0000.png"))
+    for img in images:
+        case = img.name[:-len("_0000.png")]
+        seg = out / f"{case}.png"
+        assert seg.is_file()
+        a, b = sitk.ReadImage(str(img)), sitk.ReadImage(str(seg))
+        assert a.GetSize() == b.GetSize()
+        assert set(np.unique(sitk.GetArrayFromImage(b))) <= {0, 1}
+        assert (out / f"{case}.npz").is_file() and (out / f"{case}.pkl").is_file()  # --save_probabilities
+        for name, sub in (("entropy", "uncertainty"), ("variance", "uncertainty"), ("pseudo", "pseudo_images")):
+            m = sitk.ReadImage(str(out / sub / f"{case}_{name}.nii.gz"))
+            assert m.GetSize() == a.GetSize()
+            assert (out / sub / f"{case}_{name}.png").is_file()
+        ent = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "uncertainty" / f"{case}_entropy.nii.gz")))
+        assert ent.min() >= 0 and ent.max() <= np.log(2) + 1e-5 and ent.std() > 0
+
+
+def test_evaluate_folder_runs_on_predictions(trained_model, cli_prediction):
+    out, _ = cli_prediction
+    run([str(BIN / "nnUNetv2_evaluate_folder"), str(trained_model.raw / "labelsTs"), str(out),
+         "-djfile", str(out / "dataset.json"), "-pfile", str(out / "plans.json")], trained_model.env)
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["metric_per_case"]) == len(list((trained_model.raw / "imagesTs").glob("*.png")))
+
+
+def _case(tm):
+    from nnunetv2.imageio.natural_image_reader_writer import NaturalImage2DIO
+    img = sorted((tm.raw / "imagesTs").glob("*_0000.png"))[0]
+    data, props = NaturalImage2DIO().read_images([str(img)])
+    return data, props
+
+
+def test_report_changes_the_logits(trained_model, nnunet_environ):
+    p = make_predictor(trained_model)
+    data, props = _case(trained_model)
+    _, prob_a = p.predict_single_npy_array_with_report(data, props, "Unilateral pulmonary infection, one infected "
+                                                       "area, upper left lung.", save_or_return_probabilities=True)
+    _, prob_b = p.predict_single_npy_array_with_report(data, props, "Bilateral pulmonary infection, three infected "
+                                                       "areas, all right lung and lower left lung.",
+                                                       save_or_return_probabilities=True)
+    _, prob_a2 = p.predict_single_npy_array_with_report(data, props, "Unilateral pulmonary infection, one infected "
+                                                        "area, upper left lung.", save_or_return_probabilities=True)
+    assert not np.allclose(prob_a, prob_b)
+    np.testing.assert_array_equal(prob_a, prob_a2)  # deterministic for identical inputs
+
+
+def test_missing_report_is_an_error_that_names_the_case(trained_model, tmp_path):
+    inp = tmp_path / "in"
+    shutil.copytree(trained_model.raw / "imagesTs", inp)
+    reports = pd.read_csv(trained_model.raw / "reportsTs.csv", dtype=str, keep_default_na=False)
+    missing = reports["case_id"].iloc[0]
+    reports.iloc[1:].to_csv(inp / "reports.csv", index=False)
+    r = run(predict_cmd(trained_model, tmp_path / "out", inp=inp), trained_model.env, check=False)
+    assert r.returncode == 2 and missing in r.stderr and "--allow_missing_reports" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not list((tmp_path / "out").glob("*.png")) if (tmp_path / "out").exists() else True
+
+    r = run(predict_cmd(trained_model, tmp_path / "out2", "--allow_missing_reports", inp=inp), trained_model.env)
+    assert (tmp_path / "out2" / f"{missing}.png").is_file()
+    assert "null report" in r.stderr + r.stdout
+
+
+def test_non_text_model_is_refused(trained_model, tmp_path):
+    """A model folder from a trainer without text (plans lack our entry) gets a clear error."""
+    res = tmp_path / "res"
+    ds = trained_model.model_folder.parent.name
+    target = res / ds / "nnUNetTrainer__nnUNetPlans__2d"
+    shutil.copytree(trained_model.model_folder, target)
+    plans = json.loads((target / "plans.json").read_text())
+    plans.pop("textseg")
+    (target / "plans.json").write_text(json.dumps(plans))
+    env = dict(trained_model.env, nnUNet_results=str(res))
+    cmd = predict_cmd(trained_model, tmp_path / "out")
+    cmd[cmd.index("-tr") + 1] = "nnUNetTrainer"
+    r = run(cmd, env, check=False)
+    assert r.returncode == 2 and "not trained by a text trainer" in r.stderr and "nnUNetv2_predict" in r.stderr
+
+
+def test_encoder_mismatch_is_refused(trained_model, tmp_path, tiny_bert):
+    r = run(predict_cmd(trained_model, tmp_path / "out", "-encoder", str(tiny_bert)), trained_model.env, check=False)
+    assert r.returncode == 2 and "trained with text encoder" in r.stderr
+
+
+def test_two_folds_are_ensembled(trained_model, nnunet_environ, tmp_path):
+    """-f 0 1: the logits are the mean of each fold's logits (nnU-Net's ensembling, with reports)."""
+    fold1 = trained_model.model_folder / "fold_1"
+    if not fold1.exists():
+        shutil.copytree(trained_model.fold0, fold1)
+        ckpt = torch.load(fold1 / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+        g = torch.Generator().manual_seed(0)
+        for k, v in ckpt["network_weights"].items():
+            if v.is_floating_point():
+                v.add_(0.05 * torch.randn(v.shape, generator=g))
+        torch.save(ckpt, fold1 / "checkpoint_final.pth")
+    from nnunetv2_textseg.predictor import nnUNetTextPredictor
+    report = "Bilateral pulmonary infection, two infected areas, middle left lung and lower right lung."
+    data, props = _case(trained_model)
+
+    def logits(folds):
+        p = nnUNetTextPredictor(perform_everything_on_device=False, device=torch.device("cpu"), allow_tqdm=False,
+                                save_uncertainty=True)
+        p.initialize_from_trained_model_folder(str(trained_model.model_folder), folds, "checkpoint_final.pth")
+        p._current_text = torch.from_numpy(p.load_encoder().encode([report]).pooled[0])
+        from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+        d, _, _ = DefaultPreprocessor().run_case_npy(data, None, props, p.plans_manager, p.configuration_manager,
+                                                     p.dataset_json)
+        return p.predict_logits_from_preprocessed_data(torch.from_numpy(d)), p
+
+    l0, _ = logits((0,))
+    l1, _ = logits((1,))
+    l01, p = logits((0, 1))
+    torch.testing.assert_close(l01, (l0 + l1) / 2, rtol=1e-4, atol=1e-4)
+    assert len(p.last_members) == 2  # both members kept for the variance map
+    cmd = predict_cmd(trained_model, tmp_path / "out", "--save_uncertainty")
+    i = cmd.index("-f")
+    cmd[i + 1:i + 2] = ["0", "1"]
+    run(cmd, trained_model.env)
+    var = sitk.GetArrayFromImage(sitk.ReadImage(str(next((tmp_path / "out" / "uncertainty").glob("*_variance.nii.gz")))))
+    assert var.max() > 0  # two different members disagree somewhere
+    shutil.rmtree(fold1)
+
+
+def test_plain_nnunet_predict_uses_null_report_with_warning(trained_model, tmp_path):
+    r = run([str(BIN / "nnUNetv2_predict"), "-i", str(trained_model.raw / "imagesTs"), "-o", str(tmp_path / "out"),
+             "-d", str(DATASET_ID), "-c", "2d", "-f", "0", "-tr", TRAINER, "-device", "cpu", "-npp", "1", "-nps", "1"],
+            trained_model.env)
+    assert "null report" in r.stderr + r.stdout and "nnUNetv2_textseg_predict" in r.stderr + r.stdout
+    assert len(list((tmp_path / "out").glob("*.png"))) == len(list((trained_model.raw / "imagesTs").glob("*.png")))

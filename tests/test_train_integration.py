@@ -1,0 +1,132 @@
+"""nnUNetTrainerBiCLIP trained by the real, unmodified nnUNetv2_train (session fixture in conftest)."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import BIN, DATASET_ID, TRAINER, nnunet_env, run
+
+
+def test_training_writes_nnunet_outputs(trained_model):
+    fold = trained_model.fold0
+    assert (fold / "checkpoint_final.pth").is_file()
+    assert (fold / "progress.png").is_file() and (fold / "progress_text.png").is_file()
+    summary = json.loads((fold / "validation" / "summary.json").read_text())
+    assert "foreground_mean" in summary
+    plans = json.loads((trained_model.model_folder / "plans.json").read_text())
+    assert plans["textseg"]["text_in_dim"] == 384
+    assert plans["textseg"]["encoder"]["name_or_path"] == "all-MiniLM-L6-v2"
+
+
+def test_log_has_every_loss_term(trained_model):
+    log = next(trained_model.fold0.glob("training_log_*.txt")).read_text()
+    line = [l for l in log.splitlines() if "BiCLIP loss terms" in l][-1]
+    for term in ("seg", "gen", "cycle", "iac"):
+        assert f"{term} " in line
+    ckpt = torch.load(trained_model.fold0 / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    logged = ckpt["logging"]
+    for term in ("seg", "gen", "cycle", "iac"):
+        values = logged[f"train_{term}_loss"]
+        assert len(values) == 2 and all(v == v and v >= 0 for v in values)  # every epoch, finite
+    assert ckpt["trainer_name"] == TRAINER
+    assert ckpt["inference_allowed_mirroring_axes"] is None  # spatial words: no mirroring at test time
+
+
+def test_checkpoint_holds_every_biclip_module(trained_model):
+    weights = torch.load(trained_model.fold0 / "checkpoint_final.pth", map_location="cpu",
+                         weights_only=False)["network_weights"]
+    for prefix in ("unet.", "text_projection.", "null_text", "image_encoder.", "fusion.", "generator.",
+                   "image_to_text.", "iac_head."):
+        assert any(k.startswith(prefix) for k in weights), prefix
+
+
+def test_resume_with_c_restores_every_module(trained_model, tmp_path):
+    """--c continues from checkpoint_best.pth; the trainer's load_checkpoint restores all modules."""
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    fold = trained_model.fold0
+    work = tmp_path / "res"
+    shutil.copytree(trained_model.root / "res", work)
+    env = dict(trained_model.env, nnUNet_results=str(work))
+    wfold = next(work.glob(f"Dataset{DATASET_ID}_*")) / f"{TRAINER}__nnUNetPlans__2d" / "fold_0"
+    (wfold / "checkpoint_final.pth").unlink()
+    r = run([str(BIN / "nnUNetv2_train"), str(DATASET_ID), "2d", "0", "-tr", TRAINER, "-device", "cpu", "--c"], env)
+    assert (wfold / "checkpoint_final.pth").is_file()
+
+    import os
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update({k: v for k, v in env.items() if k.startswith("nnUNet")})
+    try:
+        trainer = get_trainer_from_args(str(DATASET_ID), "2d", 0, TRAINER, device=torch.device("cpu"))
+        trainer.load_checkpoint(str(wfold / "checkpoint_final.pth"))
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    saved = torch.load(wfold / "checkpoint_final.pth", map_location="cpu", weights_only=False)["network_weights"]
+    state = trainer.network.state_dict()
+    assert set(saved) == set(state)
+    for k in ("fusion.mlp.0.weight", "generator.decoder.1.weight", "null_text", "iac_head.net.0.weight",
+              "text_projection.net.0.weight", "image_to_text.encoder.head.weight"):
+        assert torch.equal(state[k].cpu(), saved[k]), k
+
+
+def test_missing_report_fails_with_clear_message(trained_model, tmp_path):
+    raw_root = tmp_path / "raw"
+    shutil.copytree(trained_model.raw, raw_root / trained_model.raw.name)
+    table = raw_root / trained_model.raw.name / "reportsTr.csv"
+    df = pd.read_csv(table, dtype=str, keep_default_na=False)
+    dropped = df["case_id"].iloc[0]
+    df.iloc[1:].to_csv(table, index=False)
+    env = nnunet_env(trained_model.root, raw=raw_root)
+    env["nnUNet_results"] = str(tmp_path / "res")
+    r = run([str(BIN / "nnUNetv2_train"), str(DATASET_ID), "2d", "0", "-tr", TRAINER, "-device", "cpu"], env,
+            check=False)
+    assert r.returncode != 0
+    assert dropped in r.stderr and "reportsTr.csv" in r.stderr
+    assert "Traceback" not in r.stderr  # one clear message, not a stack trace through nnU-Net
+
+
+@pytest.mark.parametrize("variant", ["nnUNetTrainerBiCLIP_noIAC", "nnUNetTrainerBiCLIP_unidirectional",
+                                     "nnUNetTrainerBiCLIP_noText", "nnUNetTrainerBiCLIP_noCycle",
+                                     "nnUNetTrainerBiCLIP_paper"])
+def test_ablation_builds_and_trains_one_step(trained_model, variant):
+    """Each ablation builds its network from the plans and runs a real train_step on real batches."""
+    import os
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    old = {k: os.environ.get(k) for k in trained_model.env if k.startswith("nnUNet")}
+    os.environ.update({k: v for k, v in trained_model.env.items() if k.startswith("nnUNet")})
+    try:
+        trainer = get_trainer_from_args(str(DATASET_ID), "2d", 0, variant, device=torch.device("cpu"))
+        trainer.initialize()
+        trainer.dataloader_train, trainer.dataloader_val = trainer.get_dataloaders()
+        trainer.network.train()
+        out = trainer.train_step(next(trainer.dataloader_train))
+        for dl in (trainer.dataloader_train, trainer.dataloader_val):
+            if hasattr(dl, "_finish"):
+                dl._finish()
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    assert out["loss"] == out["loss"]
+    net = trainer.network
+    if variant.endswith("noIAC"):
+        assert net.iac_head is None and "iac" not in out
+    if variant.endswith("unidirectional"):
+        assert net.fusion is None and net.image_encoder is None
+    if variant.endswith("noCycle"):
+        assert net.image_to_text is None and "cycle" not in out
+    if variant.endswith("noText"):
+        assert net.ignore_text
+    if variant.endswith("paper"):
+        assert isinstance(trainer.optimizer, torch.optim.AdamW) and trainer.batch_size == 16
