@@ -58,6 +58,9 @@ def main(argv=None) -> None:
         env[var] = str(root / var)
         Path(env[var]).mkdir(exist_ok=True)
     env["nnUNet_extTrainer"] = str(trainers_folder())
+    # nnU-Net starts up to 12 augmentation workers by default; on a small CPU machine they only compete
+    # with training for the same cores.
+    env.setdefault("nnUNet_n_proc_DA", str(max(1, min(4, (os.cpu_count() or 2) // 2))))
     logs = root / "logs"
     logs.mkdir(exist_ok=True)
     d = str(a.dataset_id)

@@ -130,6 +130,30 @@ class nnUNetTextPredictor(nnUNetPredictor):
         finally:
             self._current_case = None
 
+    def predict_from_files_sequential(self, list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files,
+                                      save_probabilities: bool = False, overwrite: bool = True,
+                                      folder_with_segs_from_prev_stage: str = None):
+        """nnU-Net's sequential loop does not say which case it is predicting, so run it one case at a time
+        with that case's report set. (Uncertainty maps and pseudo-images need the multiprocess path.)"""
+        if self.save_uncertainty or self.save_pseudo_images:
+            warnings.warn("--save_uncertainty/--save_pseudo_images are written by the multiprocess path only; "
+                          "use -npp/-nps > 0.")
+        lists, outs, _ = self._manage_input_and_output_lists(
+            list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files,
+            folder_with_segs_from_prev_stage, overwrite, 0, 1, save_probabilities)
+        ending = self.dataset_json["file_ending"]
+        results = []
+        for li, of in zip(lists, outs if outs is not None else [None] * len(lists)):
+            # the case id: the output name, else the first channel's file name without _0000<ending>
+            self._current_case = os.path.basename(of) if of else os.path.basename(li[0])[:-len("_0000" + ending)]
+            try:
+                r = super().predict_from_files_sequential([li], [of] if of else None, save_probabilities, True,
+                                                          folder_with_segs_from_prev_stage)
+            finally:
+                self._current_case = None
+            results.extend(r or [])
+        return results
+
     @torch.inference_mode()
     def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
         """nnU-Net's fold ensemble (mean of logits), with the case's report set on the network; keeps each

@@ -23,6 +23,7 @@ def nnunet_env(root: Path, raw: Path | None = None) -> dict:
                nnUNet_results=str(root / "res"), nnUNet_extTrainer=str(REPO / "trainers"),
                PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     env.pop("nnUNet_compile", None)
+    env.setdefault("nnUNet_n_proc_DA", "1")  # nnU-Net's default (12 workers) only fights for 2 cores
     return env
 
 

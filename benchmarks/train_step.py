@@ -1,0 +1,129 @@
+"""Seconds per training iteration (and peak memory) of nnUNetTrainer vs nnUNetTrainerBiCLIP vs _noIAC on the
+same preprocessed data, measured in one run, printed as ratios. Not a test.
+
+    python benchmarks/train_step.py [--root benchmarks/results/work] [-d 990] [--iters 30] [--device cpu]
+
+Data loading is excluded (batches are drawn first, then the timed loop only runs ``train_step``), so the
+numbers compare the networks and losses, which is what the trainers change. Targets: ≤ 1.1× without IAC,
+≤ 1.6× with IAC.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def ensure_dataset(root: Path, dataset_id: int, size: int) -> dict:
+    env = dict(os.environ, nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "pre"),
+               nnUNet_results=str(root / "res"), nnUNet_extTrainer=str(REPO / "trainers"), HF_HUB_OFFLINE="1")
+    bindir = Path(sys.executable).parent
+    if not list((root / "pre").glob(f"Dataset{dataset_id:03d}_*/nnUNetPlans_2d")):
+        subprocess.run([str(bindir / "nnUNetv2_textseg_make_demo"), "-d", str(dataset_id), "--n_train", "40",
+                        "--n_test", "4", "--size", str(size), "--raw", str(root / "raw"), "--overwrite"],
+                       env=env, check=True, capture_output=True)
+        subprocess.run([str(bindir / "nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-c", "2d", "-np", "2"],
+                       env=env, check=True, capture_output=True)
+    return env
+
+
+def time_trainer(name: str, dataset_id: int, device: str, iters: int, warmup: int) -> dict:
+    import torch
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    torch.manual_seed(0)
+    trainer = get_trainer_from_args(str(dataset_id), "2d", 0, name, device=torch.device(device))
+    trainer.initialize()
+    dl_tr, dl_val = trainer.get_dataloaders()
+    batches = [next(dl_tr) for _ in range(warmup + iters)]
+    for dl in (dl_tr, dl_val):
+        if hasattr(dl, "_finish"):
+            dl._finish()
+    trainer.network.train()
+    for b in batches[:warmup]:
+        trainer.train_step(b)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t = time.perf_counter()
+    for b in batches[warmup:]:
+        trainer.train_step(b)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    sec = (time.perf_counter() - t) / iters
+    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device == "cuda" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"trainer": name, "s_per_iter": sec, "peak_mem_mib": peak, "batch_size": trainer.batch_size,
+            "patch_size": list(trainer.configuration_manager.patch_size),
+            "params_m": sum(p.numel() for p in trainer.network.parameters()) / 1e6, "rss_before_mib": rss0 / 1024}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", default=str(REPO / "benchmarks" / "results" / "work"))
+    p.add_argument("-d", "--dataset_id", type=int, default=989)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--trainers", nargs="+",
+                   default=["nnUNetTrainer", "nnUNetTrainerBiCLIP_noIAC", "nnUNetTrainerBiCLIP"])
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "train_step.json"))
+    a = p.parse_args(argv)
+    root = Path(a.root)
+    env = ensure_dataset(root, a.dataset_id, a.size)
+    os.environ.update({k: v for k, v in env.items() if k.startswith("nnUNet") or k == "HF_HUB_OFFLINE"})
+    # Each trainer in its own process: peak memory (ru_maxrss) is per process.
+    rows = []
+    for name in a.trainers:
+        out = subprocess.run([sys.executable, __file__, "--_one", name, "-d", str(a.dataset_id), "--iters",
+                              str(a.iters), "--warmup", str(a.warmup), "--device", a.device],
+                             env=dict(os.environ), capture_output=True, text=True)
+        if out.returncode != 0:
+            sys.exit(out.stderr[-3000:])
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    base = rows[0]
+    import torch
+    print(f"\nTrain step, {a.device}, torch {torch.__version__}, {os.cpu_count()} CPUs, patch {base['patch_size']}, "
+          f"batch {base['batch_size']}, {a.iters} timed iterations (after {a.warmup} warm-up)\n")
+    print("| trainer | s/iter | × nnUNetTrainer | peak mem (MiB) | × mem | params (M) |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        r["time_ratio"] = r["s_per_iter"] / base["s_per_iter"]
+        r["mem_ratio"] = r["peak_mem_mib"] / base["peak_mem_mib"]
+        print(f"| {r['trainer']} | {r['s_per_iter']:.3f} | {r['time_ratio']:.2f} | {r['peak_mem_mib']:.0f} | "
+              f"{r['mem_ratio']:.2f} | {r['params_m']:.2f} |")
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps({"device": a.device, "torch": torch.__version__, "cpus": os.cpu_count(),
+                                       "platform": platform.platform(), "rows": rows}, indent=2))
+    print(f"\nwritten: {a.out}")
+
+
+if __name__ == "__main__":
+    if "--_one" in sys.argv:
+        i = sys.argv.index("--_one")
+        name = sys.argv[i + 1]
+        args = sys.argv[i + 2:]
+        q = argparse.ArgumentParser()
+        q.add_argument("-d", type=int)
+        q.add_argument("--iters", type=int)
+        q.add_argument("--warmup", type=int)
+        q.add_argument("--device")
+        b = q.parse_args(args)
+        import io
+        import contextlib
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            res = time_trainer(name, b.d, b.device, b.iters, b.warmup)
+        print(json.dumps(res))
+    else:
+        main()
