@@ -20,6 +20,7 @@ from batchgeneratorsv2.transforms.intensity.gaussian_noise import GaussianNoiseT
 from batchgeneratorsv2.transforms.noise.gaussian_blur import GaussianBlurTransform
 from batchgeneratorsv2.transforms.spatial.low_resolution import SimulateLowResolutionTransform
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+from batchgeneratorsv2.transforms.utils.nnunet_masking import MaskImageTransform
 from batchgeneratorsv2.transforms.utils.random import RandomTransform
 
 # nnU-Net's intensity transforms: what the weak view keeps and the shared (spatial) part drops.
@@ -82,16 +83,20 @@ class LowDoseNoiseTransform(ImageOnlyTransform):
     def get_parameters(self, **data_dict) -> dict:
         img = data_dict["image"]
         return {"apply": [bool(torch.rand(1) < self.p_per_channel) for _ in range(img.shape[0])],
-                "photons": float(sample_scalar(self.photons, img))}
+                "photons": float(sample_scalar(self.photons, img)),
+                # the Poisson draw itself is seeded here, so `apply` is deterministic given the parameters
+                "seed": int(torch.randint(0, 2 ** 62, (1,)))}
 
     def _apply_to_image(self, img: torch.Tensor, **params) -> torch.Tensor:
         out = img.clone()
+        gen = torch.Generator(device=img.device)
+        gen.manual_seed(params["seed"])
         for c, a in enumerate(params["apply"]):
             if not a:
                 continue
             lo, hi = img[c].min(), img[c].max()
             scale = (hi - lo).clamp_min(1e-6)
-            counts = torch.poisson((img[c] - lo) / scale * params["photons"])
+            counts = torch.poisson((img[c] - lo) / scale * params["photons"], generator=gen)
             out[c] = counts / params["photons"] * scale + lo
         return out
 
@@ -132,6 +137,24 @@ class TwoViewIntensityTransform(ImageOnlyTransform):
         return torch.cat([weak, strong], dim=0)
 
 
+class _TwoViewMaskImageTransform(MaskImageTransform):
+    """nnU-Net's MaskImageTransform (use_mask_for_norm) after the split: its channel indices refer to the
+    C real channels, so each masked channel is masked in the weak (c) and the strong (c + C) view."""
+
+    def __init__(self, inner: MaskImageTransform):
+        super().__init__(list(inner.apply_to_channels), inner.channel_idx_in_seg, inner.set_outside_to)
+
+    def apply(self, data_dict, **params):
+        if len(self.apply_to_channels) == 0:
+            return data_dict
+        c = data_dict["image"].shape[0] // 2
+        mask = data_dict["segmentation"][self.channel_idx_in_seg] < 0
+        for a in self.apply_to_channels:
+            data_dict["image"][a, mask] = self.set_outside_to
+            data_dict["image"][a + c, mask] = self.set_outside_to
+        return data_dict
+
+
 def split_into_two_views(pipeline: ComposeTransforms, strong: BasicTransform | None = None) -> ComposeTransforms:
     """Rewrite nnU-Net's training pipeline: its intensity transforms become the weak view and a strong
     view is added beside it; spatial and label transforms stay shared, in their original order."""
@@ -142,6 +165,8 @@ def split_into_two_views(pipeline: ComposeTransforms, strong: BasicTransform | N
             if not inserted:
                 shared.append(None)  # placeholder: the two views split where intensity work began
                 inserted = True
+        elif inserted and isinstance(t, MaskImageTransform):
+            shared.append(_TwoViewMaskImageTransform(t))
         else:
             shared.append(t)
     two_view = TwoViewIntensityTransform(ComposeTransforms(weak), strong or strong_intensity_transforms())

@@ -158,12 +158,16 @@ def build_or_update_cache(reports: dict[str, str], path: str | Path, encoder: Te
     if old is not None:
         reuse = {c: old._row[c] for c, s in zip(ids, shas) if c in old._row and old.text_sha[old._row[c]] == s}
     todo = [c for c in ids if c not in reuse]
+    if old is not None and encoder is not None:
+        # Also when nothing needs encoding: a loaded encoder that differs from the cache's (same
+        # name, other weights/config) must not be handed a cache it did not make.
+        old.check_identity(encoder.identity())
     if not todo and old is not None and len(old.case_ids) == len(ids):
         return old, 0
     if todo and encoder is None:
         encoder = TextEncoder(spec)
-    if old is not None and encoder is not None:
-        old.check_identity(encoder.identity())
+        if old is not None:
+            old.check_identity(encoder.identity())
     identity = encoder.identity() if encoder is not None else old.identity
     dim = identity["dim"]
     new = encoder.encode([reports[c] for c in todo], batch_size, progress) if todo else \

@@ -133,6 +133,8 @@ def predict_main(argv=None) -> None:
     p.add_argument("--save_uncertainty", action="store_true",
                    help="write per-pixel entropy and across-fold variance maps (.nii.gz + .png overlays)")
     p.add_argument("--save_pseudo_images", action="store_true", help="write each case's pseudo-image (.nii.gz + .png)")
+    p.add_argument("--mc_samples", type=int, default=0, help="Monte-Carlo passes of a stochastic model (MedCLIPSeg): "
+                   "the prediction is their mean; with --save_uncertainty also mutual information")
     p.add_argument("-encoder", default=None, help="local copy of the model's text encoder (must be the same model)")
     p.add_argument("--trust_remote_code", action="store_true")
     a = p.parse_args(argv)
@@ -155,7 +157,8 @@ def predict_main(argv=None) -> None:
                                     verbose=a.verbose, verbose_preprocessing=a.verbose,
                                     allow_tqdm=not a.disable_progress_bar,
                                     allow_missing_reports=a.allow_missing_reports,
-                                    save_uncertainty=a.save_uncertainty, save_pseudo_images=a.save_pseudo_images)
+                                    save_uncertainty=a.save_uncertainty, save_pseudo_images=a.save_pseudo_images,
+                                    mc_samples=a.mc_samples)
     predictor.initialize_from_trained_model_folder(model_folder, folds, checkpoint_name=a.chk)
     if a.encoder:
         rec = predictor.text_config["encoder"]
@@ -196,6 +199,11 @@ def predict_entry() -> None:
 # ---- demo data, robustness protocol, environment -----------------------------------------------------
 def make_demo_entry() -> None:
     from nnunetv2_textseg.demo_data import main
+    sys.exit(_run(main))
+
+
+def calibration_entry() -> None:
+    from nnunetv2_textseg.calibration import main
     sys.exit(_run(main))
 
 

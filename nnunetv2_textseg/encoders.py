@@ -55,7 +55,7 @@ class EncoderSpec:
     def resolved_location(self) -> str:
         if self.name_or_path in _BUNDLED_ALIASES:
             return str(bundled_minilm_path())
-        return self.name_or_path
+        return os.path.expanduser(self.name_or_path)
 
     def slug(self) -> str:
         """File-name-safe name of this encoder configuration (one cache file per encoder)."""
@@ -84,6 +84,12 @@ def _config_sha(config) -> str:
     return hashlib.sha256(config.to_json_string(use_diff=False).encode()).hexdigest()[:16]
 
 
+def _looks_like_path(location: str) -> bool:
+    """A local path rather than a hub id ("org/name"): absolute, ./ ../ ~ or with a backslash."""
+    return (os.path.isabs(location) or location.startswith((".", "~")) or "\\" in location
+            or location.count("/") > 1)
+
+
 class TextEncoder:
     """Tokenizer + frozen transformer returning pooled and token-level embeddings."""
 
@@ -94,6 +100,10 @@ class TextEncoder:
         location = self.spec.resolved_location()
         local = os.path.isdir(location)
         kwargs = dict(trust_remote_code=self.spec.trust_remote_code, revision=self.spec.revision)
+        if not local and _looks_like_path(location):
+            # Otherwise the hub client answers with a confusing "Repo id must be in the form ..." error.
+            raise EncoderError(f"Could not load text encoder {self.spec.name_or_path!r}: the folder {location} "
+                               f"does not exist. Pass an existing local model folder or a Hugging Face model name.")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
             self.model = AutoModel.from_pretrained(location, **kwargs)
@@ -105,7 +115,7 @@ class TextEncoder:
                 hint = (" This model ships its own code; if you trust it, pass --trust_remote_code "
                         "(EncoderSpec(trust_remote_code=True)).")
             raise EncoderError(f"Could not load text encoder {self.spec.name_or_path!r} "
-                               f"({location}): {type(e).__name__}: {e}.{hint}") from e
+                               f"({location}): {type(e).__name__}: {str(e).strip().rstrip('.')}.{hint}") from e
         self.model.eval().requires_grad_(False)
         self.device = torch.device(device)
         self.model.to(self.device)
@@ -150,6 +160,9 @@ class TextEncoder:
             else:
                 p = (hidden * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp_min(1)
             pooled[idx] = p.cpu().numpy()
+            # Zero the padding positions: their hidden states depend on which texts share the batch,
+            # and every row must be the same whatever it was encoded with.
+            hidden = hidden * m[..., None]
             chunks.append((idx, hidden.cpu().numpy().astype(np.float16), m.cpu().numpy()))
             max_len = max(max_len, hidden.shape[1])
         tokens = np.zeros((n, max_len, self.dim), np.float16)

@@ -68,10 +68,13 @@ class MedCLIPSegNetwork(nn.Module):
         ignore_text: always use the null report (the ``_noText`` ablation).
     """
 
+    text_input = "tokens"  # what set_text expects: token embeddings + mask (the predictor checks this)
+
     def __init__(self, unet: nn.Module, text_token_dim: int, adapter_stages: Sequence[int] | None = None,
                  width: int = 64, heads: int = 4, beta: float = 2.35, deterministic: bool = False,
                  ignore_text: bool = False):
         super().__init__()
+        self.sample_at_inference = False  # Monte-Carlo prediction: sample attention values in eval too
         enc = getattr(unet, "encoder", None)
         if enc is None or not hasattr(unet, "decoder") or not hasattr(enc, "stages"):
             raise TypeError(f"{type(unet).__name__} has no encoder.stages/decoder; MedCLIPSeg needs a "
@@ -160,7 +163,7 @@ class MedCLIPSegNetwork(nn.Module):
                 warnings.warn("MedCLIPSegNetwork: no report set, predicting with the learned null report. "
                               "Use nnUNetv2_textseg_predict to give each case its report.")
                 self._warned_null = True
-        sample = self.training if sample is None else bool(sample)
+        sample = (self.training or self.sample_at_inference) if sample is None else bool(sample)
         txt, txt_mask = self.prepare_text(tokens, mask, x.shape[0], drop)
         report_emb = _masked_mean(txt.detach(), txt_mask) if return_aux else None
 

@@ -45,6 +45,8 @@ class BiCLIPNetwork(nn.Module):
         ignore_text: always use the null report (the _noText ablation: same network, no report).
     """
 
+    text_input = "pooled"  # what set_text expects: one pooled report embedding per case
+
     def __init__(self, unet: nn.Module, image_channels: int, text_in_dim: int, text_dim: int = 784,
                  image_dim: int = 128, bidirectional: bool = True, cycle: bool = True, iac: bool = True,
                  ignore_text: bool = False):

@@ -34,17 +34,18 @@ class nnUNetTextPredictor(nnUNetPredictor):
     :meth:`predict_single_npy_array_with_report` for one in-memory case."""
 
     def __init__(self, *args, allow_missing_reports: bool = False, encoder_override: EncoderSpec | None = None,
-                 save_uncertainty: bool = False, save_pseudo_images: bool = False, **kwargs):
+                 save_uncertainty: bool = False, save_pseudo_images: bool = False, mc_samples: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
+        self.mc_samples = mc_samples  # > 1: Monte-Carlo passes of a stochastic (MedCLIPSeg) network
         self.allow_missing_reports = allow_missing_reports
         self.encoder_override = encoder_override
         self.save_uncertainty = save_uncertainty
         self.save_pseudo_images = save_pseudo_images
         self.text_config: dict | None = None
         self.encoder: TextEncoder | None = None
-        self.embeddings: dict[str, torch.Tensor] = {}
+        self.embeddings: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # pooled, tokens, mask
         self._current_case: str | None = None
-        self._current_text: torch.Tensor | None = None
+        self._current_text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.last_members: list[torch.Tensor] = []  # per-fold softmax of the last case (uncertainty)
 
     # ---- model -------------------------------------------------------------------------------
@@ -93,7 +94,7 @@ class nnUNetTextPredictor(nnUNetPredictor):
             self.embeddings = {}
             return
         enc = self.load_encoder().encode(list(reports.values()), batch_size=batch_size, progress=self.allow_tqdm)
-        self.embeddings = {c: torch.from_numpy(enc.pooled[i]) for i, c in enumerate(reports)}
+        self.embeddings = {c: _one(enc, i) for i, c in enumerate(reports)}
 
     def check_cases(self, case_ids: Iterable[str], source: str = "the input folder") -> list[str]:
         """Cases without a report: an error, or (with allow_missing_reports) a warning and the null report."""
@@ -108,10 +109,20 @@ class nnUNetTextPredictor(nnUNetPredictor):
                           f"{missing[:10]}")
         return missing
 
-    def _text_of(self, case: str | None) -> torch.Tensor | None:
+    def _text_of(self, case: str | None):
         if self._current_text is not None:
             return self._current_text
         return self.embeddings.get(case) if case is not None else None
+
+    def set_network_text(self, case: str | None) -> None:
+        """Give the network this case's report in the form it takes (pooled, or tokens + mask); None: null."""
+        net, text = self._net(), self._text_of(case)
+        if text is None:
+            net.set_text(None)
+        elif getattr(net, "text_input", "pooled") == "tokens":
+            net.set_text(text[1][None].float(), text[2][None])
+        else:
+            net.set_text(text[0])
 
     # ---- prediction --------------------------------------------------------------------------
     def predict_from_data_iterator(self, data_iterator, save_probabilities: bool = False,
@@ -159,22 +170,30 @@ class nnUNetTextPredictor(nnUNetPredictor):
         """nnU-Net's fold ensemble (mean of logits), with the case's report set on the network; keeps each
         fold's softmax for the uncertainty maps."""
         net = self._net()
-        net.set_text(self._text_of(self._current_case))
+        self.set_network_text(self._current_case)
         self._last_data = data
+        # Monte-Carlo: N sliding-window passes with sampled attention values (one tile per pass for
+        # images no larger than the patch, as in 2D chest radiographs).
+        passes = self.mc_samples if self.mc_samples > 1 and hasattr(net, "sample_at_inference") else 1
         try:
-            members, prediction = [], None
+            members, prediction, n = [], None, 0
             for params in self.list_of_parameters:
                 net.load_state_dict(params)
-                logits = self.predict_sliding_window_return_logits(data).to("cpu")
-                if self.save_uncertainty:
-                    members.append(torch.softmax(logits.float(), 0))
-                prediction = logits if prediction is None else prediction + logits
-            if len(self.list_of_parameters) > 1:
-                prediction /= len(self.list_of_parameters)
+                if passes > 1:
+                    net.sample_at_inference = True
+                for _ in range(passes):
+                    logits = self.predict_sliding_window_return_logits(data).to("cpu")
+                    if self.save_uncertainty:
+                        members.append(torch.softmax(logits.float(), 0))
+                    prediction = logits if prediction is None else prediction + logits
+                    n += 1
+            prediction /= n
             self.last_members = members
             return prediction
         finally:
             net.set_text(None)
+            if hasattr(net, "sample_at_inference"):
+                net.sample_at_inference = False
 
     def predict_single_npy_array_with_report(self, input_image: np.ndarray, image_properties: dict,
                                              report: str | None, output_file_truncated: str | None = None,
@@ -187,7 +206,7 @@ class nnUNetTextPredictor(nnUNetPredictor):
         else:
             if not str(report).strip():
                 raise TextPredictionError("The report is empty; pass the case's report text.")
-            self._current_text = torch.from_numpy(self.load_encoder().encode([report]).pooled[0])
+            self._current_text = _one(self.load_encoder().encode([report]), 0)
         try:
             return self.predict_single_npy_array(input_image, image_properties, None, output_file_truncated,
                                                  save_or_return_probabilities)
@@ -202,21 +221,37 @@ class nnUNetTextPredictor(nnUNetPredictor):
         if self.save_uncertainty and self.last_members:
             probs = torch.stack(self.last_members)  # (M, K, ...)
             mean = probs.mean(0)
-            maps["entropy"] = -(mean * torch.log(mean.clamp_min(1e-8))).sum(0)
+            maps["entropy"] = _entropy(mean)
             maps["variance"] = probs.var(0, unbiased=False).sum(0) if len(probs) > 1 else torch.zeros_like(mean[0])
+            if len(probs) > 1:  # epistemic part: entropy of the mean minus the mean entropy
+                maps["mutual_information"] = (maps["entropy"] - torch.stack([_entropy(p) for p in probs]).mean(0)
+                                              ).clamp_min(0)
         if self.save_pseudo_images:
             net = self._net()
-            net.set_text(self._text_of(self._current_case))
-            try:
-                with torch.inference_mode():
-                    # preprocessed 2D data are (C, Z=1, Y, X); the network works on slices (Z, C, Y, X)
-                    x = data.to(self.device).float().transpose(0, 1)
-                    text = net._text.to(self.device) if net._text is not None else None
-                    t = net.text_embedding(text, x.shape[0])
-                    maps["pseudo"] = net.pseudo_image(x, t)[:, 0].cpu()
-            finally:
-                net.set_text(None)
+            if hasattr(net, "pseudo_image"):  # BiCLIP only
+                self.set_network_text(self._current_case)
+                try:
+                    with torch.inference_mode():
+                        # preprocessed 2D data are (C, Z=1, Y, X); the network works on slices (Z, C, Y, X)
+                        x = data.to(self.device).float().transpose(0, 1)
+                        text = net._text.to(self.device) if net._text is not None else None
+                        t = net.text_embedding(text, x.shape[0])
+                        maps["pseudo"] = net.pseudo_image(x, t)[:, 0].cpu()
+                finally:
+                    net.set_text(None)
         save_case_maps(maps, data[0], props, ofile, self.plans_manager, self.configuration_manager)
+
+
+def _one(enc, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row i of a TextEncoding as tensors, token padding trimmed."""
+    n = max(int(enc.mask[i].sum()), 1)
+    return (torch.from_numpy(enc.pooled[i]), torch.from_numpy(enc.tokens[i, :n].astype(np.float32)),
+            torch.from_numpy(enc.mask[i, :n]))
+
+
+def _entropy(p: torch.Tensor) -> torch.Tensor:
+    """Entropy over the class axis (0) of a probability map."""
+    return -(p * torch.log(p.clamp_min(1e-8))).sum(0)
 
 
 def default_reports_file(input_folder: str | Path) -> Path | None:

@@ -13,7 +13,8 @@ import torch
 from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_image
 
 
-MAP_FOLDERS = {"entropy": "uncertainty", "variance": "uncertainty", "pseudo": "pseudo_images"}
+MAP_FOLDERS = {"entropy": "uncertainty", "variance": "uncertainty", "mutual_information": "uncertainty",
+               "pseudo": "pseudo_images"}
 
 
 def to_original_geometry(volume: np.ndarray | torch.Tensor, props: dict, plans_manager, configuration_manager,

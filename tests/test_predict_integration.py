@@ -151,7 +151,8 @@ def test_two_folds_are_ensembled(trained_model, nnunet_environ, tmp_path):
         p = nnUNetTextPredictor(perform_everything_on_device=False, device=torch.device("cpu"), allow_tqdm=False,
                                 save_uncertainty=True)
         p.initialize_from_trained_model_folder(str(trained_model.model_folder), folds, "checkpoint_final.pth")
-        p._current_text = torch.from_numpy(p.load_encoder().encode([report]).pooled[0])
+        from nnunetv2_textseg.predictor import _one
+        p._current_text = _one(p.load_encoder().encode([report]), 0)
         from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
         d, _, _ = DefaultPreprocessor().run_case_npy(data, None, props, p.plans_manager, p.configuration_manager,
                                                      p.dataset_json)

@@ -5,4 +5,5 @@ class by name. The classes live in the installed package (so spawned workers can
 this module only re-exports them.
 """
 from nnunetv2_textseg.training.biclip import nnUNetTrainerBiCLIP  # noqa: F401
+from nnunetv2_textseg.training.medclipseg import nnUNetTrainerMedCLIPSeg  # noqa: F401
 from nnunetv2_textseg.training.variants import *  # noqa: F401,F403

@@ -28,7 +28,7 @@ def _conv_block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
 
 
 class GlobalImageEncoder(nn.Module):
-    """Light CNN: image (B, C, H, W) -> global embedding i (B, E). Works for any H, W >= 8."""
+    """Light CNN: image (B, C, H, W) -> global embedding i (B, E). Works for any H, W (small inputs are upsampled)."""
 
     def __init__(self, in_channels: int, out_dim: int = 128, width: int = 16, depth: int = 4):
         super().__init__()
@@ -38,8 +38,14 @@ class GlobalImageEncoder(nn.Module):
             c = width * 2 ** d
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(c, out_dim)
+        self.depth = depth
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # `depth` stride-2 convolutions: instance norm needs > 1 spatial element after the last one,
+        # i.e. max(H, W) > 2**depth; smaller inputs (e.g. 8x8, 16x16) are upsampled first.
+        if max(x.shape[2:]) <= 2 ** self.depth:
+            f = 2 ** self.depth // max(x.shape[2:]) + 1
+            x = F.interpolate(x, scale_factor=f, mode="bilinear", align_corners=False)
         return self.head(self.features(x).mean(dim=(2, 3)))
 
 

@@ -129,6 +129,9 @@ class nnUNetTrainerText(nnUNetTrainer):
                 f"(nnUNetv2_textseg_attach_reports) and start again.")
         self.text_rows = {c: i for i, c in enumerate(cache.case_ids)}
         self.text_table = torch.from_numpy(np.ascontiguousarray(cache.pooled)).to(self.device)
+        # token-level embeddings stay in (float16) host memory; a batch's rows are moved when needed
+        self.text_tokens = torch.from_numpy(np.ascontiguousarray(cache.tokens))
+        self.text_token_mask = torch.from_numpy(np.ascontiguousarray(cache.mask))
         self.plans_manager.plans[PLANS_KEY] = self._text_plans_entry(cache.identity, spec)
 
     def initialize(self):
@@ -139,6 +142,15 @@ class nnUNetTrainerText(nnUNetTrainer):
     def text_for(self, keys) -> torch.Tensor:
         """Pooled report embeddings (B, D_in) for a batch's case ids, in batch order."""
         return self.text_table[[self.text_rows[str(k)] for k in keys]]
+
+    def tokens_for(self, keys) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token embeddings (B, L, D_in) float32 and mask (B, L) bool for a batch's case ids."""
+        rows = [self.text_rows[str(k)] for k in keys]
+        return (self.text_tokens[rows].to(self.device, torch.float32), self.text_token_mask[rows].to(self.device))
+
+    def set_network_text(self, keys) -> None:
+        """Give the network the reports of ``keys`` for its next plain forward passes."""
+        self.unwrapped_network().set_text(self.text_for(keys))
 
     def unwrapped_network(self) -> torch.nn.Module:
         mod = self.network.module if self.is_ddp else self.network
@@ -171,23 +183,22 @@ class nnUNetTrainerText(nnUNetTrainer):
 
     # ---- validation with reports ---------------------------------------------------------------
     def validation_step(self, batch: dict) -> dict:
-        net = self.unwrapped_network()
-        net.set_text(self.text_for(batch["keys"]))
+        self.set_network_text(batch["keys"])
         try:
             return super().validation_step(batch)
         finally:
-            net.set_text(None)
+            self.unwrapped_network().set_text(None)
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         """nnU-Net's own final validation, with each case's report set on the network when the case is
         loaded (its loop calls ``dataset.load_case(k)`` right before predicting case k)."""
         original = self.dataset_class
         net = self.unwrapped_network()
-        text_for = self.text_for
+        set_text = self.set_network_text
 
         class _ReportSettingDataset(original):
             def load_case(self, identifier):
-                net.set_text(text_for([identifier]))
+                set_text([identifier])
                 return super().load_case(identifier)
 
         self.dataset_class = _ReportSettingDataset

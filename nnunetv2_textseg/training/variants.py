@@ -8,6 +8,7 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunetv2_textseg.training.biclip import nnUNetTrainerBiCLIP
+from nnunetv2_textseg.training.medclipseg import nnUNetTrainerMedCLIPSeg
 
 
 # ---- ablations -----------------------------------------------------------------------------------
@@ -58,6 +59,21 @@ class nnUNetTrainerBiCLIP_paper(nnUNetTrainerBiCLIP):
         return optimizer, scheduler
 
 
+class nnUNetTrainerMedCLIPSeg_noProb(nnUNetTrainerMedCLIPSeg):
+    """Deterministic attention (keys/values without variance): isolates the probabilistic part."""
+    deterministic = True
+
+
+class nnUNetTrainerMedCLIPSeg_noContrastive(nnUNetTrainerMedCLIPSeg):
+    """No soft patch-text contrastive loss: isolates it."""
+    lambda_contrastive = 0.0
+
+
+class nnUNetTrainerMedCLIPSeg_noText(nnUNetTrainerMedCLIPSeg):
+    """Same network, always the null report: what the report contributes."""
+    ignore_text = True
+
+
 # ---- training lengths (nnU-Net's `_Nepochs` naming); short ones for the demo and tests ------------
 def _with_length(base: type, name: str, epochs: int, iterations: int | None = None, val_iterations: int | None = None,
                  doc: str = "") -> type:
@@ -78,7 +94,9 @@ _LENGTHS = {"_1epoch": (1, None, None), "_5epochs": (5, None, None), "_10epochs"
             # CPU-sized: the README demo (a few minutes on 2 cores) and the test suite (seconds).
             "_demo": (30, 25, 5), "_debug": (2, 4, 2)}
 _BASES = [nnUNetTrainerBiCLIP, nnUNetTrainerBiCLIP_noIAC, nnUNetTrainerBiCLIP_noCycle,
-          nnUNetTrainerBiCLIP_unidirectional, nnUNetTrainerBiCLIP_noText, nnUNetTrainerBiCLIP_noBMF]
+          nnUNetTrainerBiCLIP_unidirectional, nnUNetTrainerBiCLIP_noText, nnUNetTrainerBiCLIP_noBMF,
+          nnUNetTrainerMedCLIPSeg, nnUNetTrainerMedCLIPSeg_noProb, nnUNetTrainerMedCLIPSeg_noContrastive,
+          nnUNetTrainerMedCLIPSeg_noText]
 for _base in _BASES:
     for _suffix, (_e, _it, _vit) in _LENGTHS.items():
         _cls = _with_length(_base, _base.__name__ + _suffix, _e, _it, _vit)
@@ -91,5 +109,5 @@ for _suffix in ("_demo", "_debug"):
     globals()[_cls.__name__] = _cls
 del _base, _suffix, _e, _it, _vit, _cls
 
-__all__ = ["nnUNetTrainerBiCLIP", "nnUNetTrainerBiCLIP_paper"] + [
+__all__ = ["nnUNetTrainerBiCLIP", "nnUNetTrainerMedCLIPSeg"] + [
     n for n, v in list(globals().items()) if isinstance(v, type) and n.startswith("nnUNetTrainer") and n != "nnUNetTrainer"]

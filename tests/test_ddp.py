@@ -1,0 +1,89 @@
+"""BiCLIPNetwork under DistributedDataParallel (2 processes, gloo, CPU) as nnU-Net wraps it:
+find_unused_parameters=False, different data per rank, report dropout (also all reports dropped on one rank)."""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_modules import NUM_CLASSES, TEXT_IN, make_net, trainer_style_loss  # noqa: E402
+
+EXTRA = ("text_projection", "null_text", "image_encoder", "fusion", "generator", "image_to_text", "iac_head")
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, port: int, out_dir: str):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        net = make_net(seed=0).train()  # same weights on every rank (DDP also broadcasts rank 0's)
+        ddp = torch.nn.parallel.DistributedDataParallel(net, find_unused_parameters=False)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+        results = []
+        for step in range(2):
+            g = torch.Generator().manual_seed(1000 * rank + step)  # different data per rank
+            b = 2
+            x = torch.randn(b, 1, 64, 64, generator=g)
+            xs = x + 0.3 * torch.randn(b, 1, 64, 64, generator=g)
+            target = (torch.rand(b, 64, 64, generator=g) * NUM_CLASSES).long()
+            text = torch.randn(b, TEXT_IN, generator=g)
+            if step == 0:
+                drop = torch.tensor([rank == 1, False])
+            else:
+                drop = torch.ones(b, dtype=torch.bool) if rank == 1 else torch.zeros(b, dtype=torch.bool)
+            opt.zero_grad(set_to_none=True)
+            out = ddp(x, text=text, drop=drop, x_strong=xs, return_aux=True)
+            loss = trainer_style_loss(out, x, target)
+            loss.backward()
+            missing = [n for n, p in net.named_parameters() if p.grad is None]
+            extra = [torch.cat([p.grad.flatten() for n, p in net.named_parameters() if n.startswith(k)])
+                     for k in EXTRA]
+            everything = torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
+            gathered = [torch.zeros_like(everything) for _ in range(WORLD)]
+            dist.all_gather(gathered, everything)
+            results.append({"missing": missing, "loss": float(loss),
+                            "extra_norms": [float(e.norm()) for e in extra],
+                            "max_diff": float((gathered[0] - gathered[1]).abs().max()),
+                            "max_abs": float(everything.abs().max())})
+            opt.step()
+        params = torch.cat([p.detach().flatten() for p in net.parameters()])
+        gathered = [torch.zeros_like(params) for _ in range(WORLD)]
+        dist.all_gather(gathered, params)
+        torch.save({"steps": results, "param_diff": float((gathered[0] - gathered[1]).abs().max())},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
+def test_ddp_gradients_synchronised(tmp_path):
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    for r in res:
+        assert r["param_diff"] == 0  # replicas stay identical after two optimiser steps
+        for step, s in enumerate(r["steps"]):
+            assert not s["missing"], (step, s["missing"])
+            assert s["max_diff"] <= 1e-6 * max(1.0, s["max_abs"]), (step, s["max_diff"])  # all-reduced
+            # every extra module gets gradient; at step 0 the image encoder's is exactly zero (the fusion's
+            # last layer starts at zero, see test_modules), after one step it is trained too
+            for k, norm in zip(EXTRA, s["extra_norms"]):
+                if step == 0 and k == "image_encoder":
+                    continue
+                assert norm > 0, (step, k)
+    # the ranks had different data: their losses differ, their (averaged) gradients do not
+    assert res[0]["steps"][0]["loss"] != res[1]["steps"][0]["loss"]
+    assert res[0]["steps"][1]["extra_norms"] == pytest.approx(res[1]["steps"][1]["extra_norms"], rel=1e-5)

