@@ -17,7 +17,9 @@ Data
   of yours is touched. --dataset ID uses an existing dataset instead: then YOUR nnUNet_raw/_preprocessed/
   _results env vars are used (they must be set), nothing is generated, plan_and_preprocess only runs if the
   dataset has no 2d configuration yet, the test set is imagesTs/labelsTs (+ reportsTs.csv for text
-  trainers) of the raw dataset, and the control row is not available.
+  trainers) of the raw dataset, and the control row is not available. The benchmark's splits_final.json
+  then stays in your preprocessed folder (see below): restore your backup (or delete it) before training
+  your own folds. nnUNet_extTrainer is always set to this repository's trainers/ folder.
 
 Label fractions without copying data
   nnU-Net keys results by trainer/plans/configuration/fold, so ONE splits_final.json is written into the
@@ -51,12 +53,14 @@ Resume
 
 Presets (every value can be overridden by the flags)
   smoke  tests: 8 train / 4 test cases, 64 px, nnUNetTrainer_debug vs nnUNetTrainerBiCLIP_debug, 100 %,
-         clean + motion, no control (~3-4 min on 2 CPU cores).
+         clean + motion, no control (~2-4 min on 2 CPU cores; a re-run resumes in seconds).
   cpu    64 px, 60 train / 30 test, nnUNetTrainer_demo vs nnUNetTrainerBiCLIP_demo, fractions 5 25 100, clean
-         lowdose motion, control on. 7 trainings (2 trainers x 3 fractions + control) of 30 x 25 iterations
-         at ~3-5 min each on 2 cores, plus 19 predictions and evaluations (~30 s each): roughly 35-60 min.
-         nnUNetTrainerBiCLIP_noText_demo would add 3 trainings and 9 predictions (~15-20 min) and push the
-         run past an hour, so it is not in the preset; add it with --trainers when you have the time.
+         lowdose motion, control on. 7 trainings of 30 x 25 iterations (2 trainers x 3 fractions + control);
+         on 2 CPU cores a plain one takes ~3-5 min and a BiCLIP one ~7-9 min (~17 s per epoch: text encoder,
+         pseudo-image generator, second augmented view), plus 19 predictions + evaluations (~20-30 s each):
+         roughly 45-60 min. nnUNetTrainerBiCLIP_noText_demo costs as much as BiCLIP (3 more trainings, 9 more
+         predictions: ~+30 min) and would push the run well past an hour, so it is not in the preset; add it
+         with --trainers when you have the time (it answers "is it the report or the extra network?").
   full   GPU (-device cuda): 128 px, 400 train / 100 test, nnUNetTrainer, nnUNetTrainerBiCLIP and its
          ablations _noIAC _noCycle _unidirectional _noText, fractions 1 5 10 25 100, control on. These are
          nnU-Net's full 1000-epoch schedules: 6 x 5 + 1 = 31 trainings, i.e. days on one GPU; shorten with
@@ -105,7 +109,7 @@ PRESETS: dict[str, dict] = {
     "full": dict(trainers=["nnUNetTrainer", "nnUNetTrainerBiCLIP", "nnUNetTrainerBiCLIP_noIAC",
                            "nnUNetTrainerBiCLIP_noCycle", "nnUNetTrainerBiCLIP_unidirectional",
                            "nnUNetTrainerBiCLIP_noText"],
-                 fractions=["1", "5", "10", "25", "100"], conditions=["clean", "lowdose", "motion"],
+                 fractions=["1%", "5%", "10%", "25%", "100%"], conditions=["clean", "lowdose", "motion"],
                  n_train=400, n_test=100, size=128, device="cuda", seed=0, control=True),
 }
 
@@ -228,6 +232,8 @@ class State:
 
     def step(self, name: str, status: str, seconds: float = 0.0, **extra) -> None:
         self.run["steps"].append({"step": name, "status": status, "seconds": round(seconds, 2), **extra})
+        if status == "ran":  # seconds of each step's latest execution, across resumed runs
+            self.data.setdefault("timings", {})[name] = round(seconds, 2)
         self.save()
 
     # entries -----------------------------------------------------------------------------------
@@ -285,6 +291,10 @@ class Runner:
         elif cfg.device == "cpu" and "nnUNet_n_proc_DA" not in os.environ:
             # nnU-Net's default (12 augmentation workers) only competes with training for the same cores
             env["nnUNet_n_proc_DA"] = "1"
+        if "nnUNet_def_n_proc" not in os.environ:
+            # nnU-Net's pool size for the final validation's export (and evaluation): 8 by default, and on a
+            # small CPU machine starting 8 spawned workers costs more than the validation itself
+            env["nnUNet_def_n_proc"] = str(cfg.num_processes)
         return env
 
     def run(self, step: str, cmd: list[str]) -> float:
@@ -346,7 +356,7 @@ class Runner:
         if demo and pre is not None:
             shutil.rmtree(pre)  # an interrupted preprocessing of our own dataset
         self.run(key, ["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", CONFIGURATION,
-                       "-np", str(self.cfg.num_processes)])
+                       "-np", str(self.cfg.num_processes), "-npfp", str(self.cfg.num_processes)])
         done[key] = True
         self.state.save()
 
@@ -469,6 +479,7 @@ class Runner:
         pred = self.work / "predictions" / raw.name / trainer / f"fold_{fold}" / cond["name"]
         if pred.exists():
             shutil.rmtree(pred)
+        pred.mkdir(parents=True)  # nnUNetv2_textseg_predict's sequential mode (-npp 0 -nps 0) does not create it
         text = is_text_trainer(trainer)
         cmd = ["nnUNetv2_textseg_predict" if text else "nnUNetv2_predict", "-i", str(images), "-o", str(pred),
                "-d", str(dataset_id), "-c", CONFIGURATION, "-p", PLANS, "-f", str(fold), "-tr", trainer,
@@ -621,7 +632,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--demo_id", type=int, default=990, help="dataset id of the generated demo data (control: +1)")
     p.add_argument("--trainers", nargs="+", default=None)
     p.add_argument("--baseline", default=None, help="trainer the differences refer to (default: first nnUNetTrainer*)")
-    p.add_argument("--fractions", nargs="+", default=None, help="label fractions: 5, 5%%, 0.05 (1 = 100%%)")
+    p.add_argument("--fractions", nargs="+", default=None, help="label fractions: 5, 5%%, 0.05; note 1 = 100%%, so write one percent as 1%% or 0.01")
     p.add_argument("--conditions", nargs="+", default=None,
                    help="clean, lowdose (DL3), motion (K7), gaussian (0.1) or kind:level, e.g. lowdose:DL4")
     p.add_argument("--control", action=argparse.BooleanOptionalAction, default=None,
@@ -698,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
                      "num_processes": cfg.num_processes}})
     state.start_run(argv)
     runner = Runner(cfg, state)
-    state.data["settings"]["nnUNet_n_proc_DA"] = runner.env.get("nnUNet_n_proc_DA")
+    state.data["settings"]["env"] = {k: runner.env.get(k) for k in ("nnUNet_n_proc_DA", "nnUNet_def_n_proc")}
     t0 = time.time()
 
     # dataset(s)
@@ -753,6 +764,9 @@ def main(argv: list[str] | None = None) -> int:
     write_text_atomic(out / "results.md", table)
     plot(state.data, out / "results.png")
     print("\n" + table)
+    if cfg.dataset is not None:
+        print(f"Note: {runner.dataset_folder(runner.pre_root, dataset_id) / SPLITS_FILE} is the benchmark's "
+              f"(one entry per label fraction); restore your own before training your folds.")
     print(f"results: {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'} "
           f"({state.run['seconds']:.0f} s this run)")
     return 0

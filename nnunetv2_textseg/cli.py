@@ -147,6 +147,7 @@ def predict_main(argv=None) -> None:
         import multiprocessing
         torch.set_num_threads(multiprocessing.cpu_count())
 
+    Path(a.o).mkdir(parents=True, exist_ok=True)
     reports_file = Path(a.reports) if a.reports else default_reports_file(a.i)
     if reports_file is None and not a.allow_missing_reports:
         raise TextPredictionError(f"No report table for {a.i}: pass -reports FILE, or put reports.csv in the input "

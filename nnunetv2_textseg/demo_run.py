@@ -61,6 +61,7 @@ def main(argv=None) -> None:
     # nnU-Net starts up to 12 augmentation workers by default; on a small CPU machine they only compete
     # with training for the same cores.
     env.setdefault("nnUNet_n_proc_DA", str(max(1, min(4, (os.cpu_count() or 2) // 2))))
+    env.setdefault("nnUNet_def_n_proc", str(max(1, min(8, os.cpu_count() or 2))))  # validation/export workers
     logs = root / "logs"
     logs.mkdir(exist_ok=True)
     d = str(a.dataset_id)

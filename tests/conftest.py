@@ -24,6 +24,7 @@ def nnunet_env(root: Path, raw: Path | None = None) -> dict:
                PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     env.pop("nnUNet_compile", None)
     env.setdefault("nnUNet_n_proc_DA", "1")  # nnU-Net's default (12 workers) only fights for 2 cores
+    env.setdefault("nnUNet_def_n_proc", "1")  # its final validation would start 8 export workers
     return env
 
 
