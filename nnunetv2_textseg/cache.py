@@ -195,14 +195,22 @@ def build_or_update_cache(reports: dict[str, str], path: str | Path, encoder: Te
     return cache, len(todo)
 
 
-def load_checked_cache(path: str | Path, reports: dict[str, str], identity: dict | None = None) -> TextEmbeddingCache:
-    """Load a cache and verify it covers the current texts (and, if given, the expected encoder)."""
+def load_checked_cache(path: str | Path, reports: dict[str, str], identity: dict | None = None,
+                       spec: EncoderSpec | None = None) -> TextEmbeddingCache:
+    """Load a cache and verify it covers the current texts (and, if given, the expected encoder identity
+    and the encoder configuration it was asked for)."""
     path = Path(path)
     if not path.exists():
         raise CacheError(f"No text embedding cache at {path}. Run nnUNetv2_textseg_encode -d DATASET first.")
     cache = TextEmbeddingCache.load(path)
     if identity is not None:
         cache.check_identity(identity)
+    if spec is not None:
+        wanted = spec_to_dict(spec)
+        diff = {k: (cache.spec.get(k), wanted[k]) for k in ("name_or_path", "pooling", "max_length", "revision")
+                if cache.spec.get(k) != wanted[k]}
+        if diff:
+            raise CacheError(f"{path} was built by another encoder configuration (cache vs asked: {diff}).")
     cache.check_texts(reports)
     return cache
 

@@ -46,7 +46,8 @@ def error_retrieval_auc(uncertainty: np.ndarray, error: np.ndarray) -> float:
     errs = np.add.reduceat(e.astype(np.float64), starts)
     x = np.r_[0, np.cumsum(sizes)] / n
     y = np.r_[0, np.cumsum(errs)] / n_err
-    return float(np.trapezoid(y, x))
+    trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy < 2 has only trapz
+    return float(trapezoid(y, x))
 
 
 def evaluate_folder(ref_folder: Path, pred_folder: Path, file_ending: str | None = None, n_bins: int = 15) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -11,7 +12,10 @@ from nnunetv2_textseg.cache import CacheError
 from nnunetv2_textseg.encoders import DEFAULT_ENCODER, EncoderError, EncoderSpec
 from nnunetv2_textseg.reports import ReportError
 
-USER_ERRORS = (ReportError, CacheError, EncoderError, FileNotFoundError, ValueError)
+from nnunetv2_textseg.paths import DatasetConfigError
+
+# Input problems a user can fix: one message, exit code 2 (NNUNET_TEXTSEG_DEBUG=1 shows the traceback).
+USER_ERRORS = (ReportError, CacheError, EncoderError, DatasetConfigError, FileNotFoundError, ValueError)
 
 
 def _run(main, argv=None) -> int:
@@ -21,6 +25,8 @@ def _run(main, argv=None) -> int:
         main(argv)
         return 0
     except USER_ERRORS + (TextPredictionError, TextTrainingError) as e:
+        if os.environ.get("NNUNET_TEXTSEG_DEBUG"):
+            raise
         print(f"ERROR: {e}", file=sys.stderr)
         return 2
 
@@ -142,7 +148,12 @@ def predict_main(argv=None) -> None:
     model_folder = get_output_folder(a.d, a.tr, a.p, a.c)
     if not os.path.isdir(model_folder):
         raise TextPredictionError(f"No trained model at {model_folder}; check -d, -tr, -p and -c.")
+    if a.device not in ("cpu", "cuda", "mps"):
+        raise TextPredictionError(f"-device must be cpu, cuda or mps, got {a.device!r}.")
     device = torch.device(a.device)
+    if device.type == "cuda":  # as nnUNetv2_predict: torch threads do not help on the GPU
+        torch.set_num_threads(1)
+        torch.set_num_interop_threads(1)
     if device.type == "cpu":
         import multiprocessing
         torch.set_num_threads(multiprocessing.cpu_count())
@@ -152,7 +163,8 @@ def predict_main(argv=None) -> None:
     if reports_file is None and not a.allow_missing_reports:
         raise TextPredictionError(f"No report table for {a.i}: pass -reports FILE, or put reports.csv in the input "
                                   f"folder (or reportsTs.csv next to it).")
-    override = None
+    if a.part_id >= a.num_parts:
+        raise TextPredictionError(f"-part_id must be smaller than -num_parts (got {a.part_id} >= {a.num_parts}).")
     predictor = nnUNetTextPredictor(tile_step_size=a.step_size, use_gaussian=True, use_mirroring=not a.disable_tta,
                                     perform_everything_on_device=not a.not_on_device, device=device,
                                     verbose=a.verbose, verbose_preprocessing=a.verbose,
@@ -161,11 +173,14 @@ def predict_main(argv=None) -> None:
                                     save_uncertainty=a.save_uncertainty, save_pseudo_images=a.save_pseudo_images,
                                     mc_samples=a.mc_samples)
     predictor.initialize_from_trained_model_folder(model_folder, folds, checkpoint_name=a.chk)
-    if a.encoder:
-        rec = predictor.text_config["encoder"]
-        predictor.encoder_override = EncoderSpec(a.encoder, rec["pooling"], rec["max_length"],
-                                                 a.trust_remote_code or rec.get("trust_remote_code", False))
-    table = ReportTable.read(reports_file) if reports_file is not None else ReportTable({}, None)
+    rec = predictor.text_config["encoder"]
+    if rec.get("trust_remote_code") and not a.trust_remote_code:
+        raise TextPredictionError(f"This model's text encoder {rec['name_or_path']!r} runs its own code; pass "
+                                  f"--trust_remote_code if you trust it.")
+    # remote code runs only when asked for on this command line
+    predictor.encoder_override = EncoderSpec(a.encoder or rec["name_or_path"], rec["pooling"], rec["max_length"],
+                                             a.trust_remote_code, None if a.encoder else rec.get("revision"))
+    table = read_prediction_reports(reports_file) if reports_file is not None else ReportTable({}, None)
     case_ids = input_case_ids(a.i, predictor.dataset_json["file_ending"])
     if not case_ids:
         raise TextPredictionError(f"No images ending in _0000{predictor.dataset_json['file_ending']} in {a.i}.")
@@ -185,6 +200,17 @@ def predict_main(argv=None) -> None:
                                      num_processes_segmentation_export=a.nps,
                                      folder_with_segs_from_prev_stage=a.prev_stage_predictions,
                                      num_parts=a.num_parts, part_id=a.part_id)
+
+
+def read_prediction_reports(path: Path):
+    """A table in our own format (header ``case_id,report``) is read with literal case ids; anything else
+    (LViT/MedCLIPSeg layouts, XLSX) through the importer's file-name rules."""
+    from nnunetv2_textseg.reports import ReportTable, _read_own_table
+    if path.suffix.lower() in (".csv", ".tsv", ".txt"):
+        with open(path, encoding="utf-8-sig", errors="replace") as f:
+            if f.readline().strip().replace(" ", "") == "case_id,report":
+                return _read_own_table(path)
+    return ReportTable.read(path)
 
 
 def input_case_ids(folder: str | Path, file_ending: str) -> list[str]:
@@ -231,6 +257,9 @@ def env_main(argv=None) -> None:
 def trainers_folder() -> Path:
     """The folder to put in nnUNet_extTrainer: the repository's trainers/ (or the packaged copy)."""
     repo = Path(__file__).resolve().parents[1] / "trainers"
+    if not (repo / "textseg_trainers.py").is_file():
+        raise DatasetConfigError(f"{repo} not found: nnU-Net finds our trainers through the repository's trainers/ "
+                                 f"folder; install from a checkout with `pip install -e .` (setup_scripts/install.sh).")
     return repo
 
 
@@ -241,11 +270,11 @@ def env_exports(root: Path) -> list[str]:
                      ("nnUNet_results", "nnUNet_results")):
         (root / sub).mkdir(parents=True, exist_ok=True)
         value = os.environ.get(var) or str(root / sub)
-        lines.append(f"export {var}={value}")
+        lines.append(f"export {var}={shlex.quote(value)}")
     ext = [p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
     if str(trainers_folder()) not in ext:
         ext.append(str(trainers_folder()))
-    lines.append(f"export nnUNet_extTrainer={os.pathsep.join(ext)}")
+    lines.append(f"export nnUNet_extTrainer={shlex.quote(os.pathsep.join(ext))}")
     return lines
 
 

@@ -59,7 +59,12 @@ class EncoderSpec:
 
     def slug(self) -> str:
         """File-name-safe name of this encoder configuration (one cache file per encoder)."""
-        base = Path(self.name_or_path.rstrip("/")).name if os.path.isdir(self.name_or_path) else self.name_or_path
+        if os.path.isdir(os.path.expanduser(self.name_or_path)):
+            # two local folders may share a base name: the absolute path's hash keeps their caches apart
+            absolute = str(Path(self.name_or_path).expanduser().resolve())
+            base = f"{Path(absolute).name}-{hashlib.sha256(absolute.encode()).hexdigest()[:8]}"
+        else:
+            base = self.name_or_path
         base = "".join(c if c.isalnum() or c in "-." else "_" for c in base)
         return f"{base}__{self.pooling}{self.max_length}"
 

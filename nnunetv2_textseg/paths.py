@@ -5,10 +5,14 @@ import os
 from pathlib import Path
 
 
+class DatasetConfigError(RuntimeError):
+    """nnU-Net's folders or the dataset id are not set up as needed; the message says how."""
+
+
 def _require(var: str) -> Path:
     value = os.environ.get(var)
     if not value:
-        raise RuntimeError(f"{var} is not set. Set nnUNet_raw, nnUNet_preprocessed and nnUNet_results "
+        raise DatasetConfigError(f"{var} is not set. Set nnUNet_raw, nnUNet_preprocessed and nnUNet_results "
                            f"(`eval \"$(nnUNetv2_textseg_env)\"` prints a default set-up).")
     return Path(value)
 
@@ -16,13 +20,16 @@ def _require(var: str) -> Path:
 def dataset_name(dataset: str | int) -> str:
     """'503', 503 or 'Dataset503_X' -> 'Dataset503_X' (nnU-Net's own lookup)."""
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-    return maybe_convert_to_dataset_name(str(dataset))
+    try:
+        return maybe_convert_to_dataset_name(str(dataset))
+    except (RuntimeError, ValueError) as e:
+        raise DatasetConfigError(str(e)) from e
 
 
 def raw_dataset_folder(dataset: str | int) -> Path:
     folder = _require("nnUNet_raw") / dataset_name(dataset)
     if not folder.is_dir():
-        raise FileNotFoundError(f"No raw dataset folder {folder}; check nnUNet_raw and the dataset id.")
+        raise DatasetConfigError(f"No raw dataset folder {folder}; check nnUNet_raw and the dataset id.")
     return folder
 
 

@@ -16,6 +16,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 import torch
+from nnunetv2.configuration import default_num_processes
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from torch._dynamo import OptimizedModule
 
@@ -46,6 +47,7 @@ class nnUNetTextPredictor(nnUNetPredictor):
         self.embeddings: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # pooled, tokens, mask
         self._current_case: str | None = None
         self._current_text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._case_of_output: dict[str, str] = {}  # output file name -> case id, when they differ
         self.last_members: list[torch.Tensor] = []  # per-fold softmax of the last case (uncertainty)
 
     # ---- model -------------------------------------------------------------------------------
@@ -74,7 +76,8 @@ class nnUNetTextPredictor(nnUNetPredictor):
         """The encoder the model was trained with (loaded once); a different one is refused."""
         if self.encoder is None:
             recorded = self.text_config["encoder"]
-            spec = self.encoder_override or EncoderSpec(**recorded)
+            # the model's own record never switches remote code on; the caller must (encoder_override)
+            spec = self.encoder_override or EncoderSpec(**{**recorded, "trust_remote_code": False})
             self.encoder = TextEncoder(spec, device="cpu")
             want, got = self.text_config["encoder_identity"], self.encoder.identity()
             diff = {k: (want.get(k), got.get(k)) for k in ("config_sha", "pooling", "max_length", "dim")
@@ -112,17 +115,23 @@ class nnUNetTextPredictor(nnUNetPredictor):
     def _text_of(self, case: str | None):
         if self._current_text is not None:
             return self._current_text
-        return self.embeddings.get(case) if case is not None else None
+        case = self._case_of_output.get(case, case)
+        text = self.embeddings.get(case) if case is not None else None
+        if text is None and not self.allow_missing_reports:
+            raise TextPredictionError(
+                f"No report for case {case!r} (reports known for {len(self.embeddings)} case(s)). Call set_reports "
+                f"with every case's report, or allow_missing_reports=True to use the learned null report.")
+        return text
 
     def set_network_text(self, case: str | None) -> None:
         """Give the network this case's report in the form it takes (pooled, or tokens + mask); None: null."""
         net, text = self._net(), self._text_of(case)
         if text is None:
             net.set_text(None)
-        elif getattr(net, "text_input", "pooled") == "tokens":
-            net.set_text(text[1][None].float(), text[2][None])
+        elif getattr(net, "text_input", "pooled") == "tokens":  # moved to the device once per case, not per tile
+            net.set_text(text[1][None].float().to(self.device), text[2][None].to(self.device))
         else:
-            net.set_text(text[0])
+            net.set_text(text[0].to(self.device))
 
     # ---- prediction --------------------------------------------------------------------------
     def predict_from_data_iterator(self, data_iterator, save_probabilities: bool = False,
@@ -141,6 +150,32 @@ class nnUNetTextPredictor(nnUNetPredictor):
         finally:
             self._current_case = None
 
+    def predict_from_files(self, list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files,
+                           save_probabilities: bool = False, overwrite: bool = True,
+                           num_processes_preprocessing: int = default_num_processes,
+                           num_processes_segmentation_export: int = default_num_processes,
+                           folder_with_segs_from_prev_stage: str = None, num_parts: int = 1, part_id: int = 0):
+        """nnU-Net's predict_from_files (same signature: nnU-Net records its arguments by introspection).
+        When inputs are file lists with custom output names, the case id is taken from each input's
+        first-channel file name, not from the output name."""
+        self._case_of_output = {}
+        if isinstance(list_of_lists_or_source_folder, list) and isinstance(
+                output_folder_or_list_of_truncated_output_files, list):
+            self._case_of_output = {os.path.basename(o): self._case_from_input(li[0]) for li, o in
+                                    zip(list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files)}
+        try:
+            return super().predict_from_files(list_of_lists_or_source_folder,
+                                              output_folder_or_list_of_truncated_output_files, save_probabilities,
+                                              overwrite, num_processes_preprocessing, num_processes_segmentation_export,
+                                              folder_with_segs_from_prev_stage, num_parts, part_id)
+        finally:
+            self._case_of_output = {}
+
+    def _case_from_input(self, first_channel_file: str) -> str:
+        name = os.path.basename(first_channel_file)
+        suffix = "_0000" + self.dataset_json["file_ending"]
+        return name[:-len(suffix)] if name.endswith(suffix) else name
+
     def predict_from_files_sequential(self, list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files,
                                       save_probabilities: bool = False, overwrite: bool = True,
                                       folder_with_segs_from_prev_stage: str = None):
@@ -152,11 +187,10 @@ class nnUNetTextPredictor(nnUNetPredictor):
         lists, outs, _ = self._manage_input_and_output_lists(
             list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files,
             folder_with_segs_from_prev_stage, overwrite, 0, 1, save_probabilities)
-        ending = self.dataset_json["file_ending"]
         results = []
         for li, of in zip(lists, outs if outs is not None else [None] * len(lists)):
-            # the case id: the output name, else the first channel's file name without _0000<ending>
-            self._current_case = os.path.basename(of) if of else os.path.basename(li[0])[:-len("_0000" + ending)]
+            # the case id comes from the input's first channel file (CASE_0000<ending>)
+            self._current_case = self._case_from_input(li[0])
             try:
                 r = super().predict_from_files_sequential([li], [of] if of else None, save_probabilities, True,
                                                           folder_with_segs_from_prev_stage)
@@ -174,7 +208,10 @@ class nnUNetTextPredictor(nnUNetPredictor):
         self._last_data = data
         # Monte-Carlo: N sliding-window passes with sampled attention values (one tile per pass for
         # images no larger than the patch, as in 2D chest radiographs).
-        passes = self.mc_samples if self.mc_samples > 1 and hasattr(net, "sample_at_inference") else 1
+        if self.mc_samples > 1 and not hasattr(net, "sample_at_inference"):
+            raise TextPredictionError(f"--mc_samples needs a stochastic model (nnUNetTrainerMedCLIPSeg); "
+                                      f"{self.trainer_name} is deterministic: drop --mc_samples.")
+        passes = self.mc_samples if self.mc_samples > 1 else 1
         try:
             members, prediction, n = [], None, 0
             for params in self.list_of_parameters:
@@ -243,10 +280,10 @@ class nnUNetTextPredictor(nnUNetPredictor):
 
 
 def _one(enc, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Row i of a TextEncoding as tensors, token padding trimmed."""
-    n = max(int(enc.mask[i].sum()), 1)
-    return (torch.from_numpy(enc.pooled[i]), torch.from_numpy(enc.tokens[i, :n].astype(np.float32)),
-            torch.from_numpy(enc.mask[i, :n]))
+    """Row i of a TextEncoding as tensors, padding tokens dropped (wherever the tokenizer put them)."""
+    keep = enc.mask[i] if enc.mask[i].any() else np.arange(enc.mask.shape[1]) < 1
+    return (torch.from_numpy(enc.pooled[i]), torch.from_numpy(enc.tokens[i][keep].astype(np.float32)),
+            torch.from_numpy(enc.mask[i][keep]))
 
 
 def _entropy(p: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,10 @@ def write_map(arr: np.ndarray, props: dict, path: str | Path) -> Path:
         arr, spacing = arr[0], spacing[:2]
     img = sitk.GetImageFromArray(arr.astype(np.float32))
     img.SetSpacing([float(s) for s in spacing])
+    stuff = props.get("sitk_stuff")  # medical images: keep origin and direction so maps overlay in viewers
+    if stuff and arr.ndim == 3:
+        img.SetOrigin(stuff["origin"])
+        img.SetDirection(stuff["direction"])
     sitk.WriteImage(img, str(path))
     return Path(path)
 

@@ -84,8 +84,9 @@ class ProbabilisticCrossAttention(nn.Module):
         scores = q @ k_mu.transpose(-1, -2) / math.sqrt(ch)  # (B, h, Lq, Lk)
         if not self.deterministic:
             k_var = self._heads(F.softplus(self.k_var(context)) + self.eps)
-            penalty = (q.pow(2) @ k_var.transpose(-1, -2)) / ch
-            scores = scores - self.beta * penalty.clamp_min(1e-12).sqrt()
+            # in float32: under fp16 autocast the clamp would round to 0 and sqrt's gradient blow up
+            penalty = (q.float().pow(2) @ k_var.float().transpose(-1, -2)) / ch
+            scores = scores - (self.beta * penalty.clamp_min(1e-12).sqrt()).to(scores.dtype)
             if sample:
                 v_var = self._heads(F.softplus(self.v_var(context)) + self.eps)
                 v = v + v_var.sqrt() * torch.randn_like(v_var)

@@ -8,13 +8,6 @@ on the others). The generation reference defaults to EF-UNet's "image inside the
 """
 from __future__ import annotations
 
-from collections import defaultdict
-
-import matplotlib
-
-matplotlib.use("agg")
-import matplotlib.pyplot as plt
-import numpy as np
 import torch
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.helpers import dummy_context
@@ -38,6 +31,8 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
     text_dim = 784  # 28 x 28, as EF-UNet's pseudo-image seed
     bidirectional = True  # BMF refinement t' = t + g([t; i])
     ignore_text = False  # _noText: same network, null report always
+    aux_losses = AUX_LOSSES
+    method_name = "BiCLIP"
 
     @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
@@ -63,52 +58,21 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
         pipeline = super().get_training_transforms(*args, **kwargs)
         return split_into_two_views(pipeline) if self.lambda_iac > 0 else pipeline
 
-    # ---- logging of the extra terms --------------------------------------------------------------
-    def on_train_start(self):
-        super().on_train_start()
-        logged = self.logger.local_logger.my_fantastic_logging
-        for k in AUX_LOSSES:
-            logged.setdefault(f"train_{k}_loss", [])  # kept on --c: the checkpoint restores these lists
-
-    def on_train_epoch_end(self, train_outputs: list[dict]):
-        super().on_train_epoch_end(train_outputs)
-        for k in AUX_LOSSES:
-            values = [o[k] for o in train_outputs if k in o]
-            value = float(np.mean(values)) if values else float("nan")
-            if self.is_ddp:
-                import torch.distributed as dist
-                gathered = [None] * dist.get_world_size()
-                dist.all_gather_object(gathered, value)
-                value = float(np.nanmean(gathered))
-            self.logger.log(f"train_{k}_loss", value, self.current_epoch)
-
-    def on_epoch_end(self):
-        if self.local_rank == 0:
-            terms = ", ".join(f"{k} {self.logger.get_value(f'train_{k}_loss', step=-1):.4f}" for k in AUX_LOSSES)
-            self.print_to_log_file(f"BiCLIP loss terms: {terms}")
-            self.plot_text_losses()
-        super().on_epoch_end()
-
-    def plot_text_losses(self) -> None:
-        """progress_text.png beside nnU-Net's progress.png: every loss term per epoch."""
-        logged = self.logger.local_logger.my_fantastic_logging
-        fig, ax = plt.subplots(figsize=(9, 5))
-        for k in AUX_LOSSES:
-            ys = logged.get(f"train_{k}_loss", [])
-            ax.plot(range(len(ys)), ys, label=k)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("loss")
-        ax.set_yscale("log")
-        ax.legend()
-        ax.set_title(f"{self.__class__.__name__}: loss terms (λgen={self.lambda_gen}, "
-                     f"λcycle={self.lambda_cycle}, λIAC={self.lambda_iac})")
-        fig.tight_layout()
-        fig.savefig(f"{self.output_folder}/progress_text.png")
-        plt.close(fig)
-
     # ---- training --------------------------------------------------------------------------------
-    def generation_reference(self, image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        lesion = (target > 0).to(image.dtype)
+    def lesion_mask(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Foreground (any label / region) and valid (not ignore-label) masks, each (B, 1, H, W)."""
+        lm = self.label_manager
+        if lm.has_regions:
+            regions = target[:, :-1] if lm.has_ignore_label else target
+            fg = regions.bool().any(1, keepdim=True)
+            valid = ~target[:, -1:].bool() if lm.has_ignore_label else torch.ones_like(fg)
+        else:
+            valid = target != lm.ignore_label if lm.has_ignore_label else torch.ones_like(target, dtype=torch.bool)
+            fg = (target > 0) & valid
+        return fg, valid
+
+    def generation_reference(self, image: torch.Tensor, lesion: torch.Tensor) -> torch.Tensor:
+        lesion = lesion.to(image.dtype)
         if self.generation_target == "mask":
             return lesion
         return image.mean(1, keepdim=True) * lesion
@@ -116,8 +80,10 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
     def compute_loss(self, out, data: torch.Tensor, target) -> tuple[torch.Tensor, dict]:
         seg = self.loss(out.seg, target)
         full_res = target[0] if isinstance(target, list) else target
-        terms = {"seg": seg,
-                 "gen": generation_loss(out.pseudo.float(), self.generation_reference(data, full_res).float())}
+        lesion, valid = self.lesion_mask(full_res)
+        reference = self.generation_reference(data, lesion).float()
+        # ignored pixels (nnU-Net's ignore label) say nothing about the lesion: no generation target there
+        terms = {"seg": seg, "gen": generation_loss(out.pseudo.float() * valid, reference * valid)}
         if out.t_hat is not None:
             # t is detached as the cycle's target: the projection must not collapse t to make h's job easy.
             terms["cycle"] = cycle_loss(out.t.detach().float(), out.t_hat.float())
@@ -142,14 +108,5 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
             out = self.network(weak, text=text, drop=drop, x_strong=strong, return_aux=True)
             loss, terms = self.compute_loss(out, weak, target)
 
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.optimizer.step()
+        self.optimizer_step(loss)
         return {"loss": loss.detach().cpu().numpy(), **terms}

@@ -31,6 +31,9 @@ class nnUNetTrainerMedCLIPSeg(nnUNetTrainerText):
     adapter_heads = 4
     adapter_stages = None  # default: the last two encoder stages
     ignore_text = False
+    uses_token_text = True
+    aux_losses = AUX_LOSSES
+    method_name = "MedCLIPSeg"
 
     @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
@@ -48,28 +51,6 @@ class nnUNetTrainerMedCLIPSeg(nnUNetTrainerText):
     def set_network_text(self, keys) -> None:
         self.unwrapped_network().set_text(*self.tokens_for(keys))
 
-    def on_train_start(self):
-        super().on_train_start()
-        for k in AUX_LOSSES:
-            self.logger.local_logger.my_fantastic_logging.setdefault(f"train_{k}_loss", [])
-
-    def on_train_epoch_end(self, train_outputs: list[dict]):
-        super().on_train_epoch_end(train_outputs)
-        for k in AUX_LOSSES:
-            value = float(np.mean([o[k] for o in train_outputs if k in o] or [np.nan]))
-            if self.is_ddp:
-                import torch.distributed as dist
-                gathered = [None] * dist.get_world_size()
-                dist.all_gather_object(gathered, value)
-                value = float(np.nanmean(gathered))
-            self.logger.log(f"train_{k}_loss", value, self.current_epoch)
-
-    def on_epoch_end(self):
-        if self.local_rank == 0:
-            terms = ", ".join(f"{k} {self.logger.get_value(f'train_{k}_loss', step=-1):.4f}" for k in AUX_LOSSES)
-            self.print_to_log_file(f"MedCLIPSeg loss terms: {terms}")
-        super().on_epoch_end()
-
     def train_step(self, batch: dict) -> dict:
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"]
@@ -86,14 +67,5 @@ class nnUNetTrainerMedCLIPSeg(nnUNetTrainerText):
                                         target_emb=out.report_emb.float())
             loss = seg + self.lambda_contrastive * con
 
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.optimizer.step()
+        self.optimizer_step(loss)
         return {"loss": loss.detach().cpu().numpy(), "seg": float(seg.detach()), "contrastive": float(con.detach())}

@@ -3,6 +3,7 @@ training batches, per-epoch validation and nnU-Net's final validation, and the s
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from torch._dynamo import OptimizedModule
 from nnunetv2_textseg.cache import (CacheError, TextEmbeddingCache, build_or_update_cache, cache_folder, cache_path,
                                     load_checked_cache)
 from nnunetv2_textseg.encoders import EncoderSpec, spec_to_dict
-from nnunetv2_textseg.reports import ReportError, load_dataset_reports
+from nnunetv2_textseg.reports import ReportError, load_dataset_reports, reports_path
 
 PLANS_KEY = "textseg"  # our entry in the plans.json the trainer writes to its results folder
 ENCODER_ENV = "nnUNet_textseg_encoder"
@@ -38,7 +39,9 @@ def _install_clean_error_hook() -> None:
         return
 
     def hook(exc_type, exc, tb):
-        if issubclass(exc_type, (TextTrainingError, ReportError, CacheError, EncoderError)):
+        from nnunetv2_textseg.paths import DatasetConfigError
+        if issubclass(exc_type, (TextTrainingError, ReportError, CacheError, EncoderError, DatasetConfigError)) \
+                and not os.environ.get("NNUNET_TEXTSEG_DEBUG"):
             print(f"ERROR: {exc}", file=sys.stderr)
         else:
             previous(exc_type, exc, tb)
@@ -50,20 +53,43 @@ def _install_clean_error_hook() -> None:
 _install_clean_error_hook()
 
 
-def choose_encoder_spec(preprocessed_folder: Path, default: EncoderSpec) -> EncoderSpec:
-    """Encoder for training: ``$nnUNet_textseg_encoder`` if set, else the one cache that exists for the
-    training split, else the trainer's default. Two caches and no choice is an error, not a guess."""
+def _spec_from_dict(d: dict, trust: bool = False) -> EncoderSpec:
+    return EncoderSpec(d["name_or_path"], d["pooling"], d["max_length"], bool(d.get("trust_remote_code")) or trust,
+                       d.get("revision"))
+
+
+def choose_encoder_spec(preprocessed_folder: Path, default: EncoderSpec, recorded: dict | None = None) -> EncoderSpec:
+    """Encoder for training.
+
+    1. ``recorded``: the encoder already in this model folder's plans.json (``--c``, ``--val``, other
+       folds) — a model never changes encoder; asking for another one via the env var is an error.
+    2. ``$nnUNet_textseg_encoder``: pooling/max length/revision come from the one cache of that encoder
+       (as ``nnUNetv2_textseg_encode`` wrote it), else the trainer's defaults.
+    3. The only cache that exists for the training split. 4. The trainer's default.
+    Several candidates and no choice is an error, not a guess."""
     trust = os.environ.get(TRUST_ENV, "0").lower() in ("1", "true", "yes")
-    if os.environ.get(ENCODER_ENV):
-        return EncoderSpec(os.environ[ENCODER_ENV], default.pooling, default.max_length, trust)
-    caches = sorted(cache_folder(preprocessed_folder).glob("*__Tr.npz"))
+    wanted = os.environ.get(ENCODER_ENV)
+    if recorded is not None:
+        spec = _spec_from_dict(recorded, trust)
+        if wanted and wanted != spec.name_or_path:
+            raise TextTrainingError(f"This model folder was trained with text encoder {spec.name_or_path!r}, but "
+                                    f"{ENCODER_ENV}={wanted!r}. A model keeps its encoder: unset {ENCODER_ENV} or "
+                                    f"train into another trainer/plans folder.")
+        return spec
+    caches = [TextEmbeddingCache.load(c) for c in sorted(cache_folder(preprocessed_folder).glob("*__Tr.npz"))]
+    if wanted:
+        matching = [c for c in caches if c.spec.get("name_or_path") == wanted]
+        if len(matching) == 1:
+            return _spec_from_dict(matching[0].spec, trust)
+        if len(matching) > 1:
+            raise TextTrainingError(f"Several caches of {wanted!r} exist ({[str(c.path) for c in matching]}); "
+                                    f"delete the ones you do not want to train with.")
+        return EncoderSpec(wanted, default.pooling, default.max_length, trust)
     if len(caches) == 1:
-        spec = TextEmbeddingCache.load(caches[0]).spec
-        return EncoderSpec(spec["name_or_path"], spec["pooling"], spec["max_length"],
-                           spec.get("trust_remote_code", False) or trust, spec.get("revision"))
+        return _spec_from_dict(caches[0].spec, trust)
     if len(caches) > 1:
         raise TextTrainingError(f"Several report embedding caches exist in {cache_folder(preprocessed_folder)} "
-                                f"({[c.name for c in caches]}). Choose one with {ENCODER_ENV}=NAME_OR_PATH.")
+                                f"({[c.path.name for c in caches]}). Choose one with {ENCODER_ENV}=NAME_OR_PATH.")
     return default
 
 
@@ -77,6 +103,8 @@ class nnUNetTrainerText(nnUNetTrainer):
     """
 
     text_encoder = EncoderSpec()  # default: offline all-MiniLM-L6-v2, mean pooling
+    uses_token_text = False  # True: keep token-level embeddings (cross-attention trainers)
+    aux_losses: tuple[str, ...] = ()  # extra per-epoch loss terms: logged, checkpointed, plotted
     max_rotation_deg = 15.0
     allow_mirroring = False
 
@@ -94,31 +122,40 @@ class nnUNetTrainerText(nnUNetTrainer):
         """Load (or lazily build) the report embeddings of every case this fold uses and record the
         encoder in the plans, so prediction rebuilds the same network and encodes with the same model."""
         pre = Path(self.preprocessed_dataset_folder_base)
-        spec = choose_encoder_spec(pre, self.text_encoder)
+        recorded_plans = Path(self.output_folder_base) / "plans.json"
+        recorded = None
+        if recorded_plans.is_file():
+            import json
+            recorded = json.loads(recorded_plans.read_text()).get(PLANS_KEY, {}).get("encoder")
+        spec = choose_encoder_spec(pre, self.text_encoder, recorded)
         path = cache_path(pre, spec, "Tr")
         raw = Path(os.environ["nnUNet_raw"]) / self.plans_manager.dataset_name if os.environ.get("nnUNet_raw") else None
         reports = None
-        if raw is not None and raw.is_dir():
+        if raw is not None and reports_path(raw, "Tr").is_file():
             try:
                 reports = load_dataset_reports(raw, "Tr", validate=False).reports
-            except ReportError as e:
-                if not path.exists():
-                    raise TextTrainingError(f"{self.__class__.__name__} needs a report per training case. {e}") from e
+            except ReportError as e:  # a table that exists but is broken is never bypassed via an old cache
+                raise TextTrainingError(f"{self.__class__.__name__} needs a valid report per training case. {e}") from e
         if reports is not None:
             try:
-                cache = load_checked_cache(path, reports)
+                cache = load_checked_cache(path, reports, spec=spec)
             except CacheError:
-                self.print_to_log_file(f"Encoding reports with {spec.name_or_path} into {path} (new or changed reports)")
-                cache, n = build_or_update_cache(reports, path, spec=spec, progress=self.local_rank == 0)
-                self.print_to_log_file(f"Encoded {n} reports")
+                cache = self._build_cache_once(reports, path, spec)
         elif path.exists():
             cache = TextEmbeddingCache.load(path)
-            self.print_to_log_file(f"nnUNet_raw has no reportsTr.csv for this dataset; using the cache {path} as is")
+            self.print_to_log_file(f"No reportsTr.csv in nnUNet_raw for this dataset; using the cache {path} as is")
         else:
             raise TextTrainingError(f"No reports for {self.plans_manager.dataset_name}: neither "
                                     f"$nnUNet_raw/{self.plans_manager.dataset_name}/reportsTr.csv nor a cache {path}. "
                                     f"Attach reports with nnUNetv2_textseg_attach_reports -d "
                                     f"{self.plans_manager.dataset_name} -i YOUR_TABLE.csv")
+        if recorded is not None:
+            want = json.loads(recorded_plans.read_text())[PLANS_KEY]["encoder_identity"]
+            try:
+                cache.check_identity(want)
+            except CacheError as e:
+                raise TextTrainingError(f"The reports were encoded by another model than this model folder's "
+                                        f"encoder. {e}") from e
         tr_keys, val_keys = self.do_split()
         available = set(reports) if reports is not None else set(cache.case_ids)
         missing = sorted(k for k in list(tr_keys) + list(val_keys) if k not in available)
@@ -129,13 +166,27 @@ class nnUNetTrainerText(nnUNetTrainer):
                 f"(nnUNetv2_textseg_attach_reports) and start again.")
         self.text_rows = {c: i for i, c in enumerate(cache.case_ids)}
         self.text_table = torch.from_numpy(np.ascontiguousarray(cache.pooled)).to(self.device)
-        # token-level embeddings stay in (float16) host memory; a batch's rows are moved when needed
-        self.text_tokens = torch.from_numpy(np.ascontiguousarray(cache.tokens))
-        self.text_token_mask = torch.from_numpy(np.ascontiguousarray(cache.mask))
+        if self.uses_token_text:  # token-level embeddings stay in (float16) host memory; rows move per batch
+            self.text_tokens = torch.from_numpy(np.ascontiguousarray(cache.tokens))
+            self.text_token_mask = torch.from_numpy(np.ascontiguousarray(cache.mask))
         self.plans_manager.plans[PLANS_KEY] = self._text_plans_entry(cache.identity, spec)
+
+    def _build_cache_once(self, reports: dict, path: Path, spec: EncoderSpec) -> TextEmbeddingCache:
+        """Encode missing/changed reports; under DDP rank 0 encodes and the other ranks wait and load."""
+        import torch.distributed as dist
+        if self.local_rank == 0:
+            self.print_to_log_file(f"Encoding reports with {spec.name_or_path} into {path} (new or changed reports)")
+            cache, n = build_or_update_cache(reports, path, spec=spec, progress=True)
+            self.print_to_log_file(f"Encoded {n} reports")
+        if self.is_ddp:
+            dist.barrier()
+        return cache if self.local_rank == 0 else load_checked_cache(path, reports, spec=spec)
 
     def initialize(self):
         if not self.was_initialized:
+            if len(self.configuration_manager.patch_size) != 2:
+                raise TextTrainingError(f"{self.__class__.__name__} supports nnU-Net's 2d configuration only, not "
+                                        f"{self.configuration_name!r}: train with `nnUNetv2_train DATASET 2d FOLD`.")
             self.prepare_text()
         super().initialize()
 
@@ -164,6 +215,64 @@ class nnUNetTrainerText(nnUNetTrainer):
                 "These plans carry no text-encoder entry: the model folder was not written by a text trainer, "
                 "or the network is being built before the reports were prepared.")
         return entry
+
+    # ---- extra loss terms: logged per epoch (kept on --c by nnU-Net's logger checkpoint), plotted ----
+    def on_train_start(self):
+        super().on_train_start()
+        for k in self.aux_losses:
+            self.logger.local_logger.my_fantastic_logging.setdefault(f"train_{k}_loss", [])
+
+    def on_train_epoch_end(self, train_outputs: list[dict]):
+        super().on_train_epoch_end(train_outputs)
+        for k in self.aux_losses:
+            value = float(np.mean([o[k] for o in train_outputs if k in o] or [np.nan]))
+            if self.is_ddp:
+                import torch.distributed as dist
+                gathered = [None] * dist.get_world_size()
+                dist.all_gather_object(gathered, value)
+                value = float(np.nanmean(gathered))
+            self.logger.log(f"train_{k}_loss", value, self.current_epoch)
+
+    def on_epoch_end(self):
+        if self.local_rank == 0 and self.aux_losses:
+            terms = ", ".join(f"{k} {self.logger.get_value(f'train_{k}_loss', step=-1):.4f}" for k in self.aux_losses)
+            self.print_to_log_file(f"{self.method_name} loss terms: {terms}")
+            self.plot_text_losses()
+        super().on_epoch_end()
+
+    method_name = "text"
+
+    def plot_text_losses(self) -> None:
+        """progress_text.png beside nnU-Net's progress.png: every loss term per epoch."""
+        import matplotlib
+        matplotlib.use("agg")
+        import matplotlib.pyplot as plt
+        logged = self.logger.local_logger.my_fantastic_logging
+        fig, ax = plt.subplots(figsize=(9, 5))
+        for k in self.aux_losses:
+            ys = logged.get(f"train_{k}_loss", [])
+            ax.plot(range(len(ys)), ys, label=k)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("loss")
+        ax.set_yscale("log")
+        ax.legend()
+        ax.set_title(f"{self.__class__.__name__}: loss terms")
+        fig.tight_layout()
+        fig.savefig(f"{self.output_folder}/progress_text.png")
+        plt.close(fig)
+
+    def optimizer_step(self, loss: torch.Tensor) -> None:
+        """nnU-Net's backward/clip/step, with its grad scaler under CUDA AMP."""
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.optimizer.step()
 
     # ---- spatial words -------------------------------------------------------------------------
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
