@@ -1,0 +1,96 @@
+"""Fast checks of the text plumbing shared by trainers and predictor (no training)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from nnunetv2_textseg.cache import CacheError, TextEmbeddingCache, load_checked_cache, text_sha
+from nnunetv2_textseg.encoders import EncoderSpec, TextEncoding
+from nnunetv2_textseg.training.text_trainer import ENCODER_ENV, TextTrainingError, choose_encoder_spec
+
+
+def _write_cache(folder, name, pooling="mean", max_length=128, reports=None):
+    reports = reports or {"a": "left lung", "b": "right lung"}
+    n = len(reports)
+    spec = {"name_or_path": name, "pooling": pooling, "max_length": max_length, "trust_remote_code": False,
+            "revision": None}
+    cache = TextEmbeddingCache(list(reports), [text_sha(t) for t in reports.values()], np.zeros((n, 4), np.float32),
+                               np.zeros((n, 2, 4), np.float16), np.ones((n, 2), bool),
+                               {"name_or_path": name, "config_sha": "x", "pooling": pooling, "max_length": max_length,
+                                "dim": 4}, spec)
+    return cache.save(folder / "text_embeddings" / f"{EncoderSpec(name, pooling, max_length).slug()}__Tr.npz")
+
+
+def test_encoder_choice_default_single_cache_env_and_recorded(tmp_path, monkeypatch):
+    monkeypatch.delenv(ENCODER_ENV, raising=False)
+    default = EncoderSpec()
+    assert choose_encoder_spec(tmp_path, default) == default  # nothing encoded yet
+    _write_cache(tmp_path, "enc-a", pooling="cls", max_length=64)
+    got = choose_encoder_spec(tmp_path, default)  # the only cache, with the pooling it was encoded with
+    assert (got.name_or_path, got.pooling, got.max_length) == ("enc-a", "cls", 64)
+    _write_cache(tmp_path, "enc-b")
+    with pytest.raises(TextTrainingError, match=ENCODER_ENV):  # two caches, no choice: no guessing
+        choose_encoder_spec(tmp_path, default)
+    monkeypatch.setenv(ENCODER_ENV, "enc-a")
+    assert choose_encoder_spec(tmp_path, default).pooling == "cls"  # env var picks its cache's settings
+    recorded = {"name_or_path": "enc-b", "pooling": "mean", "max_length": 128}
+    with pytest.raises(TextTrainingError, match="keeps its encoder"):  # a model never switches encoder
+        choose_encoder_spec(tmp_path, default, recorded)
+    monkeypatch.delenv(ENCODER_ENV)
+    assert choose_encoder_spec(tmp_path, default, recorded).name_or_path == "enc-b"
+
+
+def test_cache_of_another_configuration_is_refused(tmp_path):
+    reports = {"a": "left lung", "b": "right lung"}
+    path = _write_cache(tmp_path, "enc-a", pooling="cls", reports=reports)
+    load_checked_cache(path, reports, spec=EncoderSpec("enc-a", "cls"))
+    with pytest.raises(CacheError, match="another encoder configuration"):
+        load_checked_cache(path, reports, spec=EncoderSpec("enc-a", "mean"))
+
+
+def test_local_encoder_folders_with_the_same_name_get_different_caches(tmp_path):
+    (tmp_path / "x" / "model").mkdir(parents=True)
+    (tmp_path / "y" / "model").mkdir(parents=True)
+    assert EncoderSpec(str(tmp_path / "x" / "model")).slug() != EncoderSpec(str(tmp_path / "y" / "model")).slug()
+
+
+def test_token_rows_drop_padding_wherever_it_is():
+    from nnunetv2_textseg.predictor import _one
+    tokens = np.arange(2 * 4 * 3, dtype=np.float16).reshape(2, 4, 3)
+    mask = np.array([[True, True, False, False], [False, False, True, True]])  # right and left padding
+    enc = TextEncoding(np.zeros((2, 3), np.float32), tokens, mask)
+    for i in range(2):
+        pooled, tok, m = _one(enc, i)
+        assert tok.shape == (2, 3) and bool(m.all())
+        np.testing.assert_array_equal(tok.numpy(), tokens[i][mask[i]].astype(np.float32))
+
+
+def test_prediction_report_table_keeps_literal_case_ids(tmp_path):
+    from nnunetv2_textseg.cli import read_prediction_reports
+    f = tmp_path / "reports.csv"
+    f.write_text("case_id,report\nmask_07,Lesion in the left lung.\ncase.v2,No infection.\n", encoding="utf-8")
+    table = read_prediction_reports(f)
+    assert set(table.reports) == {"mask_07", "case.v2"}
+    lvit = tmp_path / "lvit.csv"
+    lvit.write_text("Image,Description\nmask_covid_1.png,Lesion in the right lung.\n", encoding="utf-8")
+    assert list(read_prediction_reports(lvit).reports) == ["covid_1"]  # foreign layout: name rules apply
+
+
+class _LM:
+    def __init__(self, regions=False, ignore=None):
+        self.has_regions, self.has_ignore_label, self.ignore_label = regions, ignore is not None, ignore
+
+
+def test_generation_target_ignores_the_ignore_label_and_handles_regions():
+    from nnunetv2_textseg.training.biclip import nnUNetTrainerBiCLIP
+    t = object.__new__(nnUNetTrainerBiCLIP)
+    t.label_manager = _LM(ignore=3)
+    target = torch.tensor([[[[0, 1], [3, 2]]]])
+    fg, valid = nnUNetTrainerBiCLIP.lesion_mask(t, target)
+    assert fg.tolist() == [[[[False, True], [False, True]]]] and valid.tolist() == [[[[True, True], [False, True]]]]
+    t.label_manager = _LM(regions=True, ignore=9)
+    regions = torch.tensor([[[[0, 1], [0, 0]], [[0, 0], [1, 0]], [[1, 0], [0, 0]]]])  # 2 regions + ignore channel
+    fg, valid = nnUNetTrainerBiCLIP.lesion_mask(t, regions)
+    assert fg.shape == (1, 1, 2, 2) and fg.tolist() == [[[[False, True], [True, False]]]]
+    assert valid.tolist() == [[[[False, True], [True, True]]]]
