@@ -4,12 +4,13 @@ predict clean and degraded test sets, evaluate with nnUNetv2_evaluate_folder, ta
     python benchmarks/text_vs_vision.py [--preset cpu|full|smoke] [--out benchmarks/results/text_vs_vision]
         [--trainers T ...] [--fractions 5 25 100] [--conditions clean lowdose motion] [--control | --no-control]
         [--n_train N] [--n_test N] [--size PX] [--device cpu|cuda] [--seed S] [--dataset ID] [--fresh] [--force]
+        [--report_variants | --no-report_variants]
 
 Everything goes through the real commands (nnUNetv2_textseg_make_demo, nnUNetv2_plan_and_preprocess,
 nnUNetv2_train, nnUNetv2_textseg_predict for text trainers - names containing "BiCLIP" or "MedCLIPSeg" -,
 nnUNetv2_predict for the others, nnUNetv2_evaluate_folder), each with its output in OUT/logs/<step>.log; a
 failing command prints its log's tail and stops the run. Outputs: OUT/results.json (updated after every
-evaluation), OUT/results.md (Markdown table, also printed at the end) and OUT/results.png.
+evaluation), OUT/results.md (Markdown table(s), also printed at the end) and OUT/results.png.
 
 Data
   Default: the demo dataset (synthetic chest radiographs with reports) is generated as dataset --demo_id
@@ -45,6 +46,19 @@ Control row
   trains the first text trainer on it at 100 % of the labels; its clean test Dice is the row
   "<trainer> (control reports)". If text helps, that row falls to (or below) the plain baseline.
 
+Report variants
+  --report_variants (on in the cpu/full presets, off in smoke) asks how each text trainer (BiCLIP/MedCLIPSeg)
+  at 100 % of the labels reacts to the quality of the report: the clean test images are predicted once per
+  variant kind of nnunetv2_textseg.report_variants (original, contradictory, missing_location,
+  overdescriptive, underdescriptive; tables OUT/work/report_variants/<dataset>/reports_<kind>.csv made from
+  the test reports with --seed), with --save_uncertainty (and --mc_samples 8 for MedCLIPSeg trainers; these
+  predictions use nnU-Net's multiprocess path, which writes the maps, with at least one worker). Dice by
+  nnUNetv2_evaluate_folder; mean predictive entropy over all pixels of all cases and over the predicted
+  foreground, from OUT/.../uncertainty/CASE_entropy.nii.gz. Stored under "report_variant_entries" in
+  results.json (resumable like the rest) and tabulated as a second table in results.md (trainer x variant:
+  Dice, Δ Dice vs original, entropies). A trustworthy model's uncertainty should rise when its report
+  contradicts the image; the table only reports what is measured. Needs 100 % among the fractions.
+
 Resume
   results.json is written atomically after every evaluated (trainer, fraction, condition). A re-run skips
   evaluations already in it, and training whenever the fold's checkpoint_final.pth exists and was trained by
@@ -55,16 +69,18 @@ Presets (every value can be overridden by the flags)
   smoke  tests: 8 train / 4 test cases, 64 px, nnUNetTrainer_debug vs nnUNetTrainerBiCLIP_debug, 100 %,
          clean + motion, no control (~2-4 min on 2 CPU cores; a re-run resumes in seconds).
   cpu    64 px, 60 train / 30 test, nnUNetTrainer_demo vs nnUNetTrainerBiCLIP_demo, fractions 5 25 100, clean
-         lowdose motion, control on. 7 trainings of 30 x 25 iterations (2 trainers x 3 fractions + control);
-         on 2 CPU cores a plain one takes ~3-5 min and a BiCLIP one ~7-9 min (~17 s per epoch: text encoder,
-         pseudo-image generator, second augmented view), plus 19 predictions + evaluations (~20-30 s each):
-         roughly 45-60 min. nnUNetTrainerBiCLIP_noText_demo costs as much as BiCLIP (3 more trainings, 9 more
-         predictions: ~+30 min) and would push the run well past an hour, so it is not in the preset; add it
-         with --trainers when you have the time (it answers "is it the report or the extra network?").
+         lowdose motion, control on, report variants on. 7 trainings of 30 x 25 iterations (2 trainers x 3
+         fractions + control); on 2 CPU cores a plain one takes ~3-5 min and a BiCLIP one ~7-9 min (~17 s per
+         epoch: text encoder, pseudo-image generator, second augmented view), plus 19 predictions + evaluations
+         (~20-30 s each) and 5 report-variant predictions with uncertainty maps (~3-5 min): roughly 50-65 min.
+         nnUNetTrainerBiCLIP_noText_demo costs as much as BiCLIP (3 more trainings, 9 more predictions: ~+30
+         min) and would push the run well past an hour, so it is not in the preset; add it with --trainers
+         when you have the time (it answers "is it the report or the extra network?").
   full   GPU (-device cuda): 128 px, 400 train / 100 test, nnUNetTrainer, nnUNetTrainerBiCLIP and its
-         ablations _noIAC _noCycle _unidirectional _noText, fractions 1 5 10 25 100, control on. These are
-         nnU-Net's full 1000-epoch schedules: 6 x 5 + 1 = 31 trainings, i.e. days on one GPU; shorten with
-         e.g. --trainers nnUNetTrainer_100epochs nnUNetTrainerBiCLIP_100epochs ...
+         ablations _noIAC _noCycle _unidirectional _noText, fractions 1 5 10 25 100, control on, report
+         variants on (5 predictions per text trainer). These are nnU-Net's full 1000-epoch schedules:
+         6 x 5 + 1 = 31 trainings, i.e. days on one GPU; shorten with e.g. --trainers nnUNetTrainer_100epochs
+         nnUNetTrainerBiCLIP_100epochs ...
 """
 from __future__ import annotations
 
@@ -98,19 +114,20 @@ SPLITS_BACKUP = "splits_final.before_text_vs_vision.json"
 DEMO_NAME, CONTROL_NAME = "TextSegDemo", "TextSegDemoControl"
 DEFAULT_LEVELS = {"lowdose": "DL3", "motion": "K7", "gaussian": 0.1}
 CONTROL_SUFFIX = " (control reports)"
+VARIANT_MC_SAMPLES = 8  # Monte-Carlo passes of MedCLIPSeg trainers in the report-variant predictions
 
 PRESETS: dict[str, dict] = {
     "smoke": dict(trainers=["nnUNetTrainer_debug", "nnUNetTrainerBiCLIP_debug"], fractions=["100"],
                   conditions=["clean", "motion"], n_train=8, n_test=4, size=64, device="cpu", seed=0,
-                  control=False),
+                  control=False, report_variants=False),
     "cpu": dict(trainers=["nnUNetTrainer_demo", "nnUNetTrainerBiCLIP_demo"], fractions=["5", "25", "100"],
                 conditions=["clean", "lowdose", "motion"], n_train=60, n_test=30, size=64, device="cpu", seed=0,
-                control=True),
+                control=True, report_variants=True),
     "full": dict(trainers=["nnUNetTrainer", "nnUNetTrainerBiCLIP", "nnUNetTrainerBiCLIP_noIAC",
                            "nnUNetTrainerBiCLIP_noCycle", "nnUNetTrainerBiCLIP_unidirectional",
                            "nnUNetTrainerBiCLIP_noText"],
                  fractions=["1%", "5%", "10%", "25%", "100%"], conditions=["clean", "lowdose", "motion"],
-                 n_train=400, n_test=100, size=128, device="cuda", seed=0, control=True),
+                 n_train=400, n_test=100, size=128, device="cuda", seed=0, control=True, report_variants=True),
 }
 
 
@@ -221,6 +238,7 @@ class State:
         self.data.setdefault("trained", {})
         self.data.setdefault("done_steps", {})
         self.data.setdefault("runs", [])
+        self.data.setdefault("report_variant_entries", [])
         self.run: dict = {}
 
     def save(self) -> None:
@@ -250,8 +268,20 @@ class State:
         self.save()
 
     def drop_entries(self, dataset_id: int, trainer: str, fold: int) -> None:
-        self.data["entries"] = [e for e in self.data["entries"]
-                                if not (e["dataset_id"] == dataset_id and e["trainer"] == trainer and e["fold"] == fold)]
+        for key in ("entries", "report_variant_entries"):
+            self.data[key] = [e for e in self.data.get(key, [])
+                              if not (e["dataset_id"] == dataset_id and e["trainer"] == trainer and e["fold"] == fold)]
+        self.save()
+
+    # report-variant entries -----------------------------------------------------------------------
+    def variant_entry(self, trainer: str, kind: str) -> dict | None:
+        return next((e for e in self.data["report_variant_entries"] if e["trainer"] == trainer and e["variant"] == kind),
+                    None)
+
+    def put_variant_entry(self, new: dict) -> None:
+        self.data["report_variant_entries"] = [e for e in self.data["report_variant_entries"]
+                                               if not (e["trainer"] == new["trainer"]
+                                                       and e["variant"] == new["variant"])] + [new]
         self.save()
 
 
@@ -507,6 +537,99 @@ class Runner:
         print(f"  {label} @ {fraction_label(fraction)} / {cond['name']}: Dice {fg['Dice']:.4f}  IoU {fg['IoU']:.4f}",
               flush=True)
 
+    # ---- report variants ---------------------------------------------------------------------
+    def variant_tables(self, raw: Path, reports: Path | None) -> dict[str, Path]:
+        """reports_<kind>.csv for every report-variant kind, made from the test reports (deterministic)."""
+        from nnunetv2_textseg.report_variants import write_variant_tables
+        if reports is None:
+            raise BenchmarkError(f"No test reports (reportsTs.csv next to {raw / 'imagesTs'}); the report variants "
+                                 f"are made from them.")
+        folder = self.work / "report_variants" / raw.name
+        before = {p.name: p.read_bytes() for p in folder.glob("reports_*.csv")} if folder.is_dir() else {}
+        t = time.time()
+        paths = write_variant_tables(reports, folder, seed=self.cfg.seed)
+        step = f"report_variants_{raw.name}"
+        if all(before.get(p.name) == p.read_bytes() for p in paths.values()):
+            self.skip(step, f"{folder} is up to date")
+        else:
+            print(f"Report variants of {reports}: {folder} ({', '.join(paths)})", flush=True)
+            self.state.step(step, "ran", time.time() - t)
+        return paths
+
+    def predict_report_variant(self, dataset_id: int, raw: Path, trainer: str, split: dict, kind: str,
+                               images: Path, reports: Path) -> None:
+        """Clean test images with the ``kind`` variant of their reports: Dice + predictive entropy."""
+        fold = split["fold"]
+        mc = VARIANT_MC_SAMPLES if "MedCLIPSeg" in trainer else 0
+        signature = {"split_sha256": split["split_sha256"], "variant": kind, "dataset_id": dataset_id,
+                     "reports_sha256": hashlib.sha256(reports.read_bytes()).hexdigest(), "mc_samples": mc}
+        old = self.state.variant_entry(trainer, kind)
+        step = f"{dataset_id}_{trainer}_fold{fold}_reports_{kind}"
+        if old is not None and old.get("signature") == signature:
+            self.skip(f"predict_evaluate_{step}", f"Dice {old['dice']:.4f} already in results.json")
+            return
+        pred = self.work / "predictions" / raw.name / trainer / f"fold_{fold}" / f"reports_{kind}"
+        if pred.exists():
+            shutil.rmtree(pred)
+        pred.mkdir(parents=True)
+        # uncertainty maps are written by nnU-Net's multiprocess path only: at least one worker
+        n = max(1, self.cfg.num_processes)
+        cmd = ["nnUNetv2_textseg_predict", "-i", str(images), "-o", str(pred), "-d", str(dataset_id),
+               "-c", CONFIGURATION, "-p", PLANS, "-f", str(fold), "-tr", trainer, "-device", self.cfg.device,
+               "--disable_progress_bar", "-npp", str(n), "-nps", str(n), "-reports", str(reports),
+               "--save_uncertainty"] + (["--mc_samples", str(mc)] if mc else [])
+        t_pred = self.run(f"predict_{step}", cmd)
+        t_eval = self.run(f"evaluate_{step}", [
+            "nnUNetv2_evaluate_folder", str(raw / "labelsTs"), str(pred), "-djfile", str(pred / "dataset.json"),
+            "-pfile", str(pred / "plans.json"), "-np", str(self.cfg.num_processes)])
+        summary = json.loads((pred / "summary.json").read_text())
+        fg = summary["foreground_mean"]
+        cases = [Path(c["prediction_file"]).name for c in summary.get("metric_per_case", [])]
+        ent = entropy_stats(pred, cases)
+        self.state.put_variant_entry({
+            "trainer": trainer, "variant": kind, "dataset_id": dataset_id, "fraction": split["fraction"], "fold": fold,
+            "n_train": split["n_train"], "condition": "clean", "dice": fg["Dice"], "iou": fg["IoU"],
+            "n_cases": len(cases), "mc_samples": mc, **ent, "reports": str(reports), "predictions": str(pred),
+            "signature": signature, "seconds": {"predict": round(t_pred, 1), "evaluate": round(t_eval, 1)}})
+        fg_ent = ent["mean_entropy_foreground"]
+        print(f"  {trainer} @ 100% / clean, {kind} reports: Dice {fg['Dice']:.4f}  mean entropy "
+              f"{ent['mean_entropy']:.4f}  in predicted foreground {'–' if fg_ent is None else f'{fg_ent:.4f}'}",
+              flush=True)
+
+
+def entropy_stats(pred: Path, prediction_files: list[str]) -> dict:
+    """Mean predictive entropy over all pixels of all cases (``uncertainty/CASE_entropy.nii.gz``) and over the
+    pixels the prediction calls foreground (None if it predicts none)."""
+    import numpy as np
+    import SimpleITK as sitk
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    ending = json.loads((pred / "dataset.json").read_text())["file_ending"]
+    reader = PlansManager(json.loads((pred / "plans.json").read_text())).image_reader_writer_class()
+    if not prediction_files:
+        prediction_files = sorted(p.name for p in pred.iterdir() if p.is_file() and p.name.endswith(ending))
+    total = n_total = fg_total = n_fg = 0.0
+    for name in (Path(f).name for f in prediction_files):
+        case = name[:-len(ending)] if name.endswith(ending) else name
+        unc_file = pred / "uncertainty" / f"{case}_entropy.nii.gz"
+        if not unc_file.is_file():
+            raise BenchmarkError(f"{unc_file} missing: nnUNetv2_textseg_predict --save_uncertainty wrote no entropy "
+                                 f"map for case {case!r}.")
+        entropy = sitk.GetArrayFromImage(sitk.ReadImage(str(unc_file))).astype(np.float64)
+        seg, _ = reader.read_seg(str(pred / f"{case}{ending}"))
+        seg = np.asarray(seg[0])
+        if entropy.size != seg.size:
+            raise BenchmarkError(f"{unc_file}: {entropy.shape} does not match the segmentation's shape {seg.shape}.")
+        entropy = entropy.reshape(seg.shape)
+        fg = seg > 0
+        total += float(entropy.sum())
+        n_total += entropy.size
+        fg_total += float(entropy[fg].sum())
+        n_fg += int(fg.sum())
+    return {"mean_entropy": total / n_total if n_total else None,
+            "mean_entropy_foreground": fg_total / n_fg if n_fg else None,
+            "foreground_pixels": int(n_fg)}
+
 
 # ---------------------------------------------------------------------------------------------------
 # report: Markdown + plot
@@ -568,7 +691,51 @@ def markdown(data: dict) -> str:
                      f"{_fmt(r['dice'])} | {_fmt(r['d_dice'], True)} | {_fmt(r['iou'])} | {_fmt(r['d_iou'], True)} |")
     if not rows:
         lines.append("| – | – | – | – | – | – | – | – |")
+    lines += variant_markdown(data)
     return "\n".join(lines) + "\n"
+
+
+def variant_rows(data: dict) -> list[dict]:
+    """Report-variant entries of the current settings' text trainers, ordered trainer x variant kind."""
+    from nnunetv2_textseg.report_variants import VARIANT_KINDS
+    s = data["settings"]
+    if not s.get("report_variants"):
+        return []
+    entries = data.get("report_variant_entries", [])
+    rows = []
+    for trainer in s["trainers"]:
+        mine = {e["variant"]: e for e in entries if e["trainer"] == trainer}
+        base = mine.get("original")
+        for kind in VARIANT_KINDS:
+            e = mine.get(kind)
+            if e is None:
+                continue
+            rows.append({**e, "d_dice": None if base is None or kind == "original" else e["dice"] - base["dice"]})
+    return rows
+
+
+def variant_markdown(data: dict) -> list[str]:
+    rows = variant_rows(data)
+    if not rows:
+        return []
+    mc = sorted({r["trainer"] for r in rows if r.get("mc_samples")})
+    return [
+        "",
+        "## Report quality (100 % of the labels, clean test images)",
+        "",
+        "Each text trainer predicts the clean test images once per report variant "
+        "(`nnunetv2_textseg.report_variants`: contradictory = location mirrored/flipped, missing_location = no "
+        "side/zone words, overdescriptive = irrelevant detail added, underdescriptive = \"Pulmonary infection.\") "
+        "with `--save_uncertainty`" + (f" (`--mc_samples {VARIANT_MC_SAMPLES}` for {', '.join(mc)})" if mc else "")
+        + ". Δ Dice = difference to the same trainer with the original reports. Entropy: mean predictive entropy "
+        "(nats) over all pixels of all test cases, and over the pixels predicted as foreground. The original row "
+        "repeats the clean 100 % prediction of the first table"
+        + (" (for the Monte-Carlo trainers up to their sampling)" if mc else "") + ".",
+        "",
+        "| trainer | variant | Dice | Δ Dice | mean entropy | entropy in predicted foreground |",
+        "|---|---|---:|---:|---:|---:|",
+    ] + [f"| {r['trainer']} | {r['variant']} | {_fmt(r['dice'])} | {_fmt(r['d_dice'], True)} | "
+         f"{_fmt(r.get('mean_entropy'))} | {_fmt(r.get('mean_entropy_foreground'))} |" for r in rows]
 
 
 def plot(data: dict, path: Path) -> None:
@@ -637,6 +804,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="clean, lowdose (DL3), motion (K7), gaussian (0.1) or kind:level, e.g. lowdose:DL4")
     p.add_argument("--control", action=argparse.BooleanOptionalAction, default=None,
                    help="also train the first text trainer on control reports (demo data only)")
+    p.add_argument("--report_variants", action=argparse.BooleanOptionalAction, default=None,
+                   help="also predict the clean test set of each text trainer at 100 %% with every report variant "
+                        "(original, contradictory, missing_location, overdescriptive, underdescriptive) and "
+                        "--save_uncertainty; Dice and mean entropy per variant (on in the cpu/full presets)")
     p.add_argument("--n_train", type=int, default=None)
     p.add_argument("--n_test", type=int, default=None)
     p.add_argument("--size", type=int, default=None, help="demo image side length (px)")
@@ -704,6 +875,7 @@ def main(argv: list[str] | None = None) -> int:
                      "baseline": cfg.baseline, "fractions": cfg.fraction_values, "conditions": cfg.condition_specs,
                      "control": bool(control_trainer),
                      "control_label": control_trainer + CONTROL_SUFFIX if control_trainer else None,
+                     "report_variants": bool(cfg.report_variants and text_trainers),
                      "n_train": cfg.n_train, "n_test": cfg.n_test, "size": cfg.size, "device": cfg.device,
                      "seed": cfg.seed, "configuration": CONFIGURATION, "plans": PLANS,
                      "num_processes": cfg.num_processes}})
@@ -740,6 +912,21 @@ def main(argv: list[str] | None = None) -> int:
             for cond in cfg.condition_specs:
                 images, reports = folders[cond["name"]]
                 runner.predict_and_evaluate(dataset_id, raw, trainer, trainer, split, cond, images, reports)
+
+    if cfg.report_variants and text_trainers:
+        full = mapping.get(fraction_key(1.0))
+        if full is None:
+            print("Note: --report_variants uses the 100 % models; add 100 to --fractions. No report-variant table.",
+                  flush=True)
+        else:
+            images, reports = folders["clean"] if "clean" in folders else runner.condition_folder(
+                raw, {"name": "clean", "kind": None, "level": None}, True)
+            tables = runner.variant_tables(raw, reports)
+            for trainer in text_trainers:
+                for kind, table in tables.items():
+                    runner.predict_report_variant(dataset_id, raw, trainer, full, kind, images, table)
+    elif cfg.report_variants:
+        print("Note: --report_variants needs a text trainer (BiCLIP/MedCLIPSeg) in --trainers.", flush=True)
 
     if control_trainer:
         control_id = cfg.demo_id + 1
