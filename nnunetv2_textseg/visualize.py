@@ -56,8 +56,11 @@ def save_overlay_png(image: np.ndarray, overlay: np.ndarray, path: str | Path, t
     fig, axes = plt.subplots(1, 2, figsize=(8, 4))
     axes[0].imshow(image, cmap="gray")
     axes[0].set_title("input")
-    axes[1].imshow(image, cmap="gray")
-    im = axes[1].imshow(overlay, cmap=cmap, alpha=0.6)
+    if cmap == "gray":  # an image in its own right (pseudo-image): shown alone, not as an overlay
+        im = axes[1].imshow(overlay, cmap=cmap)
+    else:
+        axes[1].imshow(image, cmap="gray")
+        im = axes[1].imshow(overlay, cmap=cmap, alpha=0.6)
     axes[1].set_title(title)
     for a in axes:
         a.axis("off")
