@@ -178,3 +178,24 @@ def test_plain_nnunet_predict_uses_null_report_with_warning(trained_model, tmp_p
             trained_model.env)
     assert "null report" in r.stderr + r.stdout and "nnUNetv2_textseg_predict" in r.stderr + r.stdout
     assert len(list((tmp_path / "out").glob("*.png"))) == len(list((trained_model.raw / "imagesTs").glob("*.png")))
+
+
+def test_mirroring_never_pairs_an_image_with_a_report(trained_model, nnunet_environ):
+    """Text models store no test-time mirroring axes, so even with use_mirroring=True every tile is
+    predicted once, unflipped, with its own report."""
+    p = make_predictor(trained_model)  # use_mirroring=True, as nnUNetv2_predict's default
+    assert p.allowed_mirroring_axes is None
+    calls = []
+    net = p._net()
+    original = net.forward
+
+    def spy(x, *args, **kwargs):
+        calls.append((x.clone(), net._text))
+        return original(x, *args, **kwargs)
+
+    net.forward = spy
+    data, props = _case(trained_model)
+    p.predict_single_npy_array_with_report(data, props, "Unilateral pulmonary infection, one infected area, "
+                                           "lower right lung.")
+    assert len(calls) == 1  # one 64x64 tile, no mirrored copies
+    assert calls[0][1] is not None  # with the report set

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -119,6 +120,14 @@ def test_ablation_builds_and_trains_one_step(trained_model, variant):
             else:
                 os.environ[k] = v
     assert out["loss"] == out["loss"]
+    # spatial words: no mirroring in training or at test time, small rotations only
+    rotation, _, _, mirror_axes = trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+    assert mirror_axes is None and trainer.inference_allowed_mirroring_axes is None
+    assert max(abs(r) for r in rotation) <= np.deg2rad(trainer.max_rotation_deg) + 1e-9
+    from batchgeneratorsv2.transforms.spatial.mirroring import MirrorTransform
+    pipeline = trainer.get_training_transforms(trainer.configuration_manager.patch_size, rotation, None, mirror_axes,
+                                               False)
+    assert not any(isinstance(t, MirrorTransform) for t in pipeline.transforms)
     net = trainer.network
     if variant.endswith("noIAC"):
         assert net.iac_head is None and "iac" not in out
