@@ -31,6 +31,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from nnunetv2_textseg.networks import PlannedUNetWrapper
 from nnunetv2_textseg.modules.medclipseg import CrossModalAdapter
 
 
@@ -52,7 +53,7 @@ def _masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (tokens * w).sum(1) / w.sum(1).clamp_min(1)
 
 
-class MedCLIPSegNetwork(nn.Module):
+class MedCLIPSegNetwork(PlannedUNetWrapper):
     """Text-conditioned U-Net after MedCLIPSeg.
 
     Args:
@@ -104,15 +105,6 @@ class MedCLIPSegNetwork(nn.Module):
         self._tokens: torch.Tensor | None = None  # set per case at inference; not in the state dict
         self._mask: torch.Tensor | None = None
         self._warned_null = False
-
-    # nnU-Net toggles deep supervision through `network.decoder.deep_supervision`.
-    @property
-    def decoder(self) -> nn.Module:
-        return self.unet.decoder
-
-    @property
-    def encoder(self) -> nn.Module:
-        return self.unet.encoder
 
     def set_text(self, tokens: torch.Tensor | None, mask: torch.Tensor | None = None) -> None:
         """Report used by the next ``forward(x)`` calls without tokens: tokens (L, D) or (1, L, D) (broadcast

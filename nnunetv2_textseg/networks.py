@@ -29,7 +29,20 @@ class BiCLIPOutput:
     p_strong: torch.Tensor | None
 
 
-class BiCLIPNetwork(nn.Module):
+class PlannedUNetWrapper(nn.Module):
+    """A module around nnU-Net's planned U-Net (``self.unet``). nnU-Net toggles deep supervision through
+    ``network.decoder.deep_supervision``, so the wrapper exposes the U-Net's decoder (and encoder)."""
+
+    @property
+    def decoder(self) -> nn.Module:
+        return self.unet.decoder
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.unet.encoder
+
+
+class BiCLIPNetwork(PlannedUNetWrapper):
     """Text-conditioned U-Net.
 
     Args:
@@ -67,15 +80,6 @@ class BiCLIPNetwork(nn.Module):
         self.ignore_text = ignore_text
         self._text: torch.Tensor | None = None  # set per case at inference; not part of the state dict
         self._warned_null = False
-
-    # nnU-Net toggles deep supervision through `network.decoder.deep_supervision`.
-    @property
-    def decoder(self) -> nn.Module:
-        return self.unet.decoder
-
-    @property
-    def encoder(self) -> nn.Module:
-        return self.unet.encoder
 
     def set_text(self, text: torch.Tensor | None) -> None:
         """Report embedding(s) used by the next plain ``forward(x)`` calls: (D_in,) or (1, D_in) for one

@@ -37,8 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunetv2_textseg.report_parsing import (LEVELS, SIDES, Finding, _tokens, parse_report, render_report,
-                                             swap_laterality)
+from nnunetv2_textseg.report_parsing import (LEVELS, SIDES, Finding, _match_case, _tokens, parse_report,
+                                             render_report, swap_laterality)
 from nnunetv2_textseg.reports import ReportError, ReportTable, _read_own_table
 
 __all__ = ["VARIANT_KINDS", "make_variant", "write_variant_tables", "variant_table_name", "read_report_table"]
@@ -107,14 +107,6 @@ def _style(text: str) -> str:
 
 def _word_tokens(word: str) -> set[str]:
     return set(_tokens(word))
-
-
-def _match_case(template: str, word: str) -> str:
-    if template.isupper():
-        return word.upper()
-    if template[:1].isupper():
-        return word.capitalize()
-    return word
 
 
 def _swap_levels(text: str) -> str:

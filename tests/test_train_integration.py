@@ -45,7 +45,7 @@ def test_checkpoint_holds_every_biclip_module(trained_model):
         assert any(k.startswith(prefix) for k in weights), prefix
 
 
-def test_resume_with_c_restores_every_module(trained_model, tmp_path):
+def test_resume_with_c_restores_every_module(trained_model, tmp_path, monkeypatch):
     """--c continues from checkpoint_best.pth; the trainer's load_checkpoint restores all modules."""
     from nnunetv2.run.run_training import get_trainer_from_args
 
@@ -58,18 +58,11 @@ def test_resume_with_c_restores_every_module(trained_model, tmp_path):
     r = run([str(BIN / "nnUNetv2_train"), str(DATASET_ID), "2d", "0", "-tr", TRAINER, "-device", "cpu", "--c"], env)
     assert (wfold / "checkpoint_final.pth").is_file()
 
-    import os
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update({k: v for k, v in env.items() if k.startswith("nnUNet")})
-    try:
-        trainer = get_trainer_from_args(str(DATASET_ID), "2d", 0, TRAINER, device=torch.device("cpu"))
-        trainer.load_checkpoint(str(wfold / "checkpoint_final.pth"))
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    for k, v in env.items():
+        if k.startswith("nnUNet"):
+            monkeypatch.setenv(k, v)
+    trainer = get_trainer_from_args(str(DATASET_ID), "2d", 0, TRAINER, device=torch.device("cpu"))
+    trainer.load_checkpoint(str(wfold / "checkpoint_final.pth"))
     saved = torch.load(wfold / "checkpoint_final.pth", map_location="cpu", weights_only=False)["network_weights"]
     state = trainer.network.state_dict()
     assert set(saved) == set(state)
@@ -97,28 +90,21 @@ def test_missing_report_fails_with_clear_message(trained_model, tmp_path):
 @pytest.mark.parametrize("variant", ["nnUNetTrainerBiCLIP_noIAC", "nnUNetTrainerBiCLIP_unidirectional",
                                      "nnUNetTrainerBiCLIP_noText", "nnUNetTrainerBiCLIP_noCycle",
                                      "nnUNetTrainerBiCLIP_paper"])
-def test_ablation_builds_and_trains_one_step(trained_model, variant):
+def test_ablation_builds_and_trains_one_step(trained_model, variant, monkeypatch):
     """Each ablation builds its network from the plans and runs a real train_step on real batches."""
-    import os
     from nnunetv2.run.run_training import get_trainer_from_args
 
-    old = {k: os.environ.get(k) for k in trained_model.env if k.startswith("nnUNet")}
-    os.environ.update({k: v for k, v in trained_model.env.items() if k.startswith("nnUNet")})
-    try:
-        trainer = get_trainer_from_args(str(DATASET_ID), "2d", 0, variant, device=torch.device("cpu"))
-        trainer.initialize()
-        trainer.dataloader_train, trainer.dataloader_val = trainer.get_dataloaders()
-        trainer.network.train()
-        out = trainer.train_step(next(trainer.dataloader_train))
-        for dl in (trainer.dataloader_train, trainer.dataloader_val):
-            if hasattr(dl, "_finish"):
-                dl._finish()
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    for k, v in trained_model.env.items():
+        if k.startswith("nnUNet"):
+            monkeypatch.setenv(k, v)
+    trainer = get_trainer_from_args(str(DATASET_ID), "2d", 0, variant, device=torch.device("cpu"))
+    trainer.initialize()
+    trainer.dataloader_train, trainer.dataloader_val = trainer.get_dataloaders()
+    trainer.network.train()
+    out = trainer.train_step(next(trainer.dataloader_train))
+    for dl in (trainer.dataloader_train, trainer.dataloader_val):
+        if hasattr(dl, "_finish"):
+            dl._finish()
     assert out["loss"] == out["loss"]
     # spatial words: no mirroring in training or at test time, small rotations only
     rotation, _, _, mirror_axes = trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
