@@ -1,0 +1,71 @@
+"""Monte-Carlo prediction cost of MedCLIPSeg: seconds per case of plain nnU-Net (no TTA), MedCLIPSeg's mean
+path and MedCLIPSeg with N samples, one run, as ratios. Not a test.
+
+    python benchmarks/predict_mc.py [--root demo_work] [-d 990] [--mc 8]
+
+Needs the demo's models plus a MedCLIPSeg model in the same results folder, e.g.
+``nnUNetv2_train 990 2d 0 -tr nnUNetTrainerMedCLIPSeg_debug -device cpu`` with the demo's env.
+Models are loaded before timing; report encoding is included.
+"""
+import argparse
+import glob
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", default=str(REPO / "demo_work"))
+    p.add_argument("-d", type=int, default=990)
+    p.add_argument("--mc", type=int, default=8)
+    p.add_argument("--text", default="nnUNetTrainerMedCLIPSeg_debug")
+    p.add_argument("--plain", default="nnUNetTrainer_demo")
+    a = p.parse_args()
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        os.environ[var] = str(Path(a.root) / var)
+    os.environ.update(nnUNet_extTrainer=str(REPO / "trainers"), HF_HUB_OFFLINE="1")
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
+
+    from nnunetv2_textseg.predictor import nnUNetTextPredictor
+    from nnunetv2_textseg.reports import ReportTable
+
+    ds = glob.glob(os.environ["nnUNet_raw"] + f"/Dataset{a.d:03d}_*")[0]
+    table = ReportTable.read(Path(ds) / "reportsTs.csv")
+    out = Path(tempfile.mkdtemp())
+    kw = dict(perform_everything_on_device=False, device=torch.device("cpu"), allow_tqdm=False)
+    sec = {}
+    for mc in (0, a.mc):
+        pr = nnUNetTextPredictor(mc_samples=mc, **kw)
+        pr.initialize_from_trained_model_folder(get_output_folder(a.d, a.text, "nnUNetPlans", "2d"), (0,))
+        pr.load_encoder()
+        t = time.perf_counter()
+        pr.set_reports(table)
+        pr.predict_from_files(ds + "/imagesTs", str(out / f"mc{mc}"), num_processes_preprocessing=1,
+                              num_processes_segmentation_export=1)
+        sec[mc] = (time.perf_counter() - t) / len(table)
+    pr = nnUNetPredictor(use_mirroring=False, **kw)
+    pr.initialize_from_trained_model_folder(get_output_folder(a.d, a.plain, "nnUNetPlans", "2d"), (0,))
+    t = time.perf_counter()
+    pr.predict_from_files(ds + "/imagesTs", str(out / "plain"), num_processes_preprocessing=1,
+                          num_processes_segmentation_export=1)
+    plain = (time.perf_counter() - t) / len(table)
+    rows = {"plain_s_per_case": plain, "mean_path_s_per_case": sec[0], "mc_s_per_case": sec[a.mc], "mc": a.mc,
+            "mean_path_ratio": sec[0] / plain, "mc_ratio": sec[a.mc] / plain,
+            "s_per_extra_sample": (sec[a.mc] - sec[0]) / (a.mc - 1)}
+    print("| prediction | s/case | × plain nnU-Net (no TTA) |\n|---|---|---|")
+    print(f"| nnUNetTrainer, --disable_tta | {plain:.3f} | 1.00 |")
+    print(f"| MedCLIPSeg, mean path | {sec[0]:.3f} | {sec[0] / plain:.2f} |")
+    print(f"| MedCLIPSeg, --mc_samples {a.mc} | {sec[a.mc]:.3f} | {sec[a.mc] / plain:.2f} |")
+    (REPO / "benchmarks" / "results").mkdir(parents=True, exist_ok=True)
+    (REPO / "benchmarks" / "results" / "predict_mc.json").write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
