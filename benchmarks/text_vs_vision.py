@@ -327,6 +327,13 @@ class Runner:
             env["nnUNet_def_n_proc"] = str(cfg.num_processes)
         return env
 
+    def evaluate(self, step: str, raw: Path, pred: Path) -> tuple[float, dict]:
+        """nnUNetv2_evaluate_folder on a prediction folder; returns (seconds, its summary.json)."""
+        t = self.run(f"evaluate_{step}", [
+            "nnUNetv2_evaluate_folder", str(raw / "labelsTs"), str(pred), "-djfile", str(pred / "dataset.json"),
+            "-pfile", str(pred / "plans.json"), "-np", str(self.cfg.num_processes)])
+        return t, json.loads((pred / "summary.json").read_text())
+
     def run(self, step: str, cmd: list[str]) -> float:
         """Run one real command, output to OUT/logs/<step>.log; on failure print the log's tail and stop."""
         log = self.logs / f"{step}.log"
@@ -523,10 +530,7 @@ class Runner:
                                      f"{trainer} needs them.")
             cmd += ["-reports", str(reports)]
         t_pred = self.run(f"predict_{step}", cmd)
-        t_eval = self.run(f"evaluate_{step}", [
-            "nnUNetv2_evaluate_folder", str(raw / "labelsTs"), str(pred), "-djfile", str(pred / "dataset.json"),
-            "-pfile", str(pred / "plans.json"), "-np", str(self.cfg.num_processes)])
-        summary = json.loads((pred / "summary.json").read_text())
+        t_eval, summary = self.evaluate(step, raw, pred)
         fg = summary["foreground_mean"]
         self.state.put_entry({
             "label": label, "trainer": trainer, "dataset_id": dataset_id, "fraction": fraction, "fold": fold,
@@ -579,10 +583,7 @@ class Runner:
                "--disable_progress_bar", "-npp", str(n), "-nps", str(n), "-reports", str(reports),
                "--save_uncertainty"] + (["--mc_samples", str(mc)] if mc else [])
         t_pred = self.run(f"predict_{step}", cmd)
-        t_eval = self.run(f"evaluate_{step}", [
-            "nnUNetv2_evaluate_folder", str(raw / "labelsTs"), str(pred), "-djfile", str(pred / "dataset.json"),
-            "-pfile", str(pred / "plans.json"), "-np", str(self.cfg.num_processes)])
-        summary = json.loads((pred / "summary.json").read_text())
+        t_eval, summary = self.evaluate(step, raw, pred)
         fg = summary["foreground_mean"]
         cases = [Path(c["prediction_file"]).name for c in summary.get("metric_per_case", [])]
         ent = entropy_stats(pred, cases)

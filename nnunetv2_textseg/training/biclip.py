@@ -9,7 +9,6 @@ on the others). The generation reference defaults to EF-UNet's "image inside the
 from __future__ import annotations
 
 import torch
-from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import autocast, nn
@@ -44,11 +43,7 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
             raise NotImplementedError(f"{cls.__name__} supports nnU-Net's 2d configuration only "
                                       f"(patch size {configuration_manager.patch_size}).")
         text = cls.text_plans(plans_manager)
-        unet = get_network_from_plans(configuration_manager.network_arch_class_name,
-                                      configuration_manager.network_arch_init_kwargs,
-                                      configuration_manager.network_arch_init_kwargs_req_import,
-                                      num_input_channels + 1, num_output_channels, allow_init=True,
-                                      deep_supervision=enable_deep_supervision)
+        unet = cls.planned_unet(configuration_manager, num_input_channels + 1, num_output_channels, enable_deep_supervision)
         return BiCLIPNetwork(unet, num_input_channels, text["text_in_dim"], cls.text_dim,
                              bidirectional=cls.bidirectional, cycle=cls.lambda_cycle > 0, iac=cls.lambda_iac > 0,
                              ignore_text=cls.ignore_text)

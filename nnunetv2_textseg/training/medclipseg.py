@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import autocast, nn
@@ -40,11 +39,7 @@ class nnUNetTrainerMedCLIPSeg(nnUNetTrainerText):
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> nn.Module:
         text = cls.text_plans(plans_manager)
-        unet = get_network_from_plans(configuration_manager.network_arch_class_name,
-                                      configuration_manager.network_arch_init_kwargs,
-                                      configuration_manager.network_arch_init_kwargs_req_import,
-                                      num_input_channels, num_output_channels, allow_init=True,
-                                      deep_supervision=enable_deep_supervision)
+        unet = cls.planned_unet(configuration_manager, num_input_channels, num_output_channels, enable_deep_supervision)
         return MedCLIPSegNetwork(unet, text["text_in_dim"], cls.adapter_stages, cls.adapter_width, cls.adapter_heads,
                                  cls.beta, cls.deterministic, cls.ignore_text)
 

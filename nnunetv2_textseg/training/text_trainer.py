@@ -208,6 +208,17 @@ class nnUNetTrainerText(nnUNetTrainer):
         return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
 
     @staticmethod
+    def planned_unet(configuration_manager: ConfigurationManager, num_input_channels: int, num_output_channels: int,
+                     enable_deep_supervision: bool) -> torch.nn.Module:
+        """The U-Net nnU-Net planned for this configuration, with the given number of input channels."""
+        from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+        return get_network_from_plans(configuration_manager.network_arch_class_name,
+                                      configuration_manager.network_arch_init_kwargs,
+                                      configuration_manager.network_arch_init_kwargs_req_import,
+                                      num_input_channels, num_output_channels, allow_init=True,
+                                      deep_supervision=enable_deep_supervision)
+
+    @staticmethod
     def text_plans(plans_manager: PlansManager) -> dict:
         entry = plans_manager.plans.get(PLANS_KEY)
         if entry is None:
