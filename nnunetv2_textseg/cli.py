@@ -139,8 +139,10 @@ def predict_main(argv=None) -> None:
     p.add_argument("--save_uncertainty", action="store_true",
                    help="write per-pixel entropy and across-fold variance maps (.nii.gz + .png overlays)")
     p.add_argument("--save_pseudo_images", action="store_true", help="write each case's pseudo-image (.nii.gz + .png)")
-    p.add_argument("--mc_samples", type=int, default=0, help="Monte-Carlo passes of a stochastic model (MedCLIPSeg): "
-                   "the prediction is their mean; with --save_uncertainty also mutual information")
+    p.add_argument("--mc_samples", type=int, default=0, help="Monte-Carlo samples of a stochastic model (MedCLIPSeg): "
+                   "the prediction is their mean; with --save_uncertainty also mutual information and variance")
+    p.add_argument("--mc_batch_size", type=int, default=8, help="Monte-Carlo samples computed together per tile "
+                   "(one sliding-window pass per batch); lower it if large 3D patches run out of memory")
     p.add_argument("-encoder", default=None, help="local copy of the model's text encoder (must be the same model)")
     p.add_argument("--trust_remote_code", action="store_true")
     a = p.parse_args(argv)
@@ -150,6 +152,9 @@ def predict_main(argv=None) -> None:
         raise TextPredictionError(f"No trained model at {model_folder}; check -d, -tr, -p and -c.")
     if a.device not in ("cpu", "cuda", "mps"):
         raise TextPredictionError(f"-device must be cpu, cuda or mps, got {a.device!r}.")
+    if a.mc_samples < 0 or a.mc_batch_size < 1:
+        raise TextPredictionError(f"--mc_samples must be >= 0 and --mc_batch_size >= 1 (got {a.mc_samples}, "
+                                  f"{a.mc_batch_size}).")
     device = torch.device(a.device)
     if device.type == "cuda":  # as nnUNetv2_predict: torch threads do not help on the GPU
         torch.set_num_threads(1)
@@ -171,7 +176,7 @@ def predict_main(argv=None) -> None:
                                     allow_tqdm=not a.disable_progress_bar,
                                     allow_missing_reports=a.allow_missing_reports,
                                     save_uncertainty=a.save_uncertainty, save_pseudo_images=a.save_pseudo_images,
-                                    mc_samples=a.mc_samples)
+                                    mc_samples=a.mc_samples, mc_batch_size=a.mc_batch_size)
     predictor.initialize_from_trained_model_folder(model_folder, folds, checkpoint_name=a.chk)
     rec = predictor.text_config["encoder"]
     if rec.get("trust_remote_code") and not a.trust_remote_code:

@@ -35,9 +35,14 @@ class nnUNetTextPredictor(nnUNetPredictor):
     :meth:`predict_single_npy_array_with_report` for one in-memory case."""
 
     def __init__(self, *args, allow_missing_reports: bool = False, encoder_override: EncoderSpec | None = None,
-                 save_uncertainty: bool = False, save_pseudo_images: bool = False, mc_samples: int = 0, **kwargs):
+                 save_uncertainty: bool = False, save_pseudo_images: bool = False, mc_samples: int = 0,
+                 mc_batch_size: int = 8, **kwargs):
         super().__init__(*args, **kwargs)
-        self.mc_samples = mc_samples  # > 1: Monte-Carlo passes of a stochastic (MedCLIPSeg) network
+        if mc_batch_size < 1:
+            raise ValueError(f"mc_batch_size must be >= 1, got {mc_batch_size}")
+        self.mc_samples = mc_samples  # > 1: Monte-Carlo samples of a stochastic (MedCLIPSeg) network
+        self.mc_batch_size = mc_batch_size  # samples per network call (one sliding-window pass each batch)
+        self._mc_rows = 1  # samples the current sliding-window pass computes per tile
         self.allow_missing_reports = allow_missing_reports
         self.encoder_override = encoder_override
         self.save_uncertainty = save_uncertainty
@@ -206,24 +211,27 @@ class nnUNetTextPredictor(nnUNetPredictor):
         net = self._net()
         self.set_network_text(self._current_case)
         self._last_data = data
-        # Monte-Carlo: N sliding-window passes with sampled attention values (one tile per pass for
-        # images no larger than the patch, as in 2D chest radiographs).
+        # Monte-Carlo: the samples are computed as a batch per tile (mc_batch_size at a time), so N samples
+        # cost ceil(N / mc_batch_size) sliding-window passes instead of N.
         if self.mc_samples > 1 and not hasattr(net, "sample_at_inference"):
             raise TextPredictionError(f"--mc_samples needs a stochastic model (nnUNetTrainerMedCLIPSeg); "
                                       f"{self.trainer_name} is deterministic: drop --mc_samples.")
-        passes = self.mc_samples if self.mc_samples > 1 else 1
+        samples = self.mc_samples if self.mc_samples > 1 else 1
         try:
             members, prediction, n = [], None, 0
             for params in self.list_of_parameters:
                 net.load_state_dict(params)
-                if passes > 1:
+                if samples > 1:
                     net.sample_at_inference = True
-                for _ in range(passes):
-                    logits = self.predict_sliding_window_return_logits(data).to("cpu")
-                    if self.save_uncertainty:
-                        members.append(torch.softmax(logits.float(), 0))
-                    prediction = logits if prediction is None else prediction + logits
-                    n += 1
+                done = 0
+                while done < samples:
+                    k = min(self.mc_batch_size, samples - done)
+                    for logits in self.predict_sliding_window_samples(data, k):
+                        if self.save_uncertainty:
+                            members.append(torch.softmax(logits.float(), 0))
+                        prediction = logits if prediction is None else prediction + logits
+                        n += 1
+                    done += k
             prediction /= n
             self.last_members = members
             return prediction
@@ -231,6 +239,30 @@ class nnUNetTextPredictor(nnUNetPredictor):
             net.set_text(None)
             if hasattr(net, "sample_at_inference"):
                 net.sample_at_inference = False
+
+    @torch.inference_mode()
+    def predict_sliding_window_samples(self, data: torch.Tensor, k: int) -> torch.Tensor:
+        """k predictions of ``data`` (C, *spatial) in ONE sliding-window pass: every tile is repeated k times
+        and run as one batch; nnU-Net's window then accumulates the k outputs side by side on the class
+        axis (its label manager is told there are k times as many heads). Returns (k, K, *spatial) on the
+        CPU. Only useful when the network samples (``sample_at_inference``); k = 1 is nnU-Net's pass."""
+        if k == 1:
+            return self.predict_sliding_window_return_logits(data).to("cpu")[None]
+        labels, self._mc_rows = self.label_manager, k
+        self.label_manager = _SampleStackedLabels(labels, k)
+        try:
+            logits = self.predict_sliding_window_return_logits(data).to("cpu")
+        finally:
+            self.label_manager, self._mc_rows = labels, 1
+        return logits.view(k, labels.num_segmentation_heads, *logits.shape[1:])
+
+    def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:
+        """nnU-Net's tile prediction (with its mirroring); in a sampling pass the tile (1, C, *patch) is
+        repeated k times and the k outputs are returned as (1, k*K, *patch)."""
+        if self._mc_rows == 1:
+            return super()._internal_maybe_mirror_and_predict(x)
+        out = super()._internal_maybe_mirror_and_predict(x.repeat(self._mc_rows, *([1] * (x.ndim - 1))))
+        return out.reshape(1, -1, *out.shape[2:])
 
     def predict_single_npy_array_with_report(self, input_image: np.ndarray, image_properties: dict,
                                              report: str | None, output_file_truncated: str | None = None,
@@ -277,6 +309,18 @@ class nnUNetTextPredictor(nnUNetPredictor):
                 finally:
                     net.set_text(None)
         save_case_maps(maps, data[0], props, ofile, self.plans_manager, self.configuration_manager)
+
+
+class _SampleStackedLabels:
+    """nnU-Net's label manager, claiming k times its segmentation heads: the sliding window then allocates
+    room for k samples side by side. Everything else is the wrapped manager's."""
+
+    def __init__(self, labels, k: int):
+        self._labels = labels
+        self.num_segmentation_heads = labels.num_segmentation_heads * k
+
+    def __getattr__(self, name: str):
+        return getattr(self._labels, name)
 
 
 def _one(enc, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -53,3 +53,55 @@ def test_mc_prediction_writes_uncertainty_maps(trained_model, medclipseg_model, 
             trained_model.env)
     cal = json.loads((out / "calibration.json").read_text())
     assert 0 <= cal["ece"] <= 1 and 0 <= cal["error_retrieval_auc"] <= 1 and cal["n_cases"] == len(images)
+
+
+def _mc_predictor(trained_model, medclipseg_model, monkeypatch, **kw):
+    from nnunetv2_textseg.predictor import nnUNetTextPredictor
+    for k, v in trained_model.env.items():
+        if k.startswith("nnUNet"):
+            monkeypatch.setenv(k, v)
+    p = nnUNetTextPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
+                            perform_everything_on_device=False, device=torch.device("cpu"), allow_tqdm=False, **kw)
+    p.initialize_from_trained_model_folder(str(medclipseg_model[0]), (0,), "checkpoint_final.pth")
+    p.set_reports({"a": "Bilateral pulmonary infection, two infected areas, lower left lung and middle right lung."})
+    return p
+
+
+def test_mc_samples_are_batched_per_tile(trained_model, medclipseg_model, monkeypatch):
+    """5 samples with mc_batch_size 4: every tile runs as one batch of 4 and one of 1 (two window passes, not
+    five); the samples differ; each pass's samples come back in their own class slots."""
+    p = _mc_predictor(trained_model, medclipseg_model, monkeypatch, mc_samples=5, mc_batch_size=4,
+                      save_uncertainty=True)
+    ps = p.configuration_manager.patch_size
+    data = torch.randn(1, 1, ps[0] + 9, ps[1] + 5)  # (C, Z, Y, X): more than one tile per slice
+    tiles = len(p._internal_get_sliding_window_slicers(data.shape[1:]))
+    assert tiles > 1
+    batches = []
+    hook = p.network.register_forward_pre_hook(lambda m, args: batches.append(args[0].shape[0]))
+    p._current_case = "a"
+    try:
+        pred = p.predict_logits_from_preprocessed_data(data)
+    finally:
+        hook.remove()
+    mirrors = 1 if p.allowed_mirroring_axes is None else 2 ** len(p.allowed_mirroring_axes)
+    assert sorted(set(batches)) == [1, 4] and len(batches) == 2 * tiles * mirrors
+    assert pred.shape == (p.label_manager.num_segmentation_heads, *data.shape[1:])
+    members = torch.stack(p.last_members)
+    assert members.shape[0] == 5 and not torch.allclose(members[0], members[1])
+    assert torch.allclose(members.sum(1), torch.ones(()), atol=1e-3)
+
+
+def test_batched_samples_of_the_mean_path_equal_nnunets_pass(trained_model, medclipseg_model, monkeypatch):
+    """Without sampling every batched sample is the deterministic prediction: the stacking on the class axis
+    keeps samples and classes in place, and the label manager is restored afterwards."""
+    p = _mc_predictor(trained_model, medclipseg_model, monkeypatch)
+    ps = p.configuration_manager.patch_size
+    data = torch.randn(1, 1, ps[0] + 9, ps[1] + 5)
+    p.set_network_text("a")
+    labels = p.label_manager
+    stacked = p.predict_sliding_window_samples(data, 3)
+    plain = p.predict_sliding_window_return_logits(data).float()
+    assert p.label_manager is labels
+    assert stacked.shape == (3, *plain.shape)
+    for s in stacked:
+        assert torch.allclose(s.float(), plain, atol=1e-2)
