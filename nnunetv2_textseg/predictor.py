@@ -22,6 +22,7 @@ from torch._dynamo import OptimizedModule
 
 from nnunetv2_textseg.cache import CacheError
 from nnunetv2_textseg.encoders import EncoderSpec, TextEncoder
+from nnunetv2_textseg.modules.medclipseg import UncertaintyAccumulator
 from nnunetv2_textseg.reports import ReportTable
 from nnunetv2_textseg.training.text_trainer import PLANS_KEY
 
@@ -53,7 +54,7 @@ class nnUNetTextPredictor(nnUNetPredictor):
         self._current_case: str | None = None
         self._current_text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._case_of_output: dict[str, str] = {}  # output file name -> case id, when they differ
-        self.last_members: list[torch.Tensor] = []  # per-fold softmax of the last case (uncertainty)
+        self.last_uncertainty: UncertaintyAccumulator | None = None  # members (folds x samples) of the last case
 
     # ---- model -------------------------------------------------------------------------------
     def initialize_from_trained_model_folder(self, model_training_output_dir: str, use_folds, checkpoint_name:
@@ -218,7 +219,8 @@ class nnUNetTextPredictor(nnUNetPredictor):
                                       f"{self.trainer_name} is deterministic: drop --mc_samples.")
         samples = self.mc_samples if self.mc_samples > 1 else 1
         try:
-            members, prediction, n = [], None, 0
+            members = UncertaintyAccumulator(class_dim=0) if self.save_uncertainty else None
+            prediction, n = None, 0
             for params in self.list_of_parameters:
                 net.load_state_dict(params)
                 if samples > 1:
@@ -227,13 +229,13 @@ class nnUNetTextPredictor(nnUNetPredictor):
                 while done < samples:
                     k = min(self.mc_batch_size, samples - done)
                     for logits in self.predict_sliding_window_samples(data, k):
-                        if self.save_uncertainty:
-                            members.append(torch.softmax(logits.float(), 0))
+                        if members is not None:
+                            members.add(torch.softmax(logits.float(), 0))
                         prediction = logits if prediction is None else prediction + logits
                         n += 1
                     done += k
             prediction /= n
-            self.last_members = members
+            self.last_uncertainty = members
             return prediction
         finally:
             net.set_text(None)
@@ -287,14 +289,12 @@ class nnUNetTextPredictor(nnUNetPredictor):
         from nnunetv2_textseg.visualize import save_case_maps
         data, props, ofile = self._last_data, item["data_properties"], item["ofile"]
         maps = {}
-        if self.save_uncertainty and self.last_members:
-            probs = torch.stack(self.last_members)  # (M, K, ...)
-            mean = probs.mean(0)
-            maps["entropy"] = _entropy(mean)
-            maps["variance"] = probs.var(0, unbiased=False).sum(0) if len(probs) > 1 else torch.zeros_like(mean[0])
-            if len(probs) > 1:  # epistemic part: entropy of the mean minus the mean entropy
-                maps["mutual_information"] = (maps["entropy"] - torch.stack([_entropy(p) for p in probs]).mean(0)
-                                              ).clamp_min(0)
+        if self.save_uncertainty and self.last_uncertainty is not None:
+            u = self.last_uncertainty.result()
+            maps["entropy"] = u["entropy"]
+            maps["variance"] = u["variance"].sum(0)  # summed over classes: one map
+            if self.last_uncertainty.n > 1:  # epistemic part: entropy of the mean minus the mean entropy
+                maps["mutual_information"] = u["mutual_information"]
         if self.save_pseudo_images:
             net = self._net()
             if hasattr(net, "pseudo_image"):  # BiCLIP only
@@ -328,11 +328,6 @@ def _one(enc, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     keep = enc.mask[i] if enc.mask[i].any() else np.arange(enc.mask.shape[1]) < 1
     return (torch.from_numpy(enc.pooled[i]), torch.from_numpy(enc.tokens[i][keep].astype(np.float32)),
             torch.from_numpy(enc.mask[i][keep]))
-
-
-def _entropy(p: torch.Tensor) -> torch.Tensor:
-    """Entropy over the class axis (0) of a probability map."""
-    return -(p * torch.log(p.clamp_min(1e-8))).sum(0)
 
 
 def default_reports_file(input_folder: str | Path) -> Path | None:

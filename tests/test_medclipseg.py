@@ -283,6 +283,27 @@ def test_mc_uncertainty_known_answers():
     assert torch.allclose(v["entropy"], v["expected_entropy"] + v["mutual_information"], atol=1e-6)
 
 
+def test_uncertainty_accumulator_matches_stacked_formulas():
+    """Streaming sums give the textbook stacked statistics (mean, entropy of the mean, mean entropy, variance)."""
+    from nnunetv2_textseg.modules.medclipseg import UncertaintyAccumulator
+    probs = torch.softmax(3 * torch.randn(7, 3, 5, 6), dim=1)  # (N, K, H, W)
+    acc = UncertaintyAccumulator(class_dim=0)
+    for p in probs:
+        acc.add(p)
+    u = acc.result()
+    mean = probs.mean(0)
+    h = -(mean * mean.log()).sum(0)
+    eh = -(probs * probs.log()).sum(1).mean(0)
+    assert acc.n == 7
+    torch.testing.assert_close(u["mean"], mean)
+    torch.testing.assert_close(u["entropy"], h)
+    torch.testing.assert_close(u["expected_entropy"], eh)
+    torch.testing.assert_close(u["mutual_information"], (h - eh).clamp_min(0))
+    torch.testing.assert_close(u["variance"], probs.var(0, unbiased=False), atol=1e-6, rtol=1e-4)
+    with pytest.raises(ValueError, match="no member"):
+        UncertaintyAccumulator().result()
+
+
 # ----------------------------------------------------------------------------- network
 
 @pytest.mark.parametrize("patch", [(64, 64), (48, 80)])

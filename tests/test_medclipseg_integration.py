@@ -86,9 +86,9 @@ def test_mc_samples_are_batched_per_tile(trained_model, medclipseg_model, monkey
     mirrors = 1 if p.allowed_mirroring_axes is None else 2 ** len(p.allowed_mirroring_axes)
     assert sorted(set(batches)) == [1, 4] and len(batches) == 2 * tiles * mirrors
     assert pred.shape == (p.label_manager.num_segmentation_heads, *data.shape[1:])
-    members = torch.stack(p.last_members)
-    assert members.shape[0] == 5 and not torch.allclose(members[0], members[1])
-    assert torch.allclose(members.sum(1), torch.ones(()), atol=1e-3)
+    u = p.last_uncertainty.result()
+    assert p.last_uncertainty.n == 5 and u["variance"].max() > 0  # five samples, and they differ
+    assert torch.allclose(u["mean"].sum(0), torch.ones(()), atol=1e-3)
 
 
 def test_batched_samples_of_the_mean_path_equal_nnunets_pass(trained_model, medclipseg_model, monkeypatch):

@@ -162,7 +162,7 @@ def test_two_folds_are_ensembled(trained_model, nnunet_environ, tmp_path):
     l1, _ = logits((1,))
     l01, p = logits((0, 1))
     torch.testing.assert_close(l01, (l0 + l1) / 2, rtol=1e-4, atol=1e-4)
-    assert len(p.last_members) == 2  # both members kept for the variance map
+    assert p.last_uncertainty.n == 2  # both members count in the variance map
     cmd = predict_cmd(trained_model, tmp_path / "out", "--save_uncertainty")
     i = cmd.index("-f")
     cmd[i + 1:i + 2] = ["0", "1"]

@@ -87,6 +87,28 @@ def test_missing_report_fails_with_clear_message(trained_model, tmp_path):
     assert "Traceback" not in r.stderr  # one clear message, not a stack trace through nnU-Net
 
 
+def test_paper_batch_of_16_is_global_under_ddp(trained_model, monkeypatch):
+    """_paper: batch 16 on one process; under DDP nnU-Net splits those 16 over the ranks (2 ranks: 8 + 8)."""
+    from nnunetv2.run.run_training import get_trainer_from_args
+    from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as trainer_module
+
+    for k, v in trained_model.env.items():
+        if k.startswith("nnUNet"):
+            monkeypatch.setenv(k, v)
+    single = get_trainer_from_args(str(DATASET_ID), "2d", 0, "nnUNetTrainerBiCLIP_paper", device=torch.device("cpu"))
+    single._set_batch_size_and_oversample()
+    assert single.batch_size == 16
+    monkeypatch.setattr(trainer_module.dist, "get_world_size", lambda: 2)
+    sizes = []
+    for rank in (0, 1):
+        monkeypatch.setattr(trainer_module.dist, "get_rank", lambda rank=rank: rank)
+        t = get_trainer_from_args(str(DATASET_ID), "2d", 0, "nnUNetTrainerBiCLIP_paper", device=torch.device("cpu"))
+        t.is_ddp = True
+        t._set_batch_size_and_oversample()
+        sizes.append(t.batch_size)
+    assert sizes == [8, 8]
+
+
 @pytest.mark.parametrize("variant", ["nnUNetTrainerBiCLIP_noIAC", "nnUNetTrainerBiCLIP_unidirectional",
                                      "nnUNetTrainerBiCLIP_noText", "nnUNetTrainerBiCLIP_noCycle",
                                      "nnUNetTrainerBiCLIP_paper"])

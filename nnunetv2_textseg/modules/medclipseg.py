@@ -193,6 +193,40 @@ def soft_contrastive_loss(img_emb: torch.Tensor, txt_emb: torch.Tensor, tau: flo
     return (loss_i2t + loss_t2i) / 2
 
 
+class UncertaintyAccumulator:
+    """Running uncertainty statistics over members (MC samples and/or folds) of a softmax prediction.
+
+    Memory stays that of three maps however many members are added (sum of p, sum of p², sum of entropies).
+    ``add(probs)`` takes one member's probabilities with the classes at ``class_dim`` (e.g. (K, ...));
+    :meth:`result` returns the keys of :func:`mc_uncertainty`. Natural logarithms.
+    """
+
+    def __init__(self, class_dim: int = 0):
+        self.class_dim, self.n = class_dim, 0
+        self._sum = self._sum_sq = self._sum_entropy = None
+
+    def add(self, probs: torch.Tensor) -> None:
+        probs = probs.float()
+        entropy = -torch.xlogy(probs, probs).sum(self.class_dim)
+        if self.n == 0:
+            self._sum, self._sum_sq, self._sum_entropy = probs.clone(), probs.square(), entropy
+        else:
+            self._sum += probs
+            self._sum_sq += probs.square()
+            self._sum_entropy += entropy
+        self.n += 1
+
+    def result(self) -> dict[str, torch.Tensor]:
+        if self.n == 0:
+            raise ValueError("UncertaintyAccumulator: no member was added")
+        mean = self._sum / self.n
+        entropy = -torch.xlogy(mean, mean).sum(self.class_dim)
+        expected_entropy = self._sum_entropy / self.n
+        return {"mean": mean, "entropy": entropy, "expected_entropy": expected_entropy,
+                "mutual_information": (entropy - expected_entropy).clamp_min(0),
+                "variance": (self._sum_sq / self.n - mean.square()).clamp_min(0)}
+
+
 def mc_uncertainty(probs: torch.Tensor, class_dim: int = 1) -> dict[str, torch.Tensor]:
     """Uncertainty from N stochastic softmax outputs.
 
@@ -205,12 +239,9 @@ def mc_uncertainty(probs: torch.Tensor, class_dim: int = 1) -> dict[str, torch.T
     * ``mutual_information`` (...): entropy − expected_entropy ≥ 0 (epistemic part);
     * ``variance`` (K, ...): per-class variance over the samples (population, divides by N).
     """
-    probs = probs.float()
     if class_dim < 0:
         class_dim += probs.ndim
-    mean = probs.mean(0)
-    entropy = -torch.xlogy(mean, mean).sum(class_dim - 1)
-    expected_entropy = -torch.xlogy(probs, probs).sum(class_dim).mean(0)
-    return {"mean": mean, "entropy": entropy, "expected_entropy": expected_entropy,
-            "mutual_information": (entropy - expected_entropy).clamp_min(0),
-            "variance": probs.var(0, unbiased=False)}
+    acc = UncertaintyAccumulator(class_dim - 1)
+    for member in probs:
+        acc.add(member)
+    return acc.result()

@@ -48,9 +48,10 @@ class nnUNetTrainerBiCLIP_paper(nnUNetTrainerBiCLIP):
         self.num_epochs = 150
 
     def _set_batch_size_and_oversample(self):
+        # 16 is the global batch: set it where nnU-Net reads it, so that under DDP its own logic splits the
+        # batch (and the foreground oversampling) over the ranks. The trainer's plans.json records it.
+        self.configuration_manager.configuration["batch_size"] = 16
         super()._set_batch_size_and_oversample()
-        if not self.is_ddp:
-            self.batch_size = 16
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay)
