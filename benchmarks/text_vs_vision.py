@@ -91,6 +91,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -560,6 +561,25 @@ class Runner:
             self.state.step(step, "ran", time.time() - t)
         return paths
 
+    def user_variant_tables(self, images: Path, tables: dict[str, Path]) -> dict[str, Path]:
+        """--variant_reports tables, checked before any prediction: readable, and a report for every test case."""
+        from nnunetv2_textseg.cli import input_case_ids
+        from nnunetv2_textseg.reports import ReportError, read_report_table
+        file_ending = json.loads((images.parent / "dataset.json").read_text())["file_ending"] \
+            if (images.parent / "dataset.json").is_file() else ".png"
+        cases = input_case_ids(str(images), file_ending)
+        for kind, path in tables.items():
+            try:
+                known = read_report_table(path).reports
+            except ReportError as err:
+                raise BenchmarkError(f"--variant_reports {kind}={path}: {err}") from None
+            missing = sorted(set(cases) - set(known))
+            if missing:
+                raise BenchmarkError(f"--variant_reports {kind}={path} has no report for {len(missing)} of the "
+                                     f"{len(cases)} test case(s) in {images}: {missing[:10]}"
+                                     f"{' ...' if len(missing) > 10 else ''}. Give a table that covers the test set.")
+        return tables
+
     def predict_report_variant(self, dataset_id: int, raw: Path, trainer: str, split: dict, kind: str,
                                images: Path, reports: Path) -> None:
         """Clean test images with the ``kind`` variant of their reports: Dice + predictive entropy."""
@@ -707,7 +727,7 @@ def variant_rows(data: dict) -> list[dict]:
     for trainer in s["trainers"]:
         mine = {e["variant"]: e for e in entries if e["trainer"] == trainer}
         base = mine.get("original")
-        for kind in VARIANT_KINDS:
+        for kind in list(s.get("variant_reports") or VARIANT_KINDS):
             e = mine.get(kind)
             if e is None:
                 continue
@@ -720,18 +740,21 @@ def variant_markdown(data: dict) -> list[str]:
     if not rows:
         return []
     mc = sorted({r["trainer"] for r in rows if r.get("mc_samples")})
+    user = data["settings"].get("variant_reports")
+    source = ("(your tables, `--variant_reports`: " + ", ".join(f"{k} = `{Path(v).name}`" for k, v in user.items())
+              + ")") if user else (
+        "(`nnunetv2_textseg.report_variants`: contradictory = location mirrored/flipped, missing_location = no "
+        "side/zone words, overdescriptive = irrelevant detail added, underdescriptive = \"Pulmonary infection.\")")
     return [
         "",
         "## Report quality (100 % of the labels, clean test images)",
         "",
-        "Each text trainer predicts the clean test images once per report variant "
-        "(`nnunetv2_textseg.report_variants`: contradictory = location mirrored/flipped, missing_location = no "
-        "side/zone words, overdescriptive = irrelevant detail added, underdescriptive = \"Pulmonary infection.\") "
+        "Each text trainer predicts the clean test images once per report variant " + source + " "
         "with `--save_uncertainty`" + (f" (`--mc_samples {VARIANT_MC_SAMPLES}` for {', '.join(mc)})" if mc else "")
         + ". Δ Dice = difference to the same trainer with the original reports. Entropy: mean predictive entropy "
-        "(nats) over all pixels of all test cases, and over the pixels predicted as foreground. The original row "
-        "repeats the clean 100 % prediction of the first table"
-        + (" (for the Monte-Carlo trainers up to their sampling)" if mc else "") + ".",
+        "(nats) over all pixels of all test cases, and over the pixels predicted as foreground."
+        + ("" if user else " The original row repeats the clean 100 % prediction of the first table"
+           + (" (for the Monte-Carlo trainers up to their sampling)" if mc else "") + "."),
         "",
         "| trainer | variant | Dice | Δ Dice | mean entropy | entropy in predicted foreground |",
         "|---|---|---:|---:|---:|---:|",
@@ -791,6 +814,25 @@ def plot(data: dict, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------------
+def parse_variant_reports(items: list[str]) -> dict[str, Path]:
+    """["original=a.xlsx", "contradictory=b.csv", ...] -> {kind: path}; kinds are names of output folders."""
+    tables: dict[str, Path] = {}
+    for item in items:
+        kind, sep, path = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z0-9_-]+", kind) or not path:
+            raise BenchmarkError(f"--variant_reports takes KIND=FILE with KIND made of letters, digits, _ or -; "
+                                 f"got {item!r}.")
+        if kind in tables:
+            raise BenchmarkError(f"--variant_reports names {kind!r} twice.")
+        if not Path(path).is_file():
+            raise BenchmarkError(f"--variant_reports {kind}: no file {path}.")
+        tables[kind] = Path(path).resolve()
+    if "original" not in tables:
+        raise BenchmarkError("--variant_reports needs an 'original=FILE' table: the other variants are compared "
+                             "with it.")
+    return {"original": tables.pop("original"), **tables}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="default: cpu")
@@ -809,6 +851,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="also predict the clean test set of each text trainer at 100 %% with every report variant "
                         "(original, contradictory, missing_location, overdescriptive, underdescriptive) and "
                         "--save_uncertainty; Dice and mean entropy per variant (on in the cpu/full presets)")
+    p.add_argument("--variant_reports", nargs="+", default=None, metavar="KIND=FILE",
+                   help="your own report-variant tables of the test cases (e.g. BUSUC's Test_text_<kind>.xlsx) "
+                        "instead of generated ones; implies --report_variants")
     p.add_argument("--n_train", type=int, default=None)
     p.add_argument("--n_test", type=int, default=None)
     p.add_argument("--size", type=int, default=None, help="demo image side length (px)")
@@ -839,6 +884,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(str(err))
     if a.baseline is None:
         a.baseline = default_baseline(a.trainers)
+    try:
+        a.variant_tables = parse_variant_reports(a.variant_reports) if a.variant_reports else None
+    except BenchmarkError as err:
+        p.error(str(err))
+    if a.variant_tables:
+        a.report_variants = True
     if a.dataset is not None and a.control:
         print("Note: --control needs the generated demo data; no control row for --dataset.", flush=True)
         a.control = False
@@ -877,6 +928,8 @@ def main(argv: list[str] | None = None) -> int:
                      "control": bool(control_trainer),
                      "control_label": control_trainer + CONTROL_SUFFIX if control_trainer else None,
                      "report_variants": bool(cfg.report_variants and text_trainers),
+                     "variant_reports": ({k: str(v) for k, v in cfg.variant_tables.items()}
+                                         if cfg.variant_tables else None),
                      "n_train": cfg.n_train, "n_test": cfg.n_test, "size": cfg.size, "device": cfg.device,
                      "seed": cfg.seed, "configuration": CONFIGURATION, "plans": PLANS,
                      "num_processes": cfg.num_processes}})
@@ -922,7 +975,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             images, reports = folders["clean"] if "clean" in folders else runner.condition_folder(
                 raw, {"name": "clean", "kind": None, "level": None}, True)
-            tables = runner.variant_tables(raw, reports)
+            tables = (runner.user_variant_tables(images, cfg.variant_tables) if cfg.variant_tables
+                      else runner.variant_tables(raw, reports))
             for trainer in text_trainers:
                 for kind, table in tables.items():
                     runner.predict_report_variant(dataset_id, raw, trainer, full, kind, images, table)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from nnunetv2_textseg.cache import CacheError
 from nnunetv2_textseg.encoders import DEFAULT_ENCODER, EncoderError, EncoderSpec
-from nnunetv2_textseg.reports import ReportError
+from nnunetv2_textseg.reports import ReportError, read_report_table
 
 from nnunetv2_textseg.paths import DatasetConfigError
 
@@ -185,7 +185,7 @@ def predict_main(argv=None) -> None:
     # remote code runs only when asked for on this command line
     predictor.encoder_override = EncoderSpec(a.encoder or rec["name_or_path"], rec["pooling"], rec["max_length"],
                                              a.trust_remote_code, None if a.encoder else rec.get("revision"))
-    table = read_prediction_reports(reports_file) if reports_file is not None else ReportTable({}, None)
+    table = read_report_table(reports_file) if reports_file is not None else ReportTable({}, None)
     case_ids = input_case_ids(a.i, predictor.dataset_json["file_ending"])
     if not case_ids:
         raise TextPredictionError(f"No images ending in _0000{predictor.dataset_json['file_ending']} in {a.i}.")
@@ -205,17 +205,6 @@ def predict_main(argv=None) -> None:
                                      num_processes_segmentation_export=a.nps,
                                      folder_with_segs_from_prev_stage=a.prev_stage_predictions,
                                      num_parts=a.num_parts, part_id=a.part_id)
-
-
-def read_prediction_reports(path: Path):
-    """A table in our own format (header ``case_id,report``) is read with literal case ids; anything else
-    (LViT/MedCLIPSeg layouts, XLSX) through the importer's file-name rules."""
-    from nnunetv2_textseg.reports import ReportTable, _read_own_table
-    if path.suffix.lower() in (".csv", ".tsv", ".txt"):
-        with open(path, encoding="utf-8-sig", errors="replace") as f:
-            if f.readline().strip().replace(" ", "") == "case_id,report":
-                return _read_own_table(path)
-    return ReportTable.read(path)
 
 
 def input_case_ids(folder: str | Path, file_ending: str) -> list[str]:

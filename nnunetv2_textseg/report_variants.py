@@ -39,9 +39,9 @@ import numpy as np
 
 from nnunetv2_textseg.report_parsing import (LEVELS, SIDES, Finding, _match_case, _tokens, parse_report,
                                              render_report, swap_laterality)
-from nnunetv2_textseg.reports import ReportError, ReportTable, _read_own_table
+from nnunetv2_textseg.reports import ReportError, ReportTable, read_report_table
 
-__all__ = ["VARIANT_KINDS", "make_variant", "write_variant_tables", "variant_table_name", "read_report_table"]
+__all__ = ["VARIANT_KINDS", "make_variant", "write_variant_tables", "variant_table_name"]
 
 VARIANT_KINDS: tuple[str, ...] = ("original", "contradictory", "missing_location", "overdescriptive",
                                   "underdescriptive")
@@ -223,16 +223,6 @@ def make_variant(text: str, kind: str, rng: np.random.Generator) -> str:
 # ---------------------------------------------------------------------------------------------------
 # tables
 # ---------------------------------------------------------------------------------------------------
-def read_report_table(path: str | Path) -> ReportTable:
-    """A ``case_id,report`` table of ours (ids taken literally), else any layout the importer reads."""
-    path = Path(path)
-    if path.suffix.lower() in (".csv", ".tsv", ".txt") and path.is_file():
-        with open(path, encoding="utf-8-sig", errors="replace") as f:
-            if f.readline().strip().replace(" ", "") == "case_id,report":
-                return _read_own_table(path)
-    return ReportTable.read(path)
-
-
 def _case_rng(seed: int, kind: str, case_id: str) -> np.random.Generator:
     return np.random.default_rng([int(seed), VARIANT_KINDS.index(kind), zlib.crc32(case_id.encode("utf-8"))])
 

@@ -34,6 +34,7 @@ __all__ = [
     "dataset_case_ids",
     "reports_path",
     "load_dataset_reports",
+    "read_report_table",
     "attach_reports",
     "load_mapping",
 ]
@@ -473,6 +474,17 @@ def _read_own_table(path: Path) -> ReportTable:
     """Read a ``reports{split}.csv`` we wrote: ids are taken literally, no name mapping."""
     df = _read_frame(path, None)
     return ReportTable(_frame_to_reports(df, path, "case_id", "report", str.strip), path)
+
+
+def read_report_table(path: str | Path) -> ReportTable:
+    """Any report table: one in our own format (header ``case_id,report``) with ids taken literally, anything
+    else (LViT/MedCLIPSeg layouts, XLSX, ...) through the importer's file-name rules."""
+    path = Path(path)
+    if path.suffix.lower() in (".csv", ".tsv", ".txt") and path.is_file():
+        with open(path, encoding="utf-8-sig", errors="replace") as f:
+            if f.readline().strip().replace(" ", "") == "case_id,report":
+                return _read_own_table(path)
+    return ReportTable.read(path)
 
 
 def load_dataset_reports(dataset_folder: Path, split: str = "Tr", validate: bool = True) -> ReportTable:

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,3 +70,50 @@ def test_text_vs_vision_smoke_and_resume(tmp_path):
     assert sorted((e["label"], e["condition"], e["dice"]) for e in again["entries"]) == \
         sorted((e["label"], e["condition"], e["dice"]) for e in data["entries"])
     assert second_s < max(60.0, first_s / 3), (first_s, second_s)
+
+    # your own report-variant tables (any importable layout): predicted per kind, tabulated in that order
+    raw = next((out / "work" / "nnUNet_raw").glob("Dataset990_*"))
+    reports = pd.read_csv(raw / "reportsTs.csv")
+    original = tmp_path / "original.csv"
+    reports.to_csv(original, index=False)
+    lvit = pd.DataFrame({"Image": reports["case_id"] + ".png", "Description": "Normal chest radiograph.",
+                         "Ground Truth": reports["case_id"] + ".png"})
+    lvit.to_excel(tmp_path / "Test_text_normal.xlsx", index=False)
+    r = subprocess.run([sys.executable, str(SCRIPT), "--preset", "smoke", "--out", str(out), "--variant_reports",
+                        f"original={original}", f"says_normal={tmp_path / 'Test_text_normal.xlsx'}"],
+                       capture_output=True, text=True, timeout=1500, cwd=str(REPO))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    data = json.loads((out / "results.json").read_text())
+    variants = {e["variant"]: e for e in data["report_variant_entries"] if e["trainer"] == TRAINERS[1]}
+    assert set(variants) == {"original", "says_normal"}
+    assert all(0 <= e["dice"] <= 1 and e["mean_entropy"] >= 0 and e["n_cases"] == 4 for e in variants.values())
+    md = (out / "results.md").read_text()
+    assert "--variant_reports" in md and md.index("| original |") < md.index("| says_normal |")
+
+
+def _runner_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("text_vs_vision", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_variant_reports_are_checked_before_anything_runs(tmp_path):
+    tvv = _runner_module()
+    table = tmp_path / "t.csv"
+    table.write_text("case_id,report\na,Left lung.\nb,Right lung.\n")
+    assert list(tvv.parse_variant_reports([f"contradictory={table}", f"original={table}"])) == \
+        ["original", "contradictory"]  # original first: the others are compared with it
+    for bad, message in [([f"contradictory={table}"], "original=FILE"), ([f"a b={table}"], "KIND=FILE"),
+                         ([f"original={tmp_path / 'nope.csv'}"], "no file"),
+                         ([f"original={table}", f"original={table}"], "twice")]:
+        with pytest.raises(tvv.BenchmarkError, match=message):
+            tvv.parse_variant_reports(bad)
+    images = tmp_path / "imagesTs"
+    images.mkdir()
+    for case in ("a", "b", "c"):
+        (images / f"{case}_0000.png").write_bytes(b"")
+    runner = object.__new__(tvv.Runner)
+    with pytest.raises(tvv.BenchmarkError, match=r"no report for 1 of the 3 test case\(s\).*\['c'\]"):
+        runner.user_variant_tables(images, {"original": table})

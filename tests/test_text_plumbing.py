@@ -67,14 +67,14 @@ def test_token_rows_drop_padding_wherever_it_is():
 
 
 def test_prediction_report_table_keeps_literal_case_ids(tmp_path):
-    from nnunetv2_textseg.cli import read_prediction_reports
+    from nnunetv2_textseg.reports import read_report_table
     f = tmp_path / "reports.csv"
     f.write_text("case_id,report\nmask_07,Lesion in the left lung.\ncase.v2,No infection.\n", encoding="utf-8")
-    table = read_prediction_reports(f)
+    table = read_report_table(f)
     assert set(table.reports) == {"mask_07", "case.v2"}
     lvit = tmp_path / "lvit.csv"
     lvit.write_text("Image,Description\nmask_covid_1.png,Lesion in the right lung.\n", encoding="utf-8")
-    assert list(read_prediction_reports(lvit).reports) == ["covid_1"]  # foreign layout: name rules apply
+    assert list(read_report_table(lvit).reports) == ["covid_1"]  # foreign layout: name rules apply
 
 
 class _LM:
