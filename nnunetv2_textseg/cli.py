@@ -238,6 +238,28 @@ def degrade_entry() -> None:
     sys.exit(_run(degrade_main))
 
 
+def convert_pretrained_main(argv=None) -> None:
+    from nnunetv2_textseg.pretrained import write_converted
+    p = argparse.ArgumentParser(description="Make a plain nnU-Net model's checkpoint loadable by a text trainer: "
+                                "nnUNetv2_train DATASET 2d FOLD -tr TRAINER -pretrained_weights OUTPUT then fine-tunes "
+                                "it with reports (the U-Net's weights are kept; the pseudo-image channel starts at "
+                                "zero weight; the text modules start fresh).")
+    p.add_argument("-i", required=True, help="the plain model's checkpoint (fold_X/checkpoint_final.pth)")
+    p.add_argument("-o", required=True, help="output file to pass to -pretrained_weights")
+    p.add_argument("-d", required=True, help="dataset name or id (its plans define the network)")
+    p.add_argument("-tr", default="nnUNetTrainerBiCLIP", help="text trainer to fine-tune with (default: %(default)s)")
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: %(default)s)")
+    p.add_argument("-c", default="2d", help="configuration (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    a = p.parse_args(argv)
+    out = write_converted(a.i, a.o, a.tr, a.d, a.c, a.p, a.overwrite)
+    print(f"Wrote {out}. Fine-tune with: nnUNetv2_train {a.d} {a.c} FOLD -tr {a.tr} -p {a.p} -pretrained_weights {out}")
+
+
+def convert_pretrained_entry() -> None:
+    sys.exit(_run(convert_pretrained_main))
+
+
 def env_main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Print shell exports for nnU-Net's folders and nnUNet_extTrainer "
                                             "(use: eval \"$(nnUNetv2_textseg_env --root DIR)\").")

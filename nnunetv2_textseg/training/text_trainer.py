@@ -40,14 +40,38 @@ def _install_clean_error_hook() -> None:
 
     def hook(exc_type, exc, tb):
         from nnunetv2_textseg.paths import DatasetConfigError
-        if issubclass(exc_type, (TextTrainingError, ReportError, CacheError, EncoderError, DatasetConfigError)) \
-                and not os.environ.get("NNUNET_TEXTSEG_DEBUG"):
+        if os.environ.get("NNUNET_TEXTSEG_DEBUG"):
+            previous(exc_type, exc, tb)
+        elif issubclass(exc_type, (TextTrainingError, ReportError, CacheError, EncoderError, DatasetConfigError)):
             print(f"ERROR: {exc}", file=sys.stderr)
+        elif issubclass(exc_type, AssertionError) and _raised_in(tb, "load_pretrained_weights"):
+            print(f"ERROR: -pretrained_weights does not fit this text trainer's network ({exc}).\n"
+                  f"A plain nnU-Net model has no text modules (and BiCLIP's U-Net takes one more input channel). "
+                  f"Convert its checkpoint first, then pass the converted file:\n  {_convert_hint(sys.argv)}",
+                  file=sys.stderr)
         else:
             previous(exc_type, exc, tb)
 
     hook._textseg = True
     sys.excepthook = hook
+
+
+def _raised_in(tb, function: str) -> bool:
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == function:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _convert_hint(argv: list[str]) -> str:
+    """The conversion command for this nnUNetv2_train command line (placeholders where it lacks a value)."""
+    def opt(name: str, default: str) -> str:
+        return argv[argv.index(name) + 1] if name in argv[:-1] else default
+    positional = [a for i, a in enumerate(argv[1:], 1) if not a.startswith("-") and not argv[i - 1].startswith("-")]
+    dataset = positional[0] if positional else "DATASET"
+    return (f"nnUNetv2_textseg_convert_pretrained -i {opt('-pretrained_weights', 'PLAIN.pth')} -d {dataset} "
+            f"-tr {opt('-tr', 'TRAINER')} -p {opt('-p', 'nnUNetPlans')} -o converted.pth")
 
 
 _install_clean_error_hook()

@@ -1,0 +1,104 @@
+"""Fine-tuning a text trainer from a plain nnU-Net model: nnUNetv2_textseg_convert_pretrained, then the real
+nnUNetv2_train -pretrained_weights; a plain checkpoint passed directly gets a clear error."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import BIN, DATASET_ID, run
+
+PLAIN = "nnUNetTrainer_debug"
+
+
+@pytest.fixture(scope="module")
+def plain_model(trained_model, tmp_path_factory):
+    """A plain nnU-Net model of the session dataset, in its own results folder (the session's stays untouched)."""
+    env = dict(trained_model.env, nnUNet_results=str(tmp_path_factory.mktemp("plain_results")))
+    run([str(BIN / "nnUNetv2_train"), str(DATASET_ID), "2d", "0", "-tr", PLAIN, "-device", "cpu"], env)
+    ckpt = next(Path(env["nnUNet_results"]).glob(
+        f"Dataset{DATASET_ID}_*/{PLAIN}__nnUNetPlans__2d/fold_0/checkpoint_final.pth"))
+    return ckpt, env
+
+
+def _convert(trained_model, plain_ckpt, out, trainer, *extra, check=True):
+    return run([str(BIN / "nnUNetv2_textseg_convert_pretrained"), "-i", str(plain_ckpt), "-o", str(out),
+                "-d", str(DATASET_ID), "-tr", trainer, *extra], trained_model.env, check=check)
+
+
+@pytest.mark.parametrize("trainer", ["nnUNetTrainerBiCLIP_debug", "nnUNetTrainerMedCLIPSeg_debug"])
+def test_converted_network_starts_as_the_plain_unet(trained_model, plain_model, tmp_path, trainer, monkeypatch):
+    """The converted weights load into the text network, and its U-Net computes what the plain model computes
+    (BiCLIP: whatever the pseudo-image channel holds, its weights start at zero)."""
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunetv2_textseg.pretrained import text_trainer_class
+
+    plain_ckpt, _ = plain_model
+    out = tmp_path / "converted.pth"
+    _convert(trained_model, plain_ckpt, out, trainer)
+    converted = torch.load(out, map_location="cpu", weights_only=False)
+    plain = torch.load(plain_ckpt, map_location="cpu", weights_only=False)
+    plans = PlansManager(plain["init_args"]["plans"])
+    config = plans.get_configuration("2d")
+    dataset_json = plain["init_args"]["dataset_json"]
+    heads = plans.get_label_manager(dataset_json).num_segmentation_heads
+    plain_net = get_network_from_plans(config.network_arch_class_name, config.network_arch_init_kwargs,
+                                       config.network_arch_init_kwargs_req_import, 1, heads, deep_supervision=False)
+    plain_net.load_state_dict(plain["network_weights"])
+    plans.plans["textseg"] = {"text_in_dim": 384}
+    net = text_trainer_class(trainer).build_network_architecture(plans, config, 1, heads, False)
+    net.load_state_dict(converted["network_weights"])  # every key present, every shape right
+    plain_net.eval(), net.eval()
+    x = torch.randn(2, 1, *config.patch_size)
+    with torch.no_grad():
+        if "BiCLIP" in trainer:
+            first = converted["network_weights"]["unet.encoder.stages.0.0.convs.0.conv.weight"]
+            assert first.shape[1] == 2 and first[:, 1].abs().max() == 0  # pseudo-image channel: zero weight
+            got = net.unet(torch.cat([x, torch.randn_like(x)], 1))
+        else:
+            got = net.unet(x)
+        torch.testing.assert_close(got, plain_net(x))
+
+
+def test_fine_tuning_from_a_plain_model_with_nnunetv2_train(trained_model, plain_model, tmp_path):
+    plain_ckpt, env = plain_model
+    out = tmp_path / "biclip_from_plain.pth"
+    r = _convert(trained_model, plain_ckpt, out, "nnUNetTrainerBiCLIP_debug")
+    assert "-pretrained_weights" in r.stdout
+    env = dict(env, nnUNet_results=str(tmp_path / "res"))
+    r = run([str(BIN / "nnUNetv2_train"), str(DATASET_ID), "2d", "0", "-tr", "nnUNetTrainerBiCLIP_debug",
+             "-device", "cpu", "-pretrained_weights", str(out)], env)
+    fold = next((tmp_path / "res").glob(f"Dataset{DATASET_ID}_*/nnUNetTrainerBiCLIP_debug__nnUNetPlans__2d/fold_0"))
+    assert (fold / "checkpoint_final.pth").is_file()
+    assert json.loads((fold / "validation" / "summary.json").read_text())["foreground_mean"]
+
+
+def test_plain_checkpoint_passed_directly_gets_the_conversion_command(trained_model, plain_model, tmp_path):
+    plain_ckpt, env = plain_model
+    env = dict(env, nnUNet_results=str(tmp_path / "res"))
+    r = run([str(BIN / "nnUNetv2_train"), str(DATASET_ID), "2d", "0", "-tr", "nnUNetTrainerBiCLIP_debug",
+             "-device", "cpu", "-pretrained_weights", str(plain_ckpt)], env, check=False)
+    assert r.returncode != 0
+    assert "nnUNetv2_textseg_convert_pretrained" in r.stderr and str(plain_ckpt) in r.stderr
+    assert f"-d {DATASET_ID}" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_conversion_refuses_text_checkpoints_other_trainers_and_overwriting(trained_model, plain_model, tmp_path):
+    plain_ckpt, _ = plain_model
+    r = _convert(trained_model, trained_model.fold0 / "checkpoint_final.pth", tmp_path / "x.pth",
+                 "nnUNetTrainerBiCLIP_debug", check=False)
+    assert r.returncode == 2 and "written by a text trainer" in r.stderr and "Traceback" not in r.stderr
+    r = _convert(trained_model, plain_ckpt, tmp_path / "x.pth", "nnUNetTrainer_debug", check=False)
+    assert r.returncode == 2 and "not a text trainer" in r.stderr
+    r = _convert(trained_model, tmp_path / "missing.pth", tmp_path / "x.pth", "nnUNetTrainerBiCLIP_debug", check=False)
+    assert r.returncode == 2 and "No checkpoint" in r.stderr
+    mine = tmp_path / "mine.pth"
+    mine.write_bytes(b"user data")
+    r = _convert(trained_model, plain_ckpt, mine, "nnUNetTrainerBiCLIP_debug", check=False)
+    assert r.returncode == 2 and "--overwrite" in r.stderr and mine.read_bytes() == b"user data"
+    _convert(trained_model, plain_ckpt, mine, "nnUNetTrainerBiCLIP_debug", "--overwrite")
+    assert "network_weights" in torch.load(mine, map_location="cpu", weights_only=False)
