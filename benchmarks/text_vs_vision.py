@@ -43,7 +43,7 @@ Conditions
 Control row
   --control (on in the cpu/full presets) also generates the same demo dataset in control mode (dataset
   --demo_id + 1: same seed -> same images and masks, but every case carries another case's report) and
-  trains the first text trainer on it at 100 % of the labels; its clean test Dice is the row
+  trains every text trainer on it at 100 % of the labels; its clean test Dice is the row
   "<trainer> (control reports)". If text helps, that row falls to (or below) the plain baseline.
 
 Report variants
@@ -68,19 +68,19 @@ Resume
 Presets (every value can be overridden by the flags)
   smoke  tests: 8 train / 4 test cases, 64 px, nnUNetTrainer_debug vs nnUNetTrainerBiCLIP_debug, 100 %,
          clean + motion, no control (~2-4 min on 2 CPU cores; a re-run resumes in seconds).
-  cpu    64 px, 60 train / 30 test, nnUNetTrainer_demo vs nnUNetTrainerBiCLIP_demo, fractions 5 25 100, clean
-         lowdose motion, control on, report variants on. 7 trainings of 30 x 25 iterations (2 trainers x 3
-         fractions + control); on 2 CPU cores a plain one takes ~3-5 min and a BiCLIP one ~7-9 min (~17 s per
-         epoch: text encoder, pseudo-image generator, second augmented view), plus 19 predictions + evaluations
-         (~20-30 s each) and 5 report-variant predictions with uncertainty maps (~3-5 min): roughly 50-65 min.
-         nnUNetTrainerBiCLIP_noText_demo costs as much as BiCLIP (3 more trainings, 9 more predictions: ~+30
-         min) and would push the run well past an hour, so it is not in the preset; add it with --trainers
-         when you have the time (it answers "is it the report or the extra network?").
+  cpu    64 px, 60 train / 30 test, nnUNetTrainer_demo vs nnUNetTrainerBiCLIP_demo vs
+         nnUNetTrainerMedCLIPSeg_demo, fractions 5 25 100, clean lowdose motion, control on (both text trainers),
+         report variants on. 11 trainings of 30 x 25 iterations (3 trainers x 3 fractions + 2 controls); on 2 CPU
+         cores a plain one takes ~3-5 min, a BiCLIP one ~7-9 min (text encoder, pseudo-image generator, second
+         augmented view) and a MedCLIPSeg one ~5-9 min, plus 29 predictions + evaluations (~20-30 s each) and
+         10 report-variant predictions with uncertainty maps (MedCLIPSeg's with 8 Monte-Carlo samples):
+         roughly 100-120 min. The _noText ablations (same network, no report) are not in the preset; add them
+         with --trainers when you have the time (they answer "is it the report or the extra network?").
   full   GPU (-device cuda): 128 px, 400 train / 100 test, nnUNetTrainer, nnUNetTrainerBiCLIP and its
-         ablations _noIAC _noCycle _unidirectional _noText, fractions 1 5 10 25 100, control on, report
-         variants on (5 predictions per text trainer). These are nnU-Net's full 1000-epoch schedules:
-         6 x 5 + 1 = 31 trainings, i.e. days on one GPU; shorten with e.g. --trainers nnUNetTrainer_100epochs
-         nnUNetTrainerBiCLIP_100epochs ...
+         ablations _noIAC _noCycle _unidirectional _noText, nnUNetTrainerMedCLIPSeg and its _noProb and _noText
+         ablations, fractions 1 5 10 25 100, control on, report variants on (5 predictions per text trainer).
+         These are nnU-Net's full 1000-epoch schedules: 9 x 5 + 8 = 53 trainings, i.e. days on one GPU;
+         shorten with e.g. --trainers nnUNetTrainer_100epochs nnUNetTrainerBiCLIP_100epochs ...
 """
 from __future__ import annotations
 
@@ -121,12 +121,14 @@ PRESETS: dict[str, dict] = {
     "smoke": dict(trainers=["nnUNetTrainer_debug", "nnUNetTrainerBiCLIP_debug"], fractions=["100"],
                   conditions=["clean", "motion"], n_train=8, n_test=4, size=64, device="cpu", seed=0,
                   control=False, report_variants=False),
-    "cpu": dict(trainers=["nnUNetTrainer_demo", "nnUNetTrainerBiCLIP_demo"], fractions=["5", "25", "100"],
+    "cpu": dict(trainers=["nnUNetTrainer_demo", "nnUNetTrainerBiCLIP_demo", "nnUNetTrainerMedCLIPSeg_demo"],
+                fractions=["5", "25", "100"],
                 conditions=["clean", "lowdose", "motion"], n_train=60, n_test=30, size=64, device="cpu", seed=0,
                 control=True, report_variants=True),
     "full": dict(trainers=["nnUNetTrainer", "nnUNetTrainerBiCLIP", "nnUNetTrainerBiCLIP_noIAC",
                            "nnUNetTrainerBiCLIP_noCycle", "nnUNetTrainerBiCLIP_unidirectional",
-                           "nnUNetTrainerBiCLIP_noText"],
+                           "nnUNetTrainerBiCLIP_noText", "nnUNetTrainerMedCLIPSeg", "nnUNetTrainerMedCLIPSeg_noProb",
+                           "nnUNetTrainerMedCLIPSeg_noText"],
                  fractions=["1%", "5%", "10%", "25%", "100%"], conditions=["clean", "lowdose", "motion"],
                  n_train=400, n_test=100, size=128, device="cuda", seed=0, control=True, report_variants=True),
 }
@@ -661,10 +663,17 @@ def _fmt(x, signed: bool = False) -> str:
     return f"{x:+.4f}" if signed else f"{x:.4f}"
 
 
+def control_labels(settings: dict) -> list[str]:
+    """Table labels of the control rows (results.json of earlier versions had one "control_label")."""
+    if settings.get("control_labels") is not None:
+        return list(settings["control_labels"])
+    return [settings["control_label"]] if settings.get("control_label") else []
+
+
 def rows_for_report(data: dict) -> tuple[list[dict], str | None]:
     s = data["settings"]
     baseline = s.get("baseline")
-    labels = list(s["trainers"]) + ([s["control_label"]] if s.get("control_label") else [])
+    labels = list(s["trainers"]) + control_labels(s)
     fractions = sorted({m["fraction"] for m in data["fraction_folds"].values()})
     conditions = [c["name"] for c in s["conditions"]]
     wanted = [e for e in data["entries"] if e["label"] in labels and e["fraction"] in fractions
@@ -769,7 +778,7 @@ def plot(data: dict, path: Path) -> None:
 
     s = data["settings"]
     rows, _ = rows_for_report(data)
-    labels = list(s["trainers"]) + ([s["control_label"]] if s.get("control_label") else [])
+    labels = list(s["trainers"]) + control_labels(s)
     labels = [l for l in labels if any(r["label"] == l for r in rows)] or labels
     fractions = sorted({m["fraction"] for m in data["fraction_folds"].values()})
     conditions = [c["name"] for c in s["conditions"]]
@@ -846,7 +855,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--conditions", nargs="+", default=None,
                    help="clean, lowdose (DL3), motion (K7), gaussian (0.1) or kind:level, e.g. lowdose:DL4")
     p.add_argument("--control", action=argparse.BooleanOptionalAction, default=None,
-                   help="also train the first text trainer on control reports (demo data only)")
+                   help="also train every text trainer on control reports (demo data only)")
     p.add_argument("--report_variants", action=argparse.BooleanOptionalAction, default=None,
                    help="also predict the clean test set of each text trainer at 100 %% with every report variant "
                         "(original, contradictory, missing_location, overdescriptive, underdescriptive) and "
@@ -917,16 +926,16 @@ def main(argv: list[str] | None = None) -> int:
         raise BenchmarkError(f"{out} holds results for other data settings ({state.data['data_settings']}, now "
                              f"{data_settings}); use another --out, or --fresh to start over there.")
     text_trainers = [t for t in cfg.trainers if is_text_trainer(t)]
-    control_trainer = text_trainers[0] if cfg.control and text_trainers else None
-    if cfg.control and control_trainer is None:
+    control_trainers = text_trainers if cfg.control else []
+    if cfg.control and not control_trainers:
         print("Note: --control needs a text trainer (BiCLIP/MedCLIPSeg) in --trainers; no control row.", flush=True)
     state.data.update({
         "benchmark": "text_vs_vision", "commit": git_commit(), "machine": machine_info(cfg.device),
         "data_settings": data_settings,
         "settings": {"preset": cfg.preset, "dataset": cfg.dataset, "demo_id": cfg.demo_id, "trainers": cfg.trainers,
                      "baseline": cfg.baseline, "fractions": cfg.fraction_values, "conditions": cfg.condition_specs,
-                     "control": bool(control_trainer),
-                     "control_label": control_trainer + CONTROL_SUFFIX if control_trainer else None,
+                     "control": bool(control_trainers),
+                     "control_labels": [t + CONTROL_SUFFIX for t in control_trainers],
                      "report_variants": bool(cfg.report_variants and text_trainers),
                      "variant_reports": ({k: str(v) for k, v in cfg.variant_tables.items()}
                                          if cfg.variant_tables else None),
@@ -983,18 +992,19 @@ def main(argv: list[str] | None = None) -> int:
     elif cfg.report_variants:
         print("Note: --report_variants needs a text trainer (BiCLIP/MedCLIPSeg) in --trainers.", flush=True)
 
-    if control_trainer:
+    if control_trainers:
         control_id = cfg.demo_id + 1
         control_raw = runner.prepare_demo(control_id, control=True)
         control_map = runner.write_splits(control_id, [1.0], ours=True)
         split = control_map[fraction_key(1.0)]
         state.data["dataset"]["control"] = {"id": control_id, "name": control_raw.name, "fold": split["fold"]}
         state.save()
-        runner.train(control_id, control_trainer, split)
         clean = {"name": "clean", "kind": None, "level": None}
         images, reports = runner.condition_folder(control_raw, clean, True)
-        runner.predict_and_evaluate(control_id, control_raw, control_trainer, control_trainer + CONTROL_SUFFIX,
-                                    split, clean, images, reports)
+        for control_trainer in control_trainers:
+            runner.train(control_id, control_trainer, split)
+            runner.predict_and_evaluate(control_id, control_raw, control_trainer, control_trainer + CONTROL_SUFFIX,
+                                        split, clean, images, reports)
         if fraction_key(1.0) not in mapping:  # the control's fraction must appear in the table
             state.data["fraction_folds"][fraction_key(1.0)] = {**split, "fold": None, "note": "control only"}
 
