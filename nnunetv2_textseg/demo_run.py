@@ -1,8 +1,10 @@
 """The README's main job, end to end with the real commands: make a demo dataset with reports, plan and
-preprocess, encode the reports, train a short BiCLIP model and a short plain nnU-Net, predict the test
-set (BiCLIP with each case's report), evaluate both with nnUNetv2_evaluate_folder, print the scores.
+preprocess, encode the reports, train short MedCLIPSeg and BiCLIP models and a short plain nnU-Net, predict
+the test set (the text models with each case's report and uncertainty maps: MedCLIPSeg with Monte-Carlo
+samples, BiCLIP with its pseudo-images), evaluate all with nnUNetv2_evaluate_folder, print the scores.
 
-    nnUNetv2_textseg_demo [--root demo_work] [--trainer nnUNetTrainerBiCLIP_demo] [--baseline nnUNetTrainer_demo]
+    nnUNetv2_textseg_demo [--root demo_work] [--trainers nnUNetTrainerMedCLIPSeg_demo nnUNetTrainerBiCLIP_demo]
+        [--baseline nnUNetTrainer_demo] [--mc_samples 8]
 """
 from __future__ import annotations
 
@@ -44,7 +46,9 @@ def main(argv=None) -> None:
     p.add_argument("--n_test", type=int, default=30)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--trainer", default="nnUNetTrainerBiCLIP_demo")
+    p.add_argument("--trainers", nargs="+", default=["nnUNetTrainerMedCLIPSeg_demo", "nnUNetTrainerBiCLIP_demo"],
+                   help="text trainers (default: %(default)s)")
+    p.add_argument("--mc_samples", type=int, default=8, help="Monte-Carlo samples for MedCLIPSeg trainers")
     p.add_argument("--baseline", default="nnUNetTrainer_demo")
     p.add_argument("--device", default="cpu")
     a = p.parse_args(argv)
@@ -77,7 +81,7 @@ def main(argv=None) -> None:
         logs / "plan_and_preprocess.log")
     run(["nnUNetv2_textseg_encode", "-d", d], env, logs / "encode.log")
     scores = {}
-    for trainer in (a.trainer, a.baseline):
+    for trainer in [*a.trainers, a.baseline]:
         run(["nnUNetv2_train", d, "2d", "0", "-tr", trainer, "-device", a.device], env, logs / f"train_{trainer}.log")
         out = root / "predictions" / trainer
         if out.exists():
@@ -85,20 +89,25 @@ def main(argv=None) -> None:
         text = "BiCLIP" in trainer or "MedCLIPSeg" in trainer
         cmd = ["nnUNetv2_textseg_predict" if text else "nnUNetv2_predict", "-i", str(ds / "imagesTs"), "-o", str(out),
                "-d", d, "-c", "2d", "-f", "0", "-tr", trainer, "-device", a.device]
-        if text:
+        if "MedCLIPSeg" in trainer:
+            cmd += ["-reports", str(ds / "reportsTs.csv"), "--save_uncertainty"] + (
+                ["--mc_samples", str(a.mc_samples)] if a.mc_samples > 1 else [])
+        elif text:
             cmd += ["-reports", str(ds / "reportsTs.csv"), "--save_uncertainty", "--save_pseudo_images"]
         run(cmd, env, logs / f"predict_{trainer}.log")
         scores[trainer] = evaluate(ds / "labelsTs", out, env, logs, trainer)
 
     print("\nTest-set scores (nnUNetv2_evaluate_folder, foreground mean over "
           f"{a.n_test} cases, fold 0, {a.device}):")
-    print(f"| {'trainer':32s} | Dice   | IoU    |")
-    print(f"|{'-' * 34}|--------|--------|")
+    width = max(32, *(len(t) for t in scores))
+    print(f"| {'trainer':{width}s} | Dice   | IoU    | Δ Dice |")
+    print(f"|{'-' * (width + 2)}|--------|--------|--------|")
+    base = scores[a.baseline]["Dice"]
     for trainer, s in scores.items():
-        print(f"| {trainer:32s} | {s['Dice']:.4f} | {s['IoU']:.4f} |")
-    diff = scores[a.trainer]["Dice"] - scores[a.baseline]["Dice"]
-    print(f"\nDice difference (text - no text): {diff:+.4f}. Uncertainty maps and pseudo-images: "
-          f"{root / 'predictions' / a.trainer}/uncertainty, .../pseudo_images")
+        diff = "–" if trainer == a.baseline else f"{s['Dice'] - base:+.4f}"
+        print(f"| {trainer:{width}s} | {s['Dice']:.4f} | {s['IoU']:.4f} | {diff:>6s} |")
+    print(f"\nΔ Dice: text trainer minus {a.baseline}. Uncertainty maps (.nii.gz + .png overlays): "
+          f"{root / 'predictions'}/<trainer>/uncertainty; BiCLIP's pseudo-images: .../pseudo_images")
     (root / "demo_scores.json").write_text(json.dumps(scores, indent=2))
 
 
