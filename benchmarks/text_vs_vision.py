@@ -794,8 +794,11 @@ def plot(data: dict, path: Path) -> None:
                 if r is not None and r["dice"] is not None and not math.isnan(r["dice"]):
                     xs.append(i - 0.4 + width * (j + 0.5))
                     ys.append(r["dice"])
-            bars = ax.bar(xs, ys, width, color=colours(j % 10), label=label,
-                          hatch="//" if label.endswith(CONTROL_SUFFIX) else None)
+            control = label.endswith(CONTROL_SUFFIX)
+            # a control row takes its trainer's colour, hatched and pale, so the pair reads at a glance
+            k = labels.index(label[:-len(CONTROL_SUFFIX)]) if control and label[:-len(CONTROL_SUFFIX)] in labels else j
+            bars = ax.bar(xs, ys, width, color=colours(k % 10), alpha=0.55 if control else 1.0, label=label,
+                          hatch="//" if control else None, edgecolor="black" if control else None)
             for b, y in zip(bars, ys):
                 ax.text(b.get_x() + b.get_width() / 2, y + 0.01, f"{y:.2f}", ha="center", va="bottom", fontsize=7)
         ax.set_xticks(range(len(fractions)), [fraction_label(f) for f in fractions])
