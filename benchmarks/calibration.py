@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))  # one definition of which trainers
 
 
 def main(argv: list[str] | None = None) -> int:
-    from text_vs_vision import DEFAULT_OUT, is_text_trainer
+    from text_vs_vision import DEFAULT_OUT, is_text_trainer, samples_at_inference
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -40,9 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     if not full or full.get("fold") is None:
         sys.exit(f"{results} has no 100 % model (fraction 100 was not trained).")
     work = a.out / "work"
-    env = dict(os.environ, nnUNet_raw=str(work / "nnUNet_raw"), nnUNet_preprocessed=str(work / "nnUNet_preprocessed"),
-               nnUNet_results=str(work / "nnUNet_results"), nnUNet_extTrainer=str(REPO / "trainers"),
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env = dict(os.environ, nnUNet_extTrainer=str(REPO / "trainers"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    if data["settings"].get("dataset") is None:  # the generated demo data live in OUT/work; --dataset used yours
+        env.update(nnUNet_raw=str(work / "nnUNet_raw"), nnUNet_preprocessed=str(work / "nnUNet_preprocessed"),
+                   nnUNet_results=str(work / "nnUNet_results"))
     env.setdefault("nnUNet_n_proc_DA", "1")
     bin_dir = Path(sys.executable).parent
     dataset_id, raw = data["dataset"]["id"], Path(data["dataset"]["raw"])
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     for trainer in data["settings"]["trainers"]:
         runs.append((trainer, trainer, 0))
-        if "MedCLIPSeg" in trainer and a.mc > 1:
+        if samples_at_inference(trainer) and a.mc > 1:
             runs.append((f"{trainer}, --mc_samples {a.mc}", trainer, a.mc))
     rows = []
     for label, trainer, mc in runs:

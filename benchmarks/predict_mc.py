@@ -28,6 +28,8 @@ def main() -> None:
     p.add_argument("--plain", default="nnUNetTrainer_demo")
     p.add_argument("--mc_batch_size", type=int, default=8)
     a = p.parse_args()
+    if a.mc < 2 or a.mc_batch_size < 1:
+        p.error("--mc must be >= 2 and --mc_batch_size >= 1")
     for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         os.environ[var] = str(Path(a.root) / var)
     os.environ.update(nnUNet_extTrainer=str(REPO / "trainers"), HF_HUB_OFFLINE="1")

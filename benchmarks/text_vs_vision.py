@@ -51,7 +51,7 @@ Report variants
   at 100 % of the labels reacts to the quality of the report: the clean test images are predicted once per
   variant kind of nnunetv2_textseg.report_variants (original, contradictory, missing_location,
   overdescriptive, underdescriptive; tables OUT/work/report_variants/<dataset>/reports_<kind>.csv made from
-  the test reports with --seed), with --save_uncertainty (and --mc_samples 8 for MedCLIPSeg trainers; these
+  the test reports with --seed), with --save_uncertainty (and --mc_samples 8 for sampling MedCLIPSeg trainers; these
   predictions use nnU-Net's multiprocess path, which writes the maps, with at least one worker). Dice by
   nnUNetv2_evaluate_folder; mean predictive entropy over all pixels of all cases and over the predicted
   foreground, from OUT/.../uncertainty/CASE_entropy.nii.gz. Stored under "report_variant_entries" in
@@ -141,6 +141,17 @@ class BenchmarkError(RuntimeError):
 # ---------------------------------------------------------------------------------------------------
 # small helpers
 # ---------------------------------------------------------------------------------------------------
+def samples_at_inference(trainer: str) -> bool:
+    """MedCLIPSeg trainers with probabilistic attention: Monte-Carlo samples differ (not for _noProb)."""
+    if "MedCLIPSeg" not in trainer:
+        return False
+    from nnunetv2_textseg.training.variants import text_trainer_class
+    try:
+        return not text_trainer_class(trainer).deterministic
+    except KeyError:  # a MedCLIPSeg-named trainer defined elsewhere: assume it samples
+        return True
+
+
 def is_text_trainer(trainer: str) -> bool:
     return "BiCLIP" in trainer or "MedCLIPSeg" in trainer
 
@@ -586,7 +597,7 @@ class Runner:
                                images: Path, reports: Path) -> None:
         """Clean test images with the ``kind`` variant of their reports: Dice + predictive entropy."""
         fold = split["fold"]
-        mc = VARIANT_MC_SAMPLES if "MedCLIPSeg" in trainer else 0
+        mc = VARIANT_MC_SAMPLES if samples_at_inference(trainer) else 0
         signature = {"split_sha256": split["split_sha256"], "variant": kind, "dataset_id": dataset_id,
                      "reports_sha256": hashlib.sha256(reports.read_bytes()).hexdigest(), "mc_samples": mc}
         old = self.state.variant_entry(trainer, kind)
@@ -971,6 +982,9 @@ def main(argv: list[str] | None = None) -> int:
     needs_reports = bool(text_trainers)
     folders = {c["name"]: runner.condition_folder(raw, c, needs_reports) for c in cfg.condition_specs}
 
+    if cfg.variant_tables:  # checked now, not after hours of training
+        runner.user_variant_tables(raw / "imagesTs", cfg.variant_tables)
+
     for fraction in cfg.fraction_values:
         split = mapping[fraction_key(fraction)]
         for trainer in cfg.trainers:
@@ -987,8 +1001,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             images, reports = folders["clean"] if "clean" in folders else runner.condition_folder(
                 raw, {"name": "clean", "kind": None, "level": None}, True)
-            tables = (runner.user_variant_tables(images, cfg.variant_tables) if cfg.variant_tables
-                      else runner.variant_tables(raw, reports))
+            tables = cfg.variant_tables or runner.variant_tables(raw, reports)
             for trainer in text_trainers:
                 for kind, table in tables.items():
                     runner.predict_report_variant(dataset_id, raw, trainer, full, kind, images, table)

@@ -81,7 +81,7 @@ def main(argv=None) -> None:
         logs / "plan_and_preprocess.log")
     run(["nnUNetv2_textseg_encode", "-d", d], env, logs / "encode.log")
     scores = {}
-    for trainer in [*a.trainers, a.baseline]:
+    for trainer in dict.fromkeys([*a.trainers, a.baseline]):  # each trained once
         run(["nnUNetv2_train", d, "2d", "0", "-tr", trainer, "-device", a.device], env, logs / f"train_{trainer}.log")
         out = root / "predictions" / trainer
         if out.exists():

@@ -214,9 +214,10 @@ class nnUNetTextPredictor(nnUNetPredictor):
         self._last_data = data
         # Monte-Carlo: the samples are computed as a batch per tile (mc_batch_size at a time), so N samples
         # cost ceil(N / mc_batch_size) sliding-window passes instead of N.
-        if self.mc_samples > 1 and not hasattr(net, "sample_at_inference"):
+        if self.mc_samples > 1 and (not hasattr(net, "sample_at_inference") or getattr(net, "deterministic", False)):
             raise TextPredictionError(f"--mc_samples needs a stochastic model (nnUNetTrainerMedCLIPSeg); "
-                                      f"{self.trainer_name} is deterministic: drop --mc_samples.")
+                                      f"{self.trainer_name} is deterministic (all samples would be equal): drop "
+                                      f"--mc_samples.")
         samples = self.mc_samples if self.mc_samples > 1 else 1
         try:
             members = UncertaintyAccumulator(class_dim=0) if self.save_uncertainty else None

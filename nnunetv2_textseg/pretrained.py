@@ -4,9 +4,10 @@ nnU-Net's ``load_pretrained_weights`` requires every parameter of the new networ
 with the same shape. A text network holds nnU-Net's planned U-Net under ``unet.`` plus text modules,
 and BiCLIP's U-Net takes one more input channel (the pseudo-image), so a plain checkpoint cannot be
 loaded as is. :func:`convert_plain_checkpoint` writes a file that can: the plain U-Net's weights under
-``unet.``, the extra input channels' weights set to zero (the converted network computes exactly what
-the plain one did, whatever the pseudo-image, and learns to use it during fine-tuning), and the text
-modules at their fresh initialisation (zero-initialised gates and FiLM stay zero).
+``unet.``, the extra input channel's weights set to zero (the converted U-Net's features are exactly the
+plain one's, whatever the pseudo-image, and it learns to use it during fine-tuning), and the text
+modules at their fresh initialisation (zero-initialised gates and FiLM stay zero). As for any
+``-pretrained_weights``, nnU-Net itself re-initialises the segmentation layers (``.seg_layers.``).
 """
 from __future__ import annotations
 
@@ -17,26 +18,11 @@ from pathlib import Path
 import torch
 
 from nnunetv2_textseg.training.text_trainer import PLANS_KEY, TextTrainingError, nnUNetTrainerText
+from nnunetv2_textseg.training.variants import text_trainer_class
 
 
 class PretrainedConversionError(TextTrainingError):
     """The plain checkpoint does not fit the text trainer's network; the message says why and what to do."""
-
-
-def text_trainer_class(name: str) -> type[nnUNetTrainerText]:
-    """One of our trainers by class name (every BiCLIP/MedCLIPSeg variant)."""
-    import nnunetv2_textseg.training.variants  # noqa: F401  (defines the variants: makes them subclasses)
-
-    found, todo = {}, [nnUNetTrainerText]
-    while todo:
-        cls = todo.pop()
-        found[cls.__name__] = cls
-        todo.extend(cls.__subclasses__())
-    if name not in found or found[name] is nnUNetTrainerText:
-        known = sorted(n for n in found if n != "nnUNetTrainerText")
-        raise PretrainedConversionError(f"{name!r} is not a text trainer of nnunetv2-textseg. Pick one of: "
-                                        f"{', '.join(known[:12])}, ...")
-    return found[name]
 
 
 def _text_in_dim(trainer: type[nnUNetTrainerText], preprocessed: Path) -> dict:
@@ -70,7 +56,10 @@ def convert_plain_checkpoint(plain_checkpoint: str | Path, trainer_name: str, da
     except Exception as e:  # not a torch file, or not an nnU-Net checkpoint
         raise PretrainedConversionError(f"{plain_checkpoint} is not an nnU-Net checkpoint ({type(e).__name__}: "
                                         f"{e}); give a model folder's fold_X/checkpoint_final.pth.") from None
-    trainer = text_trainer_class(trainer_name)
+    try:
+        trainer = text_trainer_class(trainer_name)
+    except KeyError as e:
+        raise PretrainedConversionError(e.args[0]) from None
     if any(k.startswith("unet.") for k in plain):
         raise PretrainedConversionError(
             f"{plain_checkpoint} was written by a text trainer ({ckpt.get('trainer_name', '?')}), not by plain "
@@ -91,9 +80,18 @@ def convert_plain_checkpoint(plain_checkpoint: str | Path, trainer_name: str, da
     plans.plans[PLANS_KEY] = _text_in_dim(trainer, pre)
     channels = determine_num_input_channels(plans, config, dataset_json)
     heads = plans.get_label_manager(dataset_json).num_segmentation_heads
-    torch.manual_seed(0)  # the text modules' initialisation, reproducibly
-    net = trainer.build_network_architecture(plans, config, channels, heads, True)
+    with torch.random.fork_rng():  # the text modules' initialisation, reproducibly, without touching the caller's RNG
+        torch.manual_seed(0)
+        net = trainer.build_network_architecture(plans, config, channels, heads, True)
     target = net.state_dict()
+    first, conv = next((n, m) for n, m in net.unet.named_modules() if isinstance(m, torch.nn.modules.conv._ConvNd))
+    unet_in = conv.in_channels  # image channels (+ 1 for BiCLIP's pseudo-image)
+    plain = {_strip_wrappers(k): v for k, v in plain.items()}
+    plain_in = plain.get(f"{first}.weight")
+    if plain_in is not None and plain_in.shape[1] != channels:
+        raise PretrainedConversionError(
+            f"{plain_checkpoint} takes {plain_in.shape[1]} input channel(s), dataset {dataset} has {channels}: "
+            f"convert a plain model trained on this dataset's plans.")
 
     out, mismatched = dict(target), []
     for key, value in plain.items():
@@ -104,11 +102,11 @@ def convert_plain_checkpoint(plain_checkpoint: str | Path, trainer_name: str, da
         want = target[name]
         if value.shape == want.shape:
             out[name] = value.to(want.dtype)
-        elif (value.ndim == want.ndim >= 2 and value.shape[0] == want.shape[0] and value.shape[2:] == want.shape[2:]
-              and value.shape[1] < want.shape[1]):
-            extra = torch.zeros_like(want)  # the added input channels (pseudo-image) start with no influence
-            extra[:, :value.shape[1]] = value.to(want.dtype)
-            out[name] = extra
+        elif (unet_in > channels and value.ndim == want.ndim >= 3 and value.shape[1] == channels
+              and want.shape[1] == unet_in and value.shape[0] == want.shape[0] and value.shape[2:] == want.shape[2:]):
+            padded = torch.zeros_like(want)  # an input conv: the added channel (pseudo-image) starts with no influence
+            padded[:, :channels] = value.to(want.dtype)
+            out[name] = padded
         elif ".seg_layers." in key:
             continue  # another label set: nnU-Net does not transfer segmentation layers anyway
         else:
@@ -124,6 +122,14 @@ def convert_plain_checkpoint(plain_checkpoint: str | Path, trainer_name: str, da
             "trainer_name": trainer_name, "plain_trainer_name": ckpt.get("trainer_name")}
 
 
+def _strip_wrappers(key: str) -> str:
+    """Parameter name without DDP's ``module.`` and torch.compile's ``_orig_mod.`` prefixes."""
+    for prefix in ("module.", "_orig_mod."):
+        while key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
 def write_converted(plain_checkpoint: str | Path, output: str | Path, trainer_name: str, dataset: str | int,
                     configuration: str = "2d", plans_identifier: str = "nnUNetPlans", overwrite: bool = False) -> Path:
     """Convert and save atomically; an existing output is only replaced with ``overwrite``."""
@@ -133,6 +139,9 @@ def write_converted(plain_checkpoint: str | Path, output: str | Path, trainer_na
     converted = convert_plain_checkpoint(plain_checkpoint, trainer_name, dataset, configuration, plans_identifier)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + f".tmp{os.getpid()}")
-    torch.save(converted, tmp)
-    os.replace(tmp, output)
+    try:
+        torch.save(converted, tmp)
+        os.replace(tmp, output)
+    finally:
+        tmp.unlink(missing_ok=True)
     return output

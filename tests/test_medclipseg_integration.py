@@ -105,3 +105,13 @@ def test_batched_samples_of_the_mean_path_equal_nnunets_pass(trained_model, medc
     assert stacked.shape == (3, *plain.shape)
     for s in stacked:
         assert torch.allclose(s.float(), plain, atol=1e-2)
+
+
+def test_mc_samples_refused_for_deterministic_attention(trained_model, medclipseg_model, monkeypatch):
+    """_noProb (plain attention): every sample would be the same, so --mc_samples is an error, not MI = 0."""
+    from nnunetv2_textseg.predictor import TextPredictionError
+    p = _mc_predictor(trained_model, medclipseg_model, monkeypatch, mc_samples=3)
+    p.network.deterministic = True  # what nnUNetTrainerMedCLIPSeg_noProb builds
+    p._current_case = "a"
+    with pytest.raises(TextPredictionError, match="deterministic"):
+        p.predict_logits_from_preprocessed_data(torch.randn(1, 1, 64, 64))

@@ -102,3 +102,25 @@ def test_conversion_refuses_text_checkpoints_other_trainers_and_overwriting(trai
     assert r.returncode == 2 and "--overwrite" in r.stderr and mine.read_bytes() == b"user data"
     _convert(trained_model, plain_ckpt, mine, "nnUNetTrainerBiCLIP_debug", "--overwrite")
     assert "network_weights" in torch.load(mine, map_location="cpu", weights_only=False)
+
+
+def test_conversion_strips_wrapper_prefixes_and_refuses_other_input_channels(trained_model, plain_model, tmp_path):
+    plain_ckpt, _ = plain_model
+    ckpt = torch.load(plain_ckpt, map_location="cpu", weights_only=False)
+    weights = ckpt["network_weights"]
+    ckpt["network_weights"] = {"module._orig_mod." + k: v for k, v in weights.items()}  # DDP + torch.compile names
+    wrapped = tmp_path / "wrapped.pth"
+    torch.save(ckpt, wrapped)
+    _convert(trained_model, wrapped, tmp_path / "a.pth", "nnUNetTrainerBiCLIP_debug")
+    a = torch.load(tmp_path / "a.pth", map_location="cpu", weights_only=False)["network_weights"]
+    key = "decoder.stages.0.convs.0.conv.weight"
+    torch.testing.assert_close(a["unet." + key], weights[key])
+    # a plain model of a 2-channel dataset must not be padded into this 1-channel one
+    first = [k for k, v in weights.items() if v.ndim == 4 and v.shape[1] == 1]
+    ckpt["network_weights"] = {k: (torch.cat([v, v], 1) if k in first else v) for k, v in weights.items()}
+    two = tmp_path / "two_channels.pth"
+    torch.save(ckpt, two)
+    for trainer in ("nnUNetTrainerBiCLIP_debug", "nnUNetTrainerMedCLIPSeg_debug"):
+        r = _convert(trained_model, two, tmp_path / f"{trainer}.pth", trainer, check=False)
+        assert r.returncode == 2 and "takes 2 input channel(s)" in r.stderr and "has 1" in r.stderr, r.stderr
+        assert not (tmp_path / f"{trainer}.pth").exists()

@@ -44,7 +44,8 @@ def _install_clean_error_hook() -> None:
             previous(exc_type, exc, tb)
         elif issubclass(exc_type, (TextTrainingError, ReportError, CacheError, EncoderError, DatasetConfigError)):
             print(f"ERROR: {exc}", file=sys.stderr)
-        elif issubclass(exc_type, AssertionError) and _raised_in(tb, "load_pretrained_weights"):
+        elif (issubclass(exc_type, AssertionError) and _raised_in(tb, "load_pretrained_weights")
+              and _plain_weights_for_text_trainer(sys.argv)):
             print(f"ERROR: -pretrained_weights does not fit this text trainer's network ({exc}).\n"
                   f"A plain nnU-Net model has no text modules (and BiCLIP's U-Net takes one more input channel). "
                   f"Convert its checkpoint first, then pass the converted file:\n  {_convert_hint(sys.argv)}",
@@ -64,10 +65,29 @@ def _raised_in(tb, function: str) -> bool:
     return False
 
 
+def _argv_option(argv: list[str], name: str, default: str | None = None) -> str | None:
+    return argv[argv.index(name) + 1] if name in argv[:-1] else default
+
+
+def _plain_weights_for_text_trainer(argv: list[str]) -> bool:
+    """nnUNetv2_train -tr <one of our trainers> -pretrained_weights <a checkpoint without our unet.* names>."""
+    from nnunetv2_textseg.pretrained import _strip_wrappers
+    from nnunetv2_textseg.training.variants import text_trainer_class
+    trainer, path = _argv_option(argv, "-tr"), _argv_option(argv, "-pretrained_weights")
+    if not trainer or not path:
+        return False
+    try:
+        text_trainer_class(trainer)
+        weights = torch.load(path, map_location="cpu", weights_only=False)["network_weights"]
+    except Exception:  # not ours, or not a readable checkpoint: nnU-Net's own message stands
+        return False
+    return not any(_strip_wrappers(k).startswith("unet.") for k in weights)
+
+
 def _convert_hint(argv: list[str]) -> str:
     """The conversion command for this nnUNetv2_train command line (placeholders where it lacks a value)."""
     def opt(name: str, default: str) -> str:
-        return argv[argv.index(name) + 1] if name in argv[:-1] else default
+        return _argv_option(argv, name, default)
     positional = [a for i, a in enumerate(argv[1:], 1) if not a.startswith("-") and not argv[i - 1].startswith("-")]
     dataset = positional[0] if positional else "DATASET"
     return (f"nnUNetv2_textseg_convert_pretrained -i {opt('-pretrained_weights', 'PLAIN.pth')} -d {dataset} "

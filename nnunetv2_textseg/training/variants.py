@@ -9,6 +9,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunetv2_textseg.training.biclip import nnUNetTrainerBiCLIP
 from nnunetv2_textseg.training.medclipseg import nnUNetTrainerMedCLIPSeg
+from nnunetv2_textseg.training.text_trainer import nnUNetTrainerText
 
 
 # ---- ablations -----------------------------------------------------------------------------------
@@ -48,8 +49,8 @@ class nnUNetTrainerBiCLIP_paper(nnUNetTrainerBiCLIP):
         self.num_epochs = 150
 
     def _set_batch_size_and_oversample(self):
-        # 16 is the global batch: set it where nnU-Net reads it, so that under DDP its own logic splits the
-        # batch (and the foreground oversampling) over the ranks. The trainer's plans.json records it.
+        # 16 is the global batch: set it where nnU-Net reads it (this trainer's own resolved configuration),
+        # so that under DDP its own logic splits the batch (and the foreground oversampling) over the ranks.
         self.configuration_manager.configuration["batch_size"] = 16
         super()._set_batch_size_and_oversample()
 
@@ -112,3 +113,16 @@ del _base, _suffix, _e, _it, _vit, _cls
 
 __all__ = ["nnUNetTrainerBiCLIP", "nnUNetTrainerMedCLIPSeg"] + [
     n for n, v in list(globals().items()) if isinstance(v, type) and n.startswith("nnUNetTrainer") and n != "nnUNetTrainer"]
+
+
+def text_trainer_class(name: str) -> type[nnUNetTrainerText]:
+    """One of our text trainers (BiCLIP/MedCLIPSeg and every variant above) by class name; KeyError if none."""
+    found, todo = {}, [nnUNetTrainerText]
+    while todo:
+        cls = todo.pop()
+        found[cls.__name__] = cls
+        todo.extend(cls.__subclasses__())
+    if name not in found or found[name] is nnUNetTrainerText:
+        known = sorted(n for n in found if n != "nnUNetTrainerText")
+        raise KeyError(f"{name!r} is not a text trainer of nnunetv2-textseg. Pick one of: {', '.join(known[:12])}, ...")
+    return found[name]
