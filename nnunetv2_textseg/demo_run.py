@@ -100,12 +100,12 @@ def main(argv=None) -> None:
     print("\nTest-set scores (nnUNetv2_evaluate_folder, foreground mean over "
           f"{a.n_test} cases, fold 0, {a.device}):")
     width = max(32, *(len(t) for t in scores))
-    print(f"| {'trainer':{width}s} | Dice   | IoU    | Δ Dice |")
-    print(f"|{'-' * (width + 2)}|--------|--------|--------|")
+    print(f"| {'trainer':{width}s} | Dice   | IoU    | Δ Dice  |")
+    print(f"|{'-' * (width + 2)}|--------|--------|---------|")
     base = scores[a.baseline]["Dice"]
     for trainer, s in scores.items():
         diff = "–" if trainer == a.baseline else f"{s['Dice'] - base:+.4f}"
-        print(f"| {trainer:{width}s} | {s['Dice']:.4f} | {s['IoU']:.4f} | {diff:>6s} |")
+        print(f"| {trainer:{width}s} | {s['Dice']:.4f} | {s['IoU']:.4f} | {diff:>7s} |")
     print(f"\nΔ Dice: text trainer minus {a.baseline}. Uncertainty maps (.nii.gz + .png overlays): "
           f"{root / 'predictions'}/<trainer>/uncertainty; BiCLIP's pseudo-images: .../pseudo_images")
     (root / "demo_scores.json").write_text(json.dumps(scores, indent=2))
