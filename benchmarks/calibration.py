@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))  # one definition of which trainers
 
 def main(argv: list[str] | None = None) -> int:
     from text_vs_vision import DEFAULT_OUT, is_text_trainer, samples_at_inference
+
+    from nnunetv2_textseg.demo_run import evaluate, run  # one way to run a logged command and read its Dice
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -45,16 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         env.update(nnUNet_raw=str(work / "nnUNet_raw"), nnUNet_preprocessed=str(work / "nnUNet_preprocessed"),
                    nnUNet_results=str(work / "nnUNet_results"))
     env.setdefault("nnUNet_n_proc_DA", "1")
-    bin_dir = Path(sys.executable).parent
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # this venv's commands
     dataset_id, raw = data["dataset"]["id"], Path(data["dataset"]["raw"])
     fold = str(full["fold"])
-
-    def call(cmd: list[str], log: Path) -> None:
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "w") as f:
-            r = subprocess.run([str(bin_dir / cmd[0])] + cmd[1:], env=env, stdout=f, stderr=subprocess.STDOUT)
-        if r.returncode:
-            sys.exit(f"{' '.join(cmd)} failed; see {log}")
+    logs = work / "calibration" / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
 
     runs = []
     for trainer in data["settings"]["trainers"]:
@@ -73,14 +69,12 @@ def main(argv: list[str] | None = None) -> int:
         if text:
             cmd += ["-reports", str(raw / "reportsTs.csv"), "--save_uncertainty"] + (["--mc_samples", str(mc)] if mc else [])
         t = time.time()
-        call(cmd, pred.parent / "logs" / f"predict_{pred.name}.log")
+        run(cmd, env, logs / f"predict_{pred.name}.log")
         seconds = time.time() - t
-        call(["nnUNetv2_evaluate_folder", str(raw / "labelsTs"), str(pred), "-djfile", str(pred / "dataset.json"),
-              "-pfile", str(pred / "plans.json")], pred.parent / "logs" / f"evaluate_{pred.name}.log")
-        call(["nnUNetv2_textseg_calibration", "-ref", str(raw / "labelsTs"), "-pred", str(pred)],
-             pred.parent / "logs" / f"calibration_{pred.name}.log")
+        dice = evaluate(raw / "labelsTs", pred, env, logs, pred.name)["Dice"]
+        run(["nnUNetv2_textseg_calibration", "-ref", str(raw / "labelsTs"), "-pred", str(pred)], env,
+            logs / f"calibration_{pred.name}.log")
         cal = json.loads((pred / "calibration.json").read_text())
-        dice = json.loads((pred / "summary.json").read_text())["foreground_mean"]["Dice"]
         rows.append({"row": label, "trainer": trainer, "mc_samples": mc, "dice": dice, "seconds": round(seconds, 1),
                      **{k: cal[k] for k in ("ece", "error_retrieval_auc", "best_possible_auc", "error_rate",
                                             "mean_uncertainty", "n_cases")}})

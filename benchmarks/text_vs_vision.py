@@ -574,13 +574,14 @@ class Runner:
             self.state.step(step, "ran", time.time() - t)
         return paths
 
-    def user_variant_tables(self, images: Path, tables: dict[str, Path]) -> dict[str, Path]:
+    def user_variant_tables(self, raw: Path, tables: dict[str, Path]) -> dict[str, Path]:
         """--variant_reports tables, checked before any prediction: readable, and a report for every test case."""
-        from nnunetv2_textseg.cli import input_case_ids
-        from nnunetv2_textseg.reports import ReportError, read_report_table
-        file_ending = json.loads((images.parent / "dataset.json").read_text())["file_ending"] \
-            if (images.parent / "dataset.json").is_file() else ".png"
-        cases = input_case_ids(str(images), file_ending)
+        from nnunetv2_textseg.reports import ReportError, dataset_case_ids, read_report_table
+        images = raw / "imagesTs"
+        try:
+            cases = dataset_case_ids(raw, "Ts")
+        except ReportError as err:
+            raise BenchmarkError(f"--variant_reports: the test set cannot be listed: {err}") from None
         for kind, path in tables.items():
             try:
                 known = read_report_table(path).reports
@@ -983,7 +984,7 @@ def main(argv: list[str] | None = None) -> int:
     folders = {c["name"]: runner.condition_folder(raw, c, needs_reports) for c in cfg.condition_specs}
 
     if cfg.variant_tables:  # checked now, not after hours of training
-        runner.user_variant_tables(raw / "imagesTs", cfg.variant_tables)
+        runner.user_variant_tables(raw, cfg.variant_tables)
 
     for fraction in cfg.fraction_values:
         split = mapping[fraction_key(fraction)]

@@ -110,10 +110,11 @@ def test_variant_reports_are_checked_before_anything_runs(tmp_path):
                          ([f"original={table}", f"original={table}"], "twice")]:
         with pytest.raises(tvv.BenchmarkError, match=message):
             tvv.parse_variant_reports(bad)
-    images = tmp_path / "imagesTs"
-    images.mkdir()
+    raw = tmp_path / "Dataset001_X"
+    (raw / "imagesTs").mkdir(parents=True)
+    (raw / "dataset.json").write_text(json.dumps({"file_ending": ".png"}))
     for case in ("a", "b", "c"):
-        (images / f"{case}_0000.png").write_bytes(b"")
+        (raw / "imagesTs" / f"{case}_0000.png").write_bytes(b"")
     runner = object.__new__(tvv.Runner)
     with pytest.raises(tvv.BenchmarkError, match=r"no report for 1 of the 3 test case\(s\).*\['c'\]"):
-        runner.user_variant_tables(images, {"original": table})
+        runner.user_variant_tables(raw, {"original": table})

@@ -115,3 +115,14 @@ def test_mc_samples_refused_for_deterministic_attention(trained_model, medclipse
     p._current_case = "a"
     with pytest.raises(TextPredictionError, match="deterministic"):
         p.predict_logits_from_preprocessed_data(torch.randn(1, 1, 64, 64))
+
+
+def test_bad_mc_arguments_are_clear_errors(trained_model, medclipseg_model, tmp_path):
+    from nnunetv2_textseg.predictor import nnUNetTextPredictor
+    for flags in (["--mc_samples", "4", "--mc_batch_size", "0"], ["--mc_samples", "-1"]):
+        r = run([str(BIN / "nnUNetv2_textseg_predict"), "-i", str(trained_model.raw / "imagesTs"), "-o",
+                 str(tmp_path / "p"), "-d", str(DATASET_ID), "-c", "2d", "-f", "0", "-tr", TRAINER, "-device", "cpu",
+                 *flags], trained_model.env, check=False)
+        assert r.returncode == 2 and "--mc_batch_size >= 1" in r.stderr and "Traceback" not in r.stderr
+    with pytest.raises(ValueError, match="mc_batch_size"):
+        nnUNetTextPredictor(mc_batch_size=0)

@@ -124,3 +124,18 @@ def test_conversion_strips_wrapper_prefixes_and_refuses_other_input_channels(tra
         r = _convert(trained_model, two, tmp_path / f"{trainer}.pth", trainer, check=False)
         assert r.returncode == 2 and "takes 2 input channel(s)" in r.stderr and "has 1" in r.stderr, r.stderr
         assert not (tmp_path / f"{trainer}.pth").exists()
+
+
+def test_conversion_refuses_unreadable_files_and_other_configurations(trained_model, plain_model, tmp_path):
+    plain_ckpt, _ = plain_model
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    r = _convert(trained_model, junk, tmp_path / "a.pth", "nnUNetTrainerBiCLIP_debug", check=False)
+    assert r.returncode == 2 and "is not an nnU-Net checkpoint" in r.stderr and "Traceback" not in r.stderr
+    ckpt = torch.load(plain_ckpt, map_location="cpu", weights_only=False)
+    ckpt["init_args"]["configuration"] = "3d_fullres"
+    other = tmp_path / "3d.pth"
+    torch.save(ckpt, other)
+    r = _convert(trained_model, other, tmp_path / "b.pth", "nnUNetTrainerBiCLIP_debug", check=False)
+    assert r.returncode == 2 and "'3d_fullres' model" in r.stderr and "same configuration" in r.stderr
+    assert not (tmp_path / "a.pth").exists() and not (tmp_path / "b.pth").exists()

@@ -86,12 +86,11 @@ def _plain_weights_for_text_trainer(argv: list[str]) -> bool:
 
 def _convert_hint(argv: list[str]) -> str:
     """The conversion command for this nnUNetv2_train command line (placeholders where it lacks a value)."""
-    def opt(name: str, default: str) -> str:
-        return _argv_option(argv, name, default)
     positional = [a for i, a in enumerate(argv[1:], 1) if not a.startswith("-") and not argv[i - 1].startswith("-")]
     dataset = positional[0] if positional else "DATASET"
-    return (f"nnUNetv2_textseg_convert_pretrained -i {opt('-pretrained_weights', 'PLAIN.pth')} -d {dataset} "
-            f"-tr {opt('-tr', 'TRAINER')} -p {opt('-p', 'nnUNetPlans')} -o converted.pth")
+    return (f"nnUNetv2_textseg_convert_pretrained -i {_argv_option(argv, '-pretrained_weights', 'PLAIN.pth')} "
+            f"-d {dataset} -tr {_argv_option(argv, '-tr', 'TRAINER')} -p {_argv_option(argv, '-p', 'nnUNetPlans')} "
+            f"-o converted.pth")
 
 
 _install_clean_error_hook()
