@@ -212,6 +212,7 @@ class nnUNetTextPredictor(nnUNetPredictor):
         net = self._net()
         self.set_network_text(self._current_case)
         self._last_data = data
+        data = self.with_position(data)
         # Monte-Carlo: the samples are computed as a batch per tile (mc_batch_size at a time), so N samples
         # cost ceil(N / mc_batch_size) sliding-window passes instead of N.
         if self.mc_samples > 1 and (not hasattr(net, "sample_at_inference") or getattr(net, "deterministic", False)):
@@ -242,6 +243,15 @@ class nnUNetTextPredictor(nnUNetPredictor):
             net.set_text(None)
             if hasattr(net, "sample_at_inference"):
                 net.sample_at_inference = False
+
+    def with_position(self, data: torch.Tensor) -> torch.Tensor:
+        """The preprocessed case (C, *spatial) with the patient-frame position channels appended, for models
+        trained with them (recorded in the plans): every sliding-window tile and mirrored pass then carries
+        where it lies in the patient's image, as training samples did."""
+        from nnunetv2_textseg.patient_frame import with_position_channels
+        if not (self.text_config or {}).get("position_channels"):
+            return data
+        return with_position_channels(data if isinstance(data, torch.Tensor) else torch.from_numpy(np.asarray(data)))
 
     @torch.inference_mode()
     def predict_sliding_window_samples(self, data: torch.Tensor, k: int) -> torch.Tensor:
@@ -303,10 +313,9 @@ class nnUNetTextPredictor(nnUNetPredictor):
                 try:
                     with torch.inference_mode():
                         # preprocessed 2D data are (C, Z=1, Y, X); the network works on slices (Z, C, Y, X)
-                        x = data.to(self.device).float().transpose(0, 1)
-                        text = net._text.to(self.device) if net._text is not None else None
-                        t = net.text_embedding(text, x.shape[0])
-                        maps["pseudo"] = net.pseudo_image(x, t)[:, 0].cpu()
+                        x = self.with_position(data).to(self.device).float().transpose(0, 1)
+                        t = net.text_embedding(net._tokens, net._mask, x.shape[0])
+                        maps["pseudo"] = net.pseudo_image(x, t)[0][:, 0].cpu()
                 finally:
                     net.set_text(None)
         save_case_maps(maps, data[0], props, ofile, self.plans_manager, self.configuration_manager)

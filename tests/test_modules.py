@@ -13,10 +13,12 @@ import torch.nn.functional as F
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from torch import nn
 
-from nnunetv2_textseg.modules.biclip import (BidirectionalFusion, GlobalImageEncoder, ImageToTextHead,
-                                             ProjectionHead, PseudoImageGenerator, TextProjection,
-                                             consistency_loss, cycle_loss, generation_loss)
+from nnunetv2_textseg.modules.biclip import (AttentionPoolText, BidirectionalFusion, GlobalImageEncoder,
+                                             ImageToTextHead, MeanPoolText, ProjectionHead, PseudoImageGenerator,
+                                             TextProjection, consistency_loss, cycle_loss, generation_loss,
+                                             lesion_generation_loss, masked_mean)
 from nnunetv2_textseg.networks import BiCLIPNetwork, BiCLIPOutput
+from nnunetv2_textseg.patient_frame import POSITION_CHANNELS, with_position_channels
 
 torch.set_num_threads(2)
 
@@ -29,7 +31,7 @@ PATCHES = [(64, 64), (128, 128), (224, 224), (96, 160), (80, 48)]
 def make_unet(image_channels: int = 1, num_classes: int = NUM_CLASSES, features=(8, 16, 32, 64),
               deep_supervision: bool = True) -> PlainConvUNet:
     n = len(features)
-    unet = PlainConvUNet(image_channels + 1, n, list(features), nn.Conv2d, 3, [1] + [2] * (n - 1), 2, num_classes,
+    unet = PlainConvUNet(image_channels + 1 + POSITION_CHANNELS, n, list(features), nn.Conv2d, 3, [1] + [2] * (n - 1), 2, num_classes,
                          1, conv_bias=True, norm_op=nn.InstanceNorm2d, norm_op_kwargs={"eps": 1e-5, "affine": True},
                          nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True}, deep_supervision=deep_supervision)
     unet.apply(unet.initialize)  # what get_network_from_plans(allow_init=True) does
@@ -39,6 +41,20 @@ def make_unet(image_channels: int = 1, num_classes: int = NUM_CLASSES, features=
 def make_net(image_channels: int = 1, seed: int = 0, text_dim: int = TEXT_DIM, **kwargs) -> BiCLIPNetwork:
     torch.manual_seed(seed)
     return BiCLIPNetwork(make_unet(image_channels), image_channels, TEXT_IN, text_dim, image_dim=32, **kwargs)
+
+
+def with_pos(image: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) image -> (B, C + 3, H, W) with each sample's whole-image position channels."""
+    return torch.stack([with_position_channels(i[:, None])[:, 0] for i in image])
+
+
+def report(batch: int = 1, length: int = 7, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random token embeddings (B, L, TEXT_IN) and a mask with some padding."""
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
+    tokens = torch.randn(batch, length, TEXT_IN, generator=g)
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    mask[:, -2:] = False
+    return tokens, mask
 
 
 def seg_like_loss(seg, target_full: torch.Tensor) -> torch.Tensor:
@@ -52,9 +68,9 @@ def seg_like_loss(seg, target_full: torch.Tensor) -> torch.Tensor:
 
 
 def trainer_style_loss(out: BiCLIPOutput, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mirrors nnUNetTrainerBiCLIP.compute_loss (masked-image generation target, detached cycle target)."""
-    ref = x.mean(1, keepdim=True) * (target[:, None] > 0).to(x.dtype)
-    total = seg_like_loss(out.seg, target) + 0.1 * generation_loss(out.pseudo, ref)
+    """The terms of nnUNetTrainerBiCLIP.compute_loss (lesion BCE+Dice generation loss, detached cycle target)."""
+    lesion = (target[:, None] > 0)
+    total = seg_like_loss(out.seg, target) + lesion_generation_loss(out.pseudo_logits, lesion, out.inside > 0.5)
     if out.t_hat is not None:
         total = total + 0.1 * cycle_loss(out.t.detach(), out.t_hat)
     if out.p_weak is not None:
@@ -70,6 +86,7 @@ def test_generator_and_encoder_shapes(size):
     torch.manual_seed(0)
     gen = PseudoImageGenerator(TEXT_DIM, width=8)
     assert gen(torch.randn(2, TEXT_DIM), size).shape == (2, 1, *size)
+    assert gen(torch.randn(2, TEXT_DIM)).shape == (2, 1, 32, 32)  # native whole-image map: 4 x the 8 x 8 seed
     enc = GlobalImageEncoder(2, out_dim=24, width=4)
     assert enc(torch.randn(2, 2, *size)).shape == (2, 24)
     assert ImageToTextHead(TEXT_DIM, width=4)(torch.randn(2, 1, *size)).shape == (2, TEXT_DIM)
@@ -78,12 +95,16 @@ def test_generator_and_encoder_shapes(size):
 def test_generator_default_784():
     gen = PseudoImageGenerator()  # 28 x 28 seed as in EF-UNet
     assert gen(torch.randn(1, 784), (96, 160)).shape == (1, 1, 96, 160)
+    assert gen(torch.randn(1, 784)).shape == (1, 1, 112, 112)
     with pytest.raises(ValueError):
         PseudoImageGenerator(100 + 1)
 
 
 def test_small_modules_shapes():
     assert TextProjection(TEXT_IN, TEXT_DIM, hidden=16)(torch.randn(3, TEXT_IN)).shape == (3, TEXT_DIM)
+    tokens, mask = report(3)
+    assert AttentionPoolText(TEXT_IN, TEXT_DIM, queries=4, width=8, hidden=16)(tokens, mask).shape == (3, TEXT_DIM)
+    assert MeanPoolText(TEXT_IN, TEXT_DIM, hidden=16)(tokens, mask).shape == (3, TEXT_DIM)
     fusion = BidirectionalFusion(TEXT_DIM, 32, hidden=16)
     t = torch.randn(3, TEXT_DIM)
     # zero-initialised last layer: t' = t at the start of training
@@ -91,24 +112,41 @@ def test_small_modules_shapes():
     assert ProjectionHead(64, 16, 8)(torch.randn(3, 64)).shape == (3, 16)
 
 
+def test_text_pooling_ignores_padding_and_separates_location_words():
+    """Padding tokens change nothing; attention pooling can tell reports apart that differ in one token
+    while their mean is almost identical (the mean-pooling failure mode)."""
+    torch.manual_seed(0)
+    pool = AttentionPoolText(TEXT_IN, TEXT_DIM, queries=4, width=8, hidden=16).eval()
+    tokens, mask = report(1, 9, seed=1)
+    padded = tokens.clone()
+    padded[:, -2:] = 100.0  # garbage where the mask says padding
+    assert torch.allclose(pool(tokens, mask), pool(padded, mask), atol=1e-6)
+    assert torch.allclose(masked_mean(tokens, mask), masked_mean(padded, mask))
+    # two reports sharing 6 of 7 real tokens
+    other = tokens.clone()
+    other[:, 3] = torch.randn(TEXT_IN)
+    assert not torch.allclose(pool(tokens, mask), pool(other, mask), atol=1e-4)
+
+
 @pytest.mark.parametrize("size", PATCHES)
 def test_network_shapes(size):
     net = make_net(image_channels=2)
-    x, xs = torch.randn(2, 2, *size), torch.randn(2, 2, *size)
-    text = torch.randn(2, TEXT_IN)
-    seg = net(x, text=text)
+    x, xs = with_pos(torch.randn(2, 2, *size)), torch.randn(2, 2, *size)
+    tokens, mask = report(2)
+    seg = net(x, tokens, mask)
     assert isinstance(seg, (list, tuple)) and len(seg) == 3  # n_stages - 1 outputs
     assert seg[0].shape == (2, NUM_CLASSES, *size)
     assert seg[1].shape == (2, NUM_CLASSES, size[0] // 2, size[1] // 2)
 
-    out = net(x, text=text, x_strong=xs, return_aux=True)
+    out = net(x, tokens, mask, x_strong=xs, return_aux=True)
     assert isinstance(out, BiCLIPOutput)
     assert out.seg[0].shape == (2, NUM_CLASSES, *size)
-    assert out.pseudo.shape == (2, 1, *size)
+    assert out.pseudo.shape == out.pseudo_logits.shape == out.inside.shape == (2, 1, *size)
+    assert ((out.pseudo >= 0) & (out.pseudo <= 1)).all()  # a probability map
     assert out.t.shape == (2, TEXT_DIM) and out.t_hat.shape == (2, TEXT_DIM)
     assert out.p_weak.shape == out.p_strong.shape == (2, 128)
 
-    out = net(x, text=text, return_aux=True)  # no strong view: no IAC projections
+    out = net(x, tokens, mask, return_aux=True)  # no strong view: no IAC projections
     assert out.p_weak is None and out.p_strong is None
 
 
@@ -116,31 +154,37 @@ def test_deep_supervision_toggle():
     """nnU-Net switches deep supervision off through network.decoder.deep_supervision."""
     net = make_net()
     net.decoder.deep_supervision = False
-    seg = net(torch.randn(1, 1, 64, 64), text=torch.randn(1, TEXT_IN))
+    seg = net(with_pos(torch.randn(1, 1, 64, 64)), *report())
     assert torch.is_tensor(seg) and seg.shape == (1, NUM_CLASSES, 64, 64)
 
 
 def test_variants():
-    x, xs, text = torch.randn(2, 1, 64, 96), torch.randn(2, 1, 64, 96), torch.randn(2, TEXT_IN)
+    x, xs, (tokens, mask) = with_pos(torch.randn(2, 1, 64, 96)), torch.randn(2, 1, 64, 96), report(2)
     uni = make_net(bidirectional=False)
     assert uni.image_encoder is None and uni.fusion is None
-    out = uni(x, text=text, x_strong=xs, return_aux=True)
+    out = uni(x, tokens, mask, x_strong=xs, return_aux=True)
     assert out.pseudo.shape == (2, 1, 64, 96) and out.t_hat is not None
 
     no_cycle = make_net(cycle=False)
     assert no_cycle.image_to_text is None
-    assert no_cycle(x, text=text, x_strong=xs, return_aux=True).t_hat is None
+    assert no_cycle(x, tokens, mask, x_strong=xs, return_aux=True).t_hat is None
 
     no_iac = make_net(iac=False)
     assert no_iac.iac_head is None
-    out = no_iac(x, text=text, x_strong=xs, return_aux=True)
+    out = no_iac(x, tokens, mask, x_strong=xs, return_aux=True)
     assert out.p_weak is None and out.p_strong is None
+
+    paper = make_net(text_pooling="mean", pseudo_activation="linear")
+    out = paper(x, tokens, mask, return_aux=True)
+    assert out.pseudo_logits is None and isinstance(paper.text_pool, MeanPoolText)
+    with pytest.raises(ValueError):
+        make_net(text_pooling="max")
 
     ign = make_net(ignore_text=True).eval()
     with torch.no_grad():
-        a = ign(x, text=text, return_aux=True)
-        b = ign(x, text=torch.randn(2, TEXT_IN), return_aux=True)
-        c = ign(x, text=None, return_aux=True)
+        a = ign(x, tokens, mask, return_aux=True)
+        b = ign(x, *report(2, seed=5), return_aux=True)
+        c = ign(x, None, return_aux=True)
     assert torch.equal(a.pseudo, b.pseudo) and torch.equal(a.seg[0], b.seg[0])
     assert torch.allclose(a.seg[0], c.seg[0], atol=1e-6)
 
@@ -150,7 +194,7 @@ def test_variants():
 # ---------------------------------------------------------------------------------------------
 def _grads(net, x, xs, text, target, drop):
     net.zero_grad(set_to_none=True)
-    out = net(x, text=text, drop=drop, x_strong=xs, return_aux=True)
+    out = net(x, *text, drop=drop, x_strong=xs, return_aux=True)
     trainer_style_loss(out, x, target).backward()
     return {n: p.grad for n, p in net.named_parameters()}
 
@@ -165,9 +209,9 @@ ZERO_AT_INIT = ("fusion.mlp.0.", "image_encoder.")
 def test_every_parameter_gets_a_gradient(drop_mode):
     net = make_net().train()
     torch.manual_seed(1)
-    x, xs = torch.randn(2, 1, 48, 48), torch.randn(2, 1, 48, 48)
+    x, xs = with_pos(torch.randn(2, 1, 48, 48)), torch.randn(2, 1, 48, 48)
     target = (torch.rand(2, 48, 48) * NUM_CLASSES).long()
-    text = torch.randn(2, TEXT_IN)
+    text = report(2)
     drop = {"none": None, "some": torch.tensor([True, False]), "all": torch.ones(2, dtype=torch.bool)}[drop_mode]
     grads = _grads(net, x, xs, text, target, drop)
     missing = [n for n, g in grads.items() if g is None]
@@ -175,17 +219,15 @@ def test_every_parameter_gets_a_gradient(drop_mode):
     assert all(torch.isfinite(g).all() for g in grads.values())
     zero = [n for n, g in grads.items() if not g.any()]
     allowed = ZERO_AT_INIT + (("null_text",) if drop_mode == "none" else ())
-    if drop_mode == "all":
-        # every row is the null report, which starts at zero: the projection's first weight sees a zero
-        # input (its gradient is an outer product with it) until null_text has moved
-        allowed += ("text_projection.net.0.weight",)
+    if drop_mode == "all":  # no report reaches the pooling at all
+        allowed += ("text_pool.",)
     assert all(n.startswith(allowed) for n in zero), f"unexpected all-zero gradients: {zero}"
-    assert len(zero) < 0.25 * len(grads)
-    for name in ("text_projection.net.2.weight", "fusion.mlp.2.weight", "generator.decoder.0.0.weight",
-                 "image_to_text.encoder.head.weight", "iac_head.net.0.weight"):
+    assert len([n for n in zero if not n.startswith("text_pool.")]) < 0.25 * len(grads)
+    for name in ("fusion.mlp.2.weight", "generator.decoder.0.0.weight", "image_to_text.head.weight",
+                 "iac_head.net.0.weight"):
         assert grads[name].abs().sum() > 0, name
     if drop_mode != "all":
-        assert grads["text_projection.net.0.weight"].abs().sum() > 0
+        assert grads["text_pool.queries"].abs().sum() > 0 and grads["text_pool.out.3.weight"].abs().sum() > 0
     if drop_mode != "none":
         assert grads["null_text"].abs().sum() > 0
 
@@ -200,16 +242,34 @@ def test_every_parameter_gets_a_gradient(drop_mode):
 
 
 def test_variants_every_parameter_gets_a_gradient():
-    x, xs = torch.randn(2, 1, 48, 48), torch.randn(2, 1, 48, 48)
+    x, xs = with_pos(torch.randn(2, 1, 48, 48)), torch.randn(2, 1, 48, 48)
     target = (torch.rand(2, 48, 48) * NUM_CLASSES).long()
     for kwargs in ({"bidirectional": False}, {"cycle": False}, {"ignore_text": True}):
         net = make_net(**kwargs)
-        grads = _grads(net, x, xs, torch.randn(2, TEXT_IN), target, torch.tensor([False, True]))
+        grads = _grads(net, x, xs, report(2), target, torch.tensor([False, True]))
         assert all(g is not None for g in grads.values()), kwargs
     # iac=False: the trainer then has no strong view (lambda_iac = 0)
     net = make_net(iac=False)
-    grads = _grads(net, x, None, torch.randn(2, TEXT_IN), target, None)
+    grads = _grads(net, x, None, report(2), target, None)
     assert all(g is not None for g in grads.values())
+
+
+def test_pseudo_image_channel_gets_a_comparable_gradient():
+    """The sigmoid pseudo-image enters at the image's scale ((p - 0.5) / 0.25): at initialisation the first
+    convolution's gradient on its channel is several times larger, relative to the image channel's, than with
+    the paper's unbounded pseudo-image (whose spatial std is ~0.01 against the z-scored image's 1)."""
+    def ratio(**kwargs) -> float:
+        net = make_net(**kwargs).train()
+        torch.manual_seed(2)
+        x = with_pos(torch.randn(4, 1, 64, 64))
+        target = (torch.rand(4, 64, 64) > 0.8).long()
+        net.zero_grad()
+        out = net(x, *report(4, seed=2), return_aux=True)
+        seg_like_loss(out.seg, target).backward()
+        g = net.unet.encoder.stages[0][0].convs[0].conv.weight.grad.abs().sum(dim=(0, 2, 3))
+        return float(g[1] / g[0])
+
+    assert ratio() > 3 * ratio(pseudo_activation="linear")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,57 +297,94 @@ def test_generation_loss_by_hand():
     assert generation_loss(ref, ref.clone()).item() == 0
 
 
+def test_lesion_generation_loss_by_hand():
+    logits = torch.tensor([[[[0.0, 2.0], [-2.0, 5.0]]]])
+    lesion = torch.tensor([[[[0, 1], [0, 1]]]], dtype=torch.bool)
+    weight = torch.tensor([[[[1, 1], [1, 0]]]], dtype=torch.bool)  # the last pixel is ignored / padding
+    p = torch.sigmoid(logits)
+    bce = -(math.log(1 - p[0, 0, 0, 0]) + math.log(p[0, 0, 0, 1]) + math.log(1 - p[0, 0, 1, 0])) / 3
+    inter, psum, lsum = float(p[0, 0, 0, 1]), float(p[0, 0, 0, 0] + p[0, 0, 0, 1] + p[0, 0, 1, 0]), 1.0
+    expected = bce + 1 - (2 * inter + 1) / (psum + lsum + 1)
+    assert math.isclose(lesion_generation_loss(logits, lesion, weight).item(), expected, rel_tol=1e-5)
+    # the optimum is the mask itself; an empty map is far from it (what L1 to image x mask rewarded)
+    good = lesion_generation_loss(torch.where(lesion, 20.0, -20.0).float(), lesion, torch.ones_like(lesion))
+    empty = lesion_generation_loss(torch.full((1, 1, 2, 2), -20.0), lesion, torch.ones_like(lesion))
+    assert good.item() < 0.01 < 0.5 < empty.item()
+
+
 # ---------------------------------------------------------------------------------------------
-# text conditioning
+# text conditioning and the patient frame
 # ---------------------------------------------------------------------------------------------
 def test_report_changes_pseudo_image_and_logits():
     net = make_net().eval()
     torch.manual_seed(3)
-    x = torch.randn(1, 1, 64, 64)
-    t1, t2 = torch.randn(1, TEXT_IN), torch.randn(1, TEXT_IN)
+    x = with_pos(torch.randn(1, 1, 64, 64))
+    r1, r2 = report(1, seed=1), report(1, seed=2)
     with torch.no_grad():
-        o1, o2 = net(x, text=t1, return_aux=True), net(x, text=t2, return_aux=True)
-        o_null = net(x, text=None, return_aux=True)
+        o1, o2 = net(x, *r1, return_aux=True), net(x, *r2, return_aux=True)
+        o_null = net(x, None, return_aux=True)
     assert not torch.allclose(o1.pseudo, o2.pseudo)
     assert not torch.allclose(o1.seg[0], o2.seg[0])
     assert not torch.allclose(o1.pseudo, o_null.pseudo)
     assert not torch.allclose(o1.seg[0], o_null.seg[0])
 
 
+def test_tile_pseudo_image_is_the_crop_of_the_whole_image_pseudo_image():
+    """A tile (a crop of a larger image, with its position channels) gets exactly the crop of the case's
+    whole-image pseudo-image; a mirrored tile gets the mirrored crop (what test-time mirroring does)."""
+    net = make_net(bidirectional=False).eval()  # BMF mixes in the tile's own content; see the trainer docs
+    torch.manual_seed(6)
+    whole = with_position_channels(torch.randn(1, 128, 128))[None]  # (1, 1 + 3, 128, 128)
+    tokens, mask = report(1, seed=3)
+    with torch.no_grad():
+        t = net.text_embedding(tokens, mask, 1)
+        full = net.pseudo_image(whole, t)[0]
+        tile = whole[:, :, 32:96, 64:128]
+        crop = net.pseudo_image(tile, t)[0]
+        mirrored = net.pseudo_image(torch.flip(tile, dims=(3,)), t)[0]
+    assert torch.allclose(crop, full[:, :, 32:96, 64:128], atol=1e-5)
+    assert torch.allclose(mirrored, torch.flip(full[:, :, 32:96, 64:128], dims=(3,)), atol=1e-5)
+    # padding (outside the image: all three position channels 0) gets no pseudo-image
+    padded = torch.nn.functional.pad(tile, (0, 8, 0, 0))
+    with torch.no_grad():
+        p = net.pseudo_image(padded, t)[0]
+    assert (p[..., -8:] == 0).all() and torch.allclose(p[..., :-8], crop, atol=1e-5)
+
+
 def test_set_text_broadcasts_over_tiles():
     net = make_net().eval()
     torch.manual_seed(4)
-    tiles = torch.randn(3, 1, 64, 64)
-    report = torch.randn(1, TEXT_IN)
+    tiles = with_pos(torch.randn(3, 1, 64, 64))
+    tokens, mask = report(1, seed=7)
     with torch.no_grad():
-        per_sample = net(tiles, text=report.expand(3, -1).clone())[0]
-        net.set_text(report)
+        per_sample = net(tiles, tokens.expand(3, -1, -1).clone(), mask.expand(3, -1).clone())[0]
+        net.set_text(tokens, mask)
         broadcast = net(tiles)[0]
-        net.set_text(report[0])  # (D,) also accepted
+        net.set_text(tokens[0], mask[0])  # (L, D) and (L,) also accepted
         broadcast_1d = net(tiles)[0]
         net.set_text(None)
         with pytest.warns(UserWarning, match="null report"):
             null_set = net(tiles)[0]
-        null_arg = net(tiles, text=None)[0]
+        null_arg = net(tiles, None)[0]
     assert torch.allclose(per_sample, broadcast, atol=1e-6)
     assert torch.allclose(per_sample, broadcast_1d, atol=1e-6)
     assert torch.allclose(null_set, null_arg)
     assert not torch.allclose(null_set, per_sample)
     # tiles of one case are independent of each other (no batch coupling)
     with torch.no_grad():
-        net.set_text(report)
+        net.set_text(tokens, mask)
         single = net(tiles[1:2])[0]
     assert torch.allclose(single, broadcast[1:2], atol=1e-5)
 
 
 def test_drop_mask_uses_null_report():
     net = make_net().eval()
-    x = torch.randn(2, 1, 64, 64)
-    text = torch.randn(2, TEXT_IN)
+    x = with_pos(torch.randn(2, 1, 64, 64))
+    tokens, mask = report(2)
     with torch.no_grad():
-        dropped = net(x, text=text, drop=torch.tensor([True, False]), return_aux=True)
-        null = net(x, text=None, return_aux=True)
-        real = net(x, text=text, return_aux=True)
+        dropped = net(x, tokens, mask, drop=torch.tensor([True, False]), return_aux=True)
+        null = net(x, None, return_aux=True)
+        real = net(x, tokens, mask, return_aux=True)
     assert torch.allclose(dropped.t[0], null.t[0]) and torch.allclose(dropped.t[1], real.t[1])
 
 
@@ -299,23 +396,23 @@ def test_state_dict_round_trip():
     with torch.no_grad():  # make every parameter non-trivial (null_text and fusion start at zero)
         for p in net.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    net.set_text(torch.randn(1, TEXT_IN))
+    net.set_text(*report(1, seed=8))
     sd = net.state_dict()
-    assert not any(k == "_text" or k.endswith("._text") for k in sd)
+    assert not any(k.endswith(("_tokens", "_mask")) for k in sd)
     assert "null_text" in sd
     fresh = make_net(seed=123)
     fresh.load_state_dict(sd)
     net.eval(), fresh.eval()
-    x, text = torch.randn(2, 1, 96, 64), torch.randn(2, TEXT_IN)
+    x, text = with_pos(torch.randn(2, 1, 96, 64)), report(2)
     with torch.no_grad():
-        a, b = net(x, text=text, return_aux=True), fresh(x, text=text, return_aux=True)
+        a, b = net(x, *text, return_aux=True), fresh(x, *text, return_aux=True)
         with_report = net(x)[0]  # uses the report set on `net`
         net.set_text(None)
-        na, nb = net(x, text=None)[0], fresh(x, text=None)[0]
+        na, nb = net(x, None)[0], fresh(x, None)[0]
     assert torch.equal(a.seg[0], b.seg[0]) and torch.equal(a.pseudo, b.pseudo)
     assert torch.equal(na, nb)
     assert not torch.allclose(with_report, na)
-    assert fresh._text is None  # the per-case report is not restored from a checkpoint
+    assert fresh._tokens is None  # the per-case report is not restored from a checkpoint
 
 
 @pytest.mark.parametrize("size", [(8, 8), (16, 16), (16, 64), (32, 8)])

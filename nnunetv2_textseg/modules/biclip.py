@@ -1,5 +1,5 @@
-"""BiCLIP building blocks: text projection, image encoder, bidirectional fusion (BMF), pseudo-image
-generator, image-to-text head and the IAC projection head.
+"""BiCLIP building blocks: text pooling and projection, image encoder, bidirectional fusion (BMF),
+pseudo-image generator, image-to-text head, the IAC projection head, and BiCLIP's losses.
 
 All modules are plain ``nn.Module``s configured by constructor arguments; 2D only (the dimension
 of nnU-Net's ``2d`` configuration). Shapes use B = batch, D = text width, H×W = patch size.
@@ -20,6 +20,52 @@ class TextProjection(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """tokens (B, L, D), mask (B, L) bool -> (B, D): the mean over real tokens (the encoder's mean pooling)."""
+    w = mask.to(tokens.dtype).unsqueeze(-1)
+    return (tokens * w).sum(1) / w.sum(1).clamp_min(1)
+
+
+class MeanPoolText(nn.Module):
+    """Token embeddings (B, L, D_in) + mask -> t (B, D): masked mean, then :class:`TextProjection`.
+
+    The paper's text vector. Reports that differ only in location words ("upper left" vs "upper right")
+    give nearly the same mean (cosine ~0.99 for all-MiniLM-L6-v2), so location barely reaches ``t``."""
+
+    def __init__(self, in_dim: int, out_dim: int = 784, hidden: int = 512):
+        super().__init__()
+        self.projection = TextProjection(in_dim, out_dim, hidden)
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.projection(masked_mean(tokens, mask))
+
+
+class AttentionPoolText(nn.Module):
+    """Token embeddings (B, L, D_in) + mask (B, L) -> t (B, D) by attention pooling.
+
+    ``queries`` learned queries each attend over the (layer-normed) tokens and pick out what they need —
+    e.g. one the side, one the zone — so location words stand out instead of being averaged away with
+    the rest of the report. The queries' outputs are concatenated and projected to D."""
+
+    def __init__(self, in_dim: int, out_dim: int = 784, queries: int = 8, width: int = 64, hidden: int = 512):
+        super().__init__()
+        self.norm = nn.LayerNorm(in_dim)
+        self.keys = nn.Linear(in_dim, width)
+        self.values = nn.Linear(in_dim, width)
+        self.queries = nn.Parameter(torch.randn(queries, width) / width ** 0.5)
+        self.out = nn.Sequential(nn.LayerNorm(queries * width), nn.Linear(queries * width, hidden), nn.GELU(),
+                                 nn.Linear(hidden, out_dim))
+        self.scale = width ** -0.5
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.norm(tokens)
+        k, v = self.keys(h), self.values(h)  # (B, L, w)
+        scores = torch.einsum("qw,blw->bql", self.queries, k) * self.scale
+        scores = scores.masked_fill(~mask[:, None, :], torch.finfo(scores.dtype).min)
+        pooled = torch.einsum("bql,blw->bqw", scores.softmax(-1), v)  # (B, Q, w)
+        return self.out(pooled.flatten(1))
 
 
 def _conv_block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -68,14 +114,15 @@ class BidirectionalFusion(nn.Module):
 
 
 class PseudoImageGenerator(nn.Module):
-    """Decodes a text embedding (B, D = side²) to a one-channel pseudo-image (B, 1, H, W).
+    """Decodes a text embedding (B, D = side²) to a one-channel pseudo-image (B, 1, 4·side, 4·side).
 
     As in EF-UNet, the D-dim embedding is read as a side×side map (784 = 28×28) and upsampled by
-    two transposed convolutions (×4); the result is resized to the patch size, so any planned
-    (also non-square) patch works.
+    two transposed convolutions (×4). Without ``size`` the native map is returned (BiCLIP reads it as the
+    whole patient image, see :mod:`nnunetv2_textseg.patient_frame`); with ``size`` it is resized.
+    ``out_bias`` initialises the output (e.g. a negative logit: lesions are rare).
     """
 
-    def __init__(self, text_dim: int = 784, width: int = 32):
+    def __init__(self, text_dim: int = 784, width: int = 32, out_bias: float = 0.0):
         super().__init__()
         side = int(round(text_dim ** 0.5))
         if side * side != text_dim:
@@ -87,21 +134,30 @@ class PseudoImageGenerator(nn.Module):
             nn.ConvTranspose2d(width, width // 2, 2, 2), nn.LeakyReLU(0.01, inplace=True),
             nn.Conv2d(width // 2, 1, 3, 1, 1),
         )
+        nn.init.constant_(self.decoder[-1].bias, out_bias)
 
-    def forward(self, t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    def forward(self, t: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         x = self.decoder(t.view(-1, 1, self.side, self.side))
-        return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+        return x if size is None else F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 class ImageToTextHead(nn.Module):
-    """h: pseudo-image (B, 1, H, W) -> reconstructed text embedding t̂ (B, D), for the cycle loss."""
+    """h: pseudo-image (B, 1, H, W) -> reconstructed text embedding t̂ (B, D), for the cycle loss.
 
-    def __init__(self, text_dim: int = 784, width: int = 16, depth: int = 3):
+    Keeps the spatial layout: strided convolutions down to a ``grid``×``grid`` map that is flattened
+    (not averaged) into t̂, so *where* the pseudo-image is bright is what must carry the report back."""
+
+    def __init__(self, text_dim: int = 784, width: int = 16, depth: int = 3, grid: int = 7):
         super().__init__()
-        self.encoder = GlobalImageEncoder(1, text_dim, width, depth)
+        layers, c = [], 1
+        for d in range(depth):
+            layers.append(_conv_block(c, width * 2 ** d, stride=2))
+            c = width * 2 ** d
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(grid))
+        self.head = nn.Linear(c * grid * grid, text_dim)
 
     def forward(self, pseudo: torch.Tensor) -> torch.Tensor:
-        return self.encoder(pseudo)
+        return self.head(self.features(pseudo).flatten(1))
 
 
 class ProjectionHead(nn.Module):
@@ -126,5 +182,22 @@ def consistency_loss(p_weak: torch.Tensor, p_strong: torch.Tensor) -> torch.Tens
 
 
 def generation_loss(pseudo: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """L1 between the pseudo-image and its reference (e.g. the image masked by the lesion)."""
+    """L1 between the pseudo-image and its reference (EF-UNet's: the image masked by the lesion)."""
     return F.l1_loss(pseudo, reference)
+
+
+def lesion_generation_loss(logits: torch.Tensor, lesion: torch.Tensor, weight: torch.Tensor,
+                           smooth: float = 1.0) -> torch.Tensor:
+    """BCE + soft Dice of the pseudo-image (logits, (B, 1, H, W)) against the lesion mask, over pixels with
+    ``weight`` > 0 (inside the image, not nnU-Net's ignore label).
+
+    Why not L1 to ``image × mask``: L1 is minimised by the per-pixel conditional *median*, which is ~0
+    wherever fewer than half of the cases with that report have a lesion — nearly everywhere — so the
+    pseudo-image learns to be empty. BCE is minimised by the conditional *mean* p(lesion | report,
+    position), a map of where the report says the lesion is; the Dice term keeps small lesions from
+    being swamped by background. Dice is computed over the batch (empty masks do not give 0/0)."""
+    lesion, weight = lesion.to(logits.dtype), weight.to(logits.dtype)
+    bce = (F.binary_cross_entropy_with_logits(logits, lesion, reduction="none") * weight).sum() / weight.sum().clamp_min(1)
+    p = torch.sigmoid(logits) * weight
+    dice = 1 - (2 * (p * lesion).sum() + smooth) / (p.sum() + (lesion * weight).sum() + smooth)
+    return bce + dice

@@ -39,12 +39,11 @@ class nnUNetTrainerMedCLIPSeg(nnUNetTrainerText):
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> nn.Module:
         text = cls.text_plans(plans_manager)
-        unet = cls.planned_unet(configuration_manager, num_input_channels, num_output_channels, enable_deep_supervision)
+        # + the patient-frame position channels (models trained before they existed record none)
+        unet = cls.planned_unet(configuration_manager, num_input_channels + int(text.get("position_channels", 0)),
+                                num_output_channels, enable_deep_supervision)
         return MedCLIPSegNetwork(unet, text["text_in_dim"], cls.adapter_stages, cls.adapter_width, cls.adapter_heads,
                                  cls.beta, cls.deterministic, cls.ignore_text)
-
-    def set_network_text(self, keys) -> None:
-        self.unwrapped_network().set_text(*self.tokens_for(keys))
 
     def train_step(self, batch: dict) -> dict:
         data = batch["data"].to(self.device, non_blocking=True)

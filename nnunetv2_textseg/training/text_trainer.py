@@ -19,6 +19,8 @@ from nnunetv2_textseg.encoders import EncoderSpec, spec_to_dict
 from nnunetv2_textseg.reports import ReportError, load_dataset_reports, reports_path
 
 PLANS_KEY = "textseg"  # our entry in the plans.json the trainer writes to its results folder
+# 2: patient-frame position channels, BiCLIP with token attention pooling and a probability pseudo-image
+NETWORK_VERSION = 2
 ENCODER_ENV = "nnUNet_textseg_encoder"
 TRUST_ENV = "nnUNet_textseg_trust_remote_code"
 
@@ -139,17 +141,27 @@ def choose_encoder_spec(preprocessed_folder: Path, default: EncoderSpec, recorde
 class nnUNetTrainerText(nnUNetTrainer):
     """Base for text-guided trainers. Not meant to be trained itself (it adds no text to the network).
 
-    Spatial words ("left", "upper") only stay true if the image is not mirrored or turned upside down,
-    so text trainers restrict rotation to ±``max_rotation_deg`` and disable mirroring in training and
-    in test-time augmentation (``inference_allowed_mirroring_axes``). Images are assumed to be stored
-    in a consistent orientation (as radiology exports are).
+    Spatial words ("left", "upper") refer to the patient's whole image. Every case is loaded with three
+    patient-frame position channels (:mod:`nnunetv2_textseg.patient_frame`) that nnU-Net's crop, rotation,
+    scaling and mirroring move together with the image, so the network always knows where each pixel of
+    a sample lies in the patient's image. That keeps "upper left" true under nnU-Net's full default
+    augmentation and test-time mirroring, which text trainers therefore keep (with few labels,
+    augmentation matters more than anything else we measured).
+
+    ``safe_spatial_augmentation = True`` (the ``_safeAug`` variants) restores the older "safe mode":
+    rotation limited to ±``max_rotation_deg``, no mirroring in training or at test time.
+    Images are assumed to be stored in a consistent orientation (as radiology exports are).
     """
 
     text_encoder = EncoderSpec()  # default: offline all-MiniLM-L6-v2, mean pooling
     uses_token_text = False  # True: keep token-level embeddings (cross-attention trainers)
     aux_losses: tuple[str, ...] = ()  # extra per-epoch loss terms: logged, checkpointed, plotted
-    max_rotation_deg = 15.0
-    allow_mirroring = False
+    aux_stats: tuple[str, ...] = ()  # extra per-epoch statistics (not losses): logged, checkpointed, plotted
+    safe_spatial_augmentation = False
+    max_rotation_deg = 15.0  # safe mode only
+    patient_frame = True  # position channels with every sample and tile (recorded in the plans)
+    text_lr = 1e-3  # AdamW for the text modules; nnU-Net's SGD (its lr, momentum, PolyLR) keeps the U-Net
+    text_weight_decay = 1e-4
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -159,7 +171,11 @@ class nnUNetTrainerText(nnUNetTrainer):
 
     # ---- text preparation ----------------------------------------------------------------------
     def _text_plans_entry(self, identity: dict, spec: EncoderSpec) -> dict:
-        return {"encoder": spec_to_dict(spec), "encoder_identity": identity, "text_in_dim": int(identity["dim"])}
+        from nnunetv2_textseg.patient_frame import POSITION_CHANNELS
+        return {"encoder": spec_to_dict(spec), "encoder_identity": identity, "text_in_dim": int(identity["dim"]),
+                "position_channels": POSITION_CHANNELS if self.patient_frame else 0,
+                "spatial_augmentation": "safe" if self.safe_spatial_augmentation else "nnunet",
+                "network_version": NETWORK_VERSION}
 
     def prepare_text(self) -> None:
         """Load (or lazily build) the report embeddings of every case this fold uses and record the
@@ -231,7 +247,50 @@ class nnUNetTrainerText(nnUNetTrainer):
                 raise TextTrainingError(f"{self.__class__.__name__} supports nnU-Net's 2d configuration only, not "
                                         f"{self.configuration_name!r}: train with `nnUNetv2_train DATASET 2d FOLD`.")
             self.prepare_text()
+            super().initialize()
+            if self.patient_frame:
+                from nnunetv2_textseg.patient_frame import patient_frame_dataset
+                self.dataset_class = patient_frame_dataset(self.dataset_class)
+            return
         super().initialize()
+
+    def get_dataloaders(self):
+        if self.patient_frame and self.dataset_class is not None:
+            from nnunetv2_textseg.patient_frame import patient_frame_dataset
+            self.dataset_class = patient_frame_dataset(self.dataset_class)
+        return super().get_dataloaders()
+
+    def get_training_transforms(self, *args, **kwargs):
+        """nnU-Net's pipeline (an instance method here; nnU-Net calls it through ``self``), with the
+        position channels moved past its intensity transforms and warped only by its spatial ones."""
+        pipeline = super().get_training_transforms(*args, **kwargs)
+        if not self.patient_frame:
+            return pipeline
+        from nnunetv2_textseg.patient_frame import protect_position_channels
+        return protect_position_channels(pipeline)
+
+    def configure_optimizers(self):
+        """nnU-Net's SGD + PolyLR for the planned U-Net; AdamW for the text modules.
+
+        Why: the text modules (attention pooling, MLPs, generator) are small transformer/MLP-like parts that
+        SGD with nnU-Net's momentum 0.99 moves slowly, while the U-Net fits the few labelled images long
+        before they learn anything. Both optimisers step together (:class:`OptimizerPair`, saved in nnU-Net's
+        checkpoint as one state)."""
+        from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+        net = self.network._orig_mod if isinstance(self.network, OptimizedModule) else self.network
+        unet_ids = {id(p) for p in net.unet.parameters()}
+        text_params = [p for p in net.parameters() if id(p) not in unet_ids]
+        sgd = torch.optim.SGD(net.unet.parameters(), self.initial_lr, weight_decay=self.weight_decay,
+                              momentum=0.99, nesterov=True)
+        text = torch.optim.AdamW(text_params, lr=self.text_lr, weight_decay=self.text_weight_decay)
+        return OptimizerPair(sgd, text), PolyLRScheduler(sgd, self.initial_lr, self.num_epochs)
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        if isinstance(self.optimizer, OptimizerPair):  # the text modules decay like nnU-Net's PolyLR
+            factor = (1 - self.current_epoch / self.num_epochs) ** 0.9
+            for g in self.optimizer.text.param_groups:
+                g["lr"] = self.text_lr * factor
 
     def text_for(self, keys) -> torch.Tensor:
         """Pooled report embeddings (B, D_in) for a batch's case ids, in batch order."""
@@ -244,7 +303,10 @@ class nnUNetTrainerText(nnUNetTrainer):
 
     def set_network_text(self, keys) -> None:
         """Give the network the reports of ``keys`` for its next plain forward passes."""
-        self.unwrapped_network().set_text(self.text_for(keys))
+        if self.uses_token_text:
+            self.unwrapped_network().set_text(*self.tokens_for(keys))
+        else:
+            self.unwrapped_network().set_text(self.text_for(keys))
 
     def unwrapped_network(self) -> torch.nn.Module:
         mod = self.network.module if self.is_ddp else self.network
@@ -271,26 +333,38 @@ class nnUNetTrainerText(nnUNetTrainer):
         return entry
 
     # ---- extra loss terms: logged per epoch (kept on --c by nnU-Net's logger checkpoint), plotted ----
+    def _logged_keys(self) -> list[str]:
+        return [f"train_{k}_loss" for k in self.aux_losses] + [f"train_{k}" for k in self.aux_stats]
+
     def on_train_start(self):
         super().on_train_start()
-        for k in self.aux_losses:
-            self.logger.local_logger.my_fantastic_logging.setdefault(f"train_{k}_loss", [])
+        for k in self._logged_keys():
+            self.logger.local_logger.my_fantastic_logging.setdefault(k, [])
+
+    def epoch_statistics(self) -> dict[str, float]:
+        """Statistics of the network itself, logged once per epoch (e.g. first-convolution weight norms)."""
+        return {}
 
     def on_train_epoch_end(self, train_outputs: list[dict]):
         super().on_train_epoch_end(train_outputs)
-        for k in self.aux_losses:
-            value = float(np.mean([o[k] for o in train_outputs if k in o] or [np.nan]))
+        from_network = self.epoch_statistics()
+        for k, key in zip(list(self.aux_losses) + list(self.aux_stats), self._logged_keys()):
+            value = from_network[k] if k in from_network else \
+                float(np.mean([o[k] for o in train_outputs if k in o] or [np.nan]))
             if self.is_ddp:
                 import torch.distributed as dist
                 gathered = [None] * dist.get_world_size()
                 dist.all_gather_object(gathered, value)
                 value = float(np.nanmean(gathered))
-            self.logger.log(f"train_{k}_loss", value, self.current_epoch)
+            self.logger.log(key, value, self.current_epoch)
 
     def on_epoch_end(self):
-        if self.local_rank == 0 and self.aux_losses:
+        if self.local_rank == 0 and (self.aux_losses or self.aux_stats):
             terms = ", ".join(f"{k} {self.logger.get_value(f'train_{k}_loss', step=-1):.4f}" for k in self.aux_losses)
             self.print_to_log_file(f"{self.method_name} loss terms: {terms}")
+            if self.aux_stats:
+                stats = ", ".join(f"{k} {self.logger.get_value(f'train_{k}', step=-1):.4f}" for k in self.aux_stats)
+                self.print_to_log_file(f"{self.method_name} statistics: {stats}")
             self.plot_text_losses()
         super().on_epoch_end()
 
@@ -302,7 +376,8 @@ class nnUNetTrainerText(nnUNetTrainer):
         matplotlib.use("agg")
         import matplotlib.pyplot as plt
         logged = self.logger.local_logger.my_fantastic_logging
-        fig, ax = plt.subplots(figsize=(9, 5))
+        fig, axes = plt.subplots(1, 2 if self.aux_stats else 1, figsize=(16 if self.aux_stats else 9, 5), squeeze=False)
+        ax = axes[0, 0]
         for k in self.aux_losses:
             ys = logged.get(f"train_{k}_loss", [])
             ax.plot(range(len(ys)), ys, label=k)
@@ -311,6 +386,14 @@ class nnUNetTrainerText(nnUNetTrainer):
         ax.set_yscale("log")
         ax.legend()
         ax.set_title(f"{self.__class__.__name__}: loss terms")
+        if self.aux_stats:  # a collapsing pseudo-image or an input channel the U-Net ignores shows here
+            ax = axes[0, 1]
+            for k in self.aux_stats:
+                ys = logged.get(f"train_{k}", [])
+                ax.plot(range(len(ys)), ys, label=k)
+            ax.set_xlabel("epoch")
+            ax.legend(fontsize=8)
+            ax.set_title("pseudo-image and first-convolution statistics")
         fig.tight_layout()
         fig.savefig(f"{self.output_folder}/progress_text.png")
         plt.close(fig)
@@ -332,15 +415,10 @@ class nnUNetTrainerText(nnUNetTrainer):
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
         rotation, dummy_2d, initial_patch_size, mirror_axes = \
             super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-        if self.allow_mirroring:
+        if not self.safe_spatial_augmentation:  # nnU-Net's defaults: the position channels keep the frame
             return rotation, dummy_2d, initial_patch_size, mirror_axes
-        from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
-        r = np.deg2rad(self.max_rotation_deg)
-        rotation = (-r, r)
-        patch_size = self.configuration_manager.patch_size
-        initial_patch_size = get_patch_size(patch_size[-len(patch_size):], rotation, rotation, rotation, (0.85, 1.25))
-        if dummy_2d:
-            initial_patch_size[0] = patch_size[0]
+        rotation, initial_patch_size = safe_rotation_and_patch_size(self.configuration_manager.patch_size,
+                                                                    self.max_rotation_deg, dummy_2d)
         self.inference_allowed_mirroring_axes = None
         return rotation, dummy_2d, initial_patch_size, None
 
@@ -370,3 +448,43 @@ class nnUNetTrainerText(nnUNetTrainer):
         finally:
             self.dataset_class = original
             net.set_text(None)
+
+
+def safe_rotation_and_patch_size(patch_size, max_rotation_deg: float, dummy_2d: bool) -> tuple[tuple, np.ndarray]:
+    """Safe mode's rotation range (±max_rotation_deg) and the initial patch size nnU-Net needs for it."""
+    from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
+    r = np.deg2rad(max_rotation_deg)
+    rotation = (-r, r)
+    initial_patch_size = get_patch_size(patch_size[-len(patch_size):], rotation, rotation, rotation, (0.85, 1.25))
+    if dummy_2d:
+        initial_patch_size[0] = patch_size[0]
+    return rotation, initial_patch_size
+
+
+class OptimizerPair:
+    """Two optimisers stepped as one: nnU-Net's SGD (``main``, driven by its PolyLR scheduler and logged as
+    its lr) and AdamW for the text modules. Looks like an optimiser to nnU-Net's loop, grad scaler and
+    checkpoint (``param_groups`` lists the main groups first)."""
+
+    def __init__(self, main: torch.optim.Optimizer, text: torch.optim.Optimizer):
+        self.main, self.text = main, text
+        self.state: dict = {}  # GradScaler looks for it; each optimiser keeps its own
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.main.param_groups + self.text.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.main.zero_grad(set_to_none=set_to_none)
+        self.text.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure=None) -> None:
+        self.main.step()
+        self.text.step()
+
+    def state_dict(self) -> dict:
+        return {"main": self.main.state_dict(), "text": self.text.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.main.load_state_dict(state["main"])
+        self.text.load_state_dict(state["text"])

@@ -9,7 +9,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunetv2_textseg.training.biclip import nnUNetTrainerBiCLIP
 from nnunetv2_textseg.training.medclipseg import nnUNetTrainerMedCLIPSeg
-from nnunetv2_textseg.training.text_trainer import nnUNetTrainerText
+from nnunetv2_textseg.training.text_trainer import nnUNetTrainerText, safe_rotation_and_patch_size
 
 
 # ---- ablations -----------------------------------------------------------------------------------
@@ -37,6 +37,40 @@ class nnUNetTrainerBiCLIP_noBMF(nnUNetTrainerBiCLIP):
     """No pseudo-image losses: the pseudo-image is shaped by segmentation alone (no generation/cycle)."""
     lambda_gen = 0.0
     lambda_cycle = 0.0
+
+
+class nnUNetTrainerBiCLIP_efunet(nnUNetTrainerBiCLIP):
+    """The papers' literal pseudo-image: EF-UNet's L1 to image × lesion (λ 0.1), an unbounded (linear)
+    pseudo-image fed as is, and the mean-pooled report embedding. Kept for comparison: on our data its
+    pseudo-image learns to be nearly empty (see lesion_generation_loss for why)."""
+    generation = "masked_image"
+    lambda_gen = 0.1
+    text_pooling = "mean"
+    pseudo_activation = "linear"
+
+
+class nnUNetTrainerBiCLIP_safeAug(nnUNetTrainerBiCLIP):
+    """Safe-mode spatial augmentation: ±15° rotation, no mirroring in training or at test time."""
+    safe_spatial_augmentation = True
+
+
+class nnUNetTrainerMedCLIPSeg_safeAug(nnUNetTrainerMedCLIPSeg):
+    """Safe-mode spatial augmentation: ±15° rotation, no mirroring in training or at test time."""
+    safe_spatial_augmentation = True
+
+
+class nnUNetTrainer_safeAug(nnUNetTrainer):
+    """Plain nnU-Net with the text trainers' safe-mode spatial augmentation (the control for what that
+    augmentation alone costs)."""
+    max_rotation_deg = 15.0
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        rotation, dummy_2d, initial_patch_size, mirror_axes = \
+            super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        rotation, initial_patch_size = safe_rotation_and_patch_size(self.configuration_manager.patch_size,
+                                                                    self.max_rotation_deg, dummy_2d)
+        self.inference_allowed_mirroring_axes = None
+        return rotation, dummy_2d, initial_patch_size, None
 
 
 class nnUNetTrainerBiCLIP_paper(nnUNetTrainerBiCLIP):
@@ -97,19 +131,21 @@ _LENGTHS = {"_1epoch": (1, None, None), "_5epochs": (5, None, None), "_10epochs"
             "_demo": (30, 25, 5), "_debug": (2, 4, 2)}
 _BASES = [nnUNetTrainerBiCLIP, nnUNetTrainerBiCLIP_noIAC, nnUNetTrainerBiCLIP_noCycle,
           nnUNetTrainerBiCLIP_unidirectional, nnUNetTrainerBiCLIP_noText, nnUNetTrainerBiCLIP_noBMF,
+          nnUNetTrainerBiCLIP_efunet, nnUNetTrainerBiCLIP_safeAug,
           nnUNetTrainerMedCLIPSeg, nnUNetTrainerMedCLIPSeg_noProb, nnUNetTrainerMedCLIPSeg_noContrastive,
-          nnUNetTrainerMedCLIPSeg_noText]
+          nnUNetTrainerMedCLIPSeg_noText, nnUNetTrainerMedCLIPSeg_safeAug]
 for _base in _BASES:
     for _suffix, (_e, _it, _vit) in _LENGTHS.items():
         _cls = _with_length(_base, _base.__name__ + _suffix, _e, _it, _vit)
         globals()[_cls.__name__] = _cls
 # Plain nnU-Net with the same short lengths, so demo and benchmark compare like with like
 # (nnU-Net's own nnUNetTrainer_Nepochs classes keep 250 iterations per epoch).
-for _suffix in ("_demo", "_debug"):
-    _e, _it, _vit = _LENGTHS[_suffix]
-    _cls = _with_length(nnUNetTrainer, "nnUNetTrainer" + _suffix, _e, _it, _vit)
-    globals()[_cls.__name__] = _cls
-del _base, _suffix, _e, _it, _vit, _cls
+for _plain in (nnUNetTrainer, nnUNetTrainer_safeAug):
+    for _suffix in ("_demo", "_debug"):
+        _e, _it, _vit = _LENGTHS[_suffix]
+        _cls = _with_length(_plain, _plain.__name__ + _suffix, _e, _it, _vit)
+        globals()[_cls.__name__] = _cls
+del _base, _plain, _suffix, _e, _it, _vit, _cls
 
 __all__ = ["nnUNetTrainerBiCLIP", "nnUNetTrainerMedCLIPSeg"] + [
     n for n, v in list(globals().items()) if isinstance(v, type) and n.startswith("nnUNetTrainer") and n != "nnUNetTrainer"]
