@@ -17,6 +17,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from nnunetv2_textseg.encoders import EncoderSpec, TextEncoder, TextEncoding, load_encoder, spec_to_dict
+from nnunetv2_textseg.reports import chmod_as_umask
 
 CACHE_FORMAT = 1
 
@@ -98,6 +99,7 @@ class TextEmbeddingCache:
                          tokens=self.tokens.astype(np.float16), mask=self.mask.astype(bool),
                          identity=np.array(json.dumps(self.identity, sort_keys=True)),
                          spec=np.array(json.dumps(self.spec, sort_keys=True)))
+            chmod_as_umask(tmp)  # mkstemp creates 0600; the cache is an ordinary file like the others
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -107,20 +109,61 @@ class TextEmbeddingCache:
 
     @classmethod
     def load(cls, path: str | Path) -> "TextEmbeddingCache":
+        """Read a cache (plain arrays, ``allow_pickle=False``) and check it is whole: one row of ``pooled``,
+        ``tokens``, ``mask`` and ``text_sha`` per case id, consistent shapes, finite values, unique ids.
+
+        The recorded encoder ``spec`` is data, never permission: build an encoder from it with
+        :func:`~nnunetv2_textseg.encoders.spec_from_record`, which ignores its ``trust_remote_code``."""
         path = Path(path)
         try:
             with np.load(path, allow_pickle=False) as z:
                 if int(z["format"]) != CACHE_FORMAT:
                     raise CacheError(f"{path} has cache format {int(z['format'])}, expected {CACHE_FORMAT}; "
                                      f"delete it and run nnUNetv2_textseg_encode.")
-                return cls(case_ids=[str(c) for c in z["case_ids"]], text_sha=[str(s) for s in z["text_sha"]],
-                           pooled=z["pooled"], tokens=z["tokens"], mask=z["mask"],
-                           identity=json.loads(str(z["identity"])), spec=json.loads(str(z["spec"])), path=path)
+                cache = cls(case_ids=[str(c) for c in z["case_ids"]], text_sha=[str(s) for s in z["text_sha"]],
+                            pooled=z["pooled"], tokens=z["tokens"], mask=z["mask"],
+                            identity=json.loads(str(z["identity"])), spec=json.loads(str(z["spec"])), path=path)
         except CacheError:
             raise
         except Exception as e:
             raise CacheError(f"Cannot read the text embedding cache {path} ({type(e).__name__}: {e}). "
                              f"Delete it and run nnUNetv2_textseg_encode again.") from e
+        problem = cache._problem()
+        if problem:
+            raise CacheError(f"The text embedding cache {path} is damaged: {problem}. Delete it and run "
+                             f"nnUNetv2_textseg_encode again.")
+        return cache
+
+    def _problem(self) -> str | None:
+        """What is inconsistent in this cache, or None."""
+        n = len(self.case_ids)
+        if not isinstance(self.identity, dict) or not isinstance(self.spec, dict):
+            return "its encoder record (identity/spec) is not a JSON object"
+        if len(set(self.case_ids)) != n:
+            return f"{n - len(set(self.case_ids))} duplicate case id(s)"
+        if len(self.text_sha) != n:
+            return f"{len(self.text_sha)} report hashes for {n} case ids"
+        if self.pooled.ndim != 2 or self.pooled.shape[0] != n:
+            return f"'pooled' has shape {self.pooled.shape}, expected ({n}, D) for {n} case ids"
+        if self.tokens.ndim != 3 or self.tokens.shape[0] != n or self.tokens.shape[2] != self.pooled.shape[1]:
+            return (f"'tokens' has shape {self.tokens.shape}, expected ({n}, L, {self.pooled.shape[1]}) "
+                    f"for {n} case ids")
+        if self.mask.shape != self.tokens.shape[:2]:
+            return f"'mask' has shape {self.mask.shape}, expected {self.tokens.shape[:2]} (as 'tokens')"
+        if self.mask.dtype != bool:
+            return f"'mask' has dtype {self.mask.dtype}, expected bool"
+        dim = self.identity.get("dim")
+        if dim is not None and dim != self.pooled.shape[1]:
+            return f"embeddings have {self.pooled.shape[1]} dimensions, its encoder record says {dim}"
+        for name in ("pooled", "tokens"):
+            values = getattr(self, name)
+            if not np.issubdtype(values.dtype, np.floating):
+                return f"'{name}' has dtype {values.dtype}, expected floating point"
+            step = max(1, (1 << 24) // max(1, values[:1].size))  # in chunks: no full-size temporary for big caches
+            bad = sum(int(np.count_nonzero(~np.isfinite(values[i:i + step]))) for i in range(0, n, step))
+            if bad:
+                return f"'{name}' holds {bad} non-finite value(s) (NaN/inf)"
+        return None
 
     def select(self, case_ids: Sequence[str]) -> TextEncoding:
         r = self.rows(case_ids)

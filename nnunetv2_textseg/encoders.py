@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -25,6 +26,10 @@ _BUNDLED_ALIASES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"
 
 class EncoderError(RuntimeError):
     """An encoder cannot be loaded or does not match what a cache/model expects."""
+
+
+class ReportTruncationWarning(UserWarning):
+    """Some reports have more tokens than the encoder's ``max_length``; their ends were not encoded."""
 
 
 def bundled_minilm_path() -> Path:
@@ -141,18 +146,46 @@ class TextEncoder:
     @torch.inference_mode()
     def encode(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False) -> TextEncoding:
         """Encode texts; identical texts are encoded once (real report sets repeat a lot) and batches
-        are formed from length-sorted texts to keep padding small."""
+        are formed from length-sorted texts to keep padding small. Texts longer than ``max_length`` tokens
+        are truncated to it, with one :class:`ReportTruncationWarning` saying how many."""
         texts = list(texts)
         unique = list(dict.fromkeys(texts))
+        enc, cut = self._encode_unique(unique, batch_size, progress)
+        self._warn_truncated(texts, {unique[i] for i in cut})
         if len(unique) < len(texts):
-            enc = self.encode(unique, batch_size, progress)
             where = {t: i for i, t in enumerate(unique)}
             rows = np.array([where[t] for t in texts], dtype=np.int64)
             return TextEncoding(enc.pooled[rows], enc.tokens[rows], enc.mask[rows])
+        return enc
+
+    def truncated(self, texts: Sequence[str]) -> list[bool]:
+        """For each text, whether it has more tokens than ``max_length`` (and is cut when encoded)."""
+        if not texts:
+            return []
+        limit = self.spec.max_length
+        # tokenise to one token more than the limit: longer means cut, and no "sequence too long" warnings
+        ids = self.tokenizer(list(texts), truncation=True, max_length=limit + 1)["input_ids"]
+        return [len(i) > limit for i in ids]
+
+    def _warn_truncated(self, texts: Sequence[str], long: set[str]) -> None:
+        if not long:
+            return
+        n = sum(t in long for t in texts)
+        model_limit = getattr(self.model.config, "max_position_embeddings", None)
+        upto = f" (this model takes at most {model_limit})" if isinstance(model_limit, int) else ""
+        warnings.warn(f"{n} of {len(texts)} report(s) are longer than the text encoder's max_length of "
+                      f"{self.spec.max_length} tokens and were truncated to it; to keep more of them raise it with "
+                      f"nnUNetv2_textseg_encode --max_length N (EncoderSpec(max_length=N)){upto}.",
+                      ReportTruncationWarning, stacklevel=4)  # the caller of encode (past inference_mode)
+
+    def _encode_unique(self, texts: Sequence[str], batch_size: int, progress: bool
+                       ) -> tuple[TextEncoding, list[int]]:
+        """Encodings of distinct texts, and the indices of those truncated to ``max_length``."""
         n = len(texts)
         order = sorted(range(n), key=lambda i: len(texts[i]))
         pooled = np.zeros((n, self.dim), np.float32)
         chunks: list[tuple[list[int], np.ndarray, np.ndarray]] = []
+        at_limit: list[int] = []  # filled up to max_length: cut, or exactly that long
         max_len = 1
         for start in tqdm(range(0, n, batch_size), desc="Encoding reports", disable=not progress, unit="batch"):
             idx = order[start:start + batch_size]
@@ -160,6 +193,7 @@ class TextEncoder:
                                    max_length=self.spec.max_length, return_tensors="pt").to(self.device)
             hidden = self.model(**batch).last_hidden_state.float()  # (B, L, D)
             m = batch["attention_mask"].bool()
+            at_limit.extend(i for i, k in zip(idx, m.sum(1).tolist()) if k >= self.spec.max_length)
             if self.spec.pooling == "cls":
                 p = hidden[:, 0]
             else:
@@ -175,14 +209,31 @@ class TextEncoder:
         for idx, h, m in chunks:
             tokens[idx, :h.shape[1]] = h
             mask[idx, :m.shape[1]] = m
-        return TextEncoding(pooled, tokens, mask)
+        at_limit.sort()
+        cut = [i for i, c in zip(at_limit, self.truncated([texts[i] for i in at_limit])) if c]
+        return TextEncoding(pooled, tokens, mask), cut
 
 
-def load_encoder(spec: EncoderSpec | dict | None = None, device: str | torch.device = "cpu") -> TextEncoder:
-    """Build a TextEncoder from a spec or the ``spec`` dict recorded with a cache or a model."""
+def spec_from_record(record: dict, trust_remote_code: bool = False) -> EncoderSpec:
+    """An EncoderSpec from the ``spec`` dict recorded with a cache or a model.
+
+    A record is data, not permission: its ``trust_remote_code`` is ignored, so a cache or model file can never
+    switch on running a model's own code; only the caller can, with ``trust_remote_code=True`` (CLI:
+    ``--trust_remote_code``)."""
+    if not isinstance(record, dict) or "name_or_path" not in record:
+        raise EncoderError(f"Recorded encoder spec {record!r} is not a dict with 'name_or_path'.")
+    kwargs = {k: record[k] for k in ("name_or_path", "pooling", "max_length", "revision") if k in record}
+    return EncoderSpec(**kwargs, trust_remote_code=bool(trust_remote_code))
+
+
+def load_encoder(spec: EncoderSpec | dict | None = None, device: str | torch.device = "cpu",
+                 trust_remote_code: bool = False) -> TextEncoder:
+    """Build a TextEncoder from a spec or the ``spec`` dict recorded with a cache or a model.
+
+    For a recorded dict, remote code runs only with ``trust_remote_code=True`` here, whatever the record says
+    (see :func:`spec_from_record`); an :class:`EncoderSpec` is the caller's own choice and is used as is."""
     if isinstance(spec, dict):
-        spec = EncoderSpec(**{k: spec[k] for k in ("name_or_path", "pooling", "max_length",
-                                                    "trust_remote_code", "revision") if k in spec})
+        spec = spec_from_record(spec, trust_remote_code)
     return TextEncoder(spec, device)
 
 

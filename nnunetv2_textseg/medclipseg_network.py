@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from nnunetv2_textseg.networks import PlannedUNetWrapper
+from nnunetv2_textseg.patient_frame import ensure_position_channels
 from nnunetv2_textseg.modules.medclipseg import CrossModalAdapter
 
 
@@ -73,8 +74,10 @@ class MedCLIPSegNetwork(PlannedUNetWrapper):
 
     def __init__(self, unet: nn.Module, text_token_dim: int, adapter_stages: Sequence[int] | None = None,
                  width: int = 64, heads: int = 4, beta: float = 2.35, deterministic: bool = False,
-                 ignore_text: bool = False):
+                 ignore_text: bool = False, position_channels: int = 0):
         super().__init__()
+        self.position_channels = position_channels  # patient-frame channels at the end of the input (0: none)
+        self.input_channels = next(m.in_channels for m in unet.modules() if isinstance(m, nn.modules.conv._ConvNd))
         self.sample_at_inference = False  # Monte-Carlo prediction: sample attention values in eval too
         enc = getattr(unet, "encoder", None)
         if enc is None or not hasattr(unet, "decoder") or not hasattr(enc, "stages"):
@@ -160,6 +163,8 @@ class MedCLIPSegNetwork(PlannedUNetWrapper):
         report_emb = _masked_mean(txt.detach(), txt_mask) if return_aux else None
 
         enc = self.unet.encoder
+        if self.position_channels:
+            x = ensure_position_channels(x, self.input_channels, type(self).__name__)
         h = x
         if getattr(enc, "stem", None) is not None:
             h = enc.stem(h)

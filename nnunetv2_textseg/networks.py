@@ -17,7 +17,8 @@ from torch import nn
 
 from nnunetv2_textseg.modules.biclip import (AttentionPoolText, BidirectionalFusion, GlobalImageEncoder,
                                              ImageToTextHead, MeanPoolText, ProjectionHead, PseudoImageGenerator)
-from nnunetv2_textseg.patient_frame import sample_patient_frame, split_position
+from nnunetv2_textseg.patient_frame import (POSITION_CHANNELS, ensure_position_channels, sample_patient_frame,
+                                            split_position)
 
 
 @dataclass
@@ -163,6 +164,7 @@ class BiCLIPNetwork(PlannedUNetWrapper):
                 self._warned_null = True
         if tokens is not None:
             tokens, mask = tokens.to(x.device), mask.to(x.device)
+        x = ensure_position_channels(x, self.image_channels + POSITION_CHANNELS, type(self).__name__)
         image, position = split_position(x)
         t = self.text_embedding(tokens, mask, x.shape[0], drop)
         pseudo, raw, frame = self.pseudo_image(x, t)

@@ -100,6 +100,23 @@ def protect_position_channels(pipeline: ComposeTransforms) -> ComposeTransforms:
     return ComposeTransforms([StashPositionChannels(), *pipeline.transforms, RestorePositionChannels()])
 
 
+def ensure_position_channels(x: torch.Tensor, expected_channels: int, who: str) -> torch.Tensor:
+    """x as the network expects it: (B, expected_channels, H, W), image then position channels.
+
+    Plain ``nnUNetv2_predict`` (which knows nothing of position channels) passes the image alone; then each
+    tile is taken as the whole image, with a warning, rather than failing."""
+    if x.shape[1] == expected_channels:
+        return x
+    if x.shape[1] == expected_channels - POSITION_CHANNELS:
+        import warnings
+        warnings.warn(f"{who}: input without patient-frame position channels (plain nnUNetv2_predict?): each "
+                      f"tile is taken as the whole image. Predict with nnUNetv2_textseg_predict.")
+        pos = torch.from_numpy(position_channels(tuple(x.shape[2:]))).to(x.device, x.dtype)
+        return torch.cat([x, pos[None].expand(x.shape[0], -1, -1, -1)], 1)
+    raise ValueError(f"{who}: expected {expected_channels} input channels (image + {POSITION_CHANNELS} position), "
+                     f"got {x.shape[1]}")
+
+
 def split_position(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, C + 3, H, W) -> image (B, C, H, W), position (B, 3, H, W)."""
     return x[:, :-POSITION_CHANNELS], x[:, -POSITION_CHANNELS:]

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -25,6 +27,60 @@ class PretrainedConversionError(TextTrainingError):
     """The plain checkpoint does not fit the text trainer's network; the message says why and what to do."""
 
 
+def _one_line(e: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message`` (torch's unpickling errors run over many lines)."""
+    text = next((line.strip() for line in str(e).splitlines() if line.strip()), "").split(". ")[0]
+    text = text if len(text) <= limit else text[:limit] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _numpy_safe_globals() -> list:
+    """numpy scalar/array/dtype reconstructors: nnU-Net logs numpy floats into its checkpoints (``logging``).
+    Rebuilding a numpy scalar or array from its dtype and bytes runs no user code, unlike arbitrary pickled
+    objects (the elements of an object array still pass the same restricted unpickler)."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    found = [core.multiarray.scalar, core.multiarray._reconstruct, np.ndarray, np.dtype]
+    dtypes = getattr(np, "dtypes", None)  # numpy >= 1.25 pickles dtypes through their classes
+    if dtypes is not None:
+        found += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType") and isinstance(getattr(dtypes, n), type)]
+    return found
+
+
+def load_checkpoint_safely(path: str | Path) -> dict:
+    """``torch.load(path, weights_only=True)``: tensors, dicts, lists, numbers and strings (plus numpy scalars),
+    never arbitrary pickled Python objects, so loading a checkpoint cannot run code.
+
+    Errors name the file in one line: unreadable/truncated files, and files holding other Python objects
+    (which are refused, not unpickled)."""
+    path = Path(path)
+    kwargs = dict(map_location="cpu", weights_only=True)
+    try:
+        safe = getattr(torch.serialization, "safe_globals", None)
+        if safe is not None:
+            with safe(_numpy_safe_globals()):
+                ckpt = torch.load(path, **kwargs)
+        else:
+            ckpt = torch.load(path, **kwargs)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported (?:global|class)[: ]*(?:GLOBAL )?([\w.<>]+)", str(e))
+        if found:  # a Python object the safe unpickler refuses to rebuild
+            raise PretrainedConversionError(
+                f"{path} contains non-tensor Python objects (e.g. {found.group(1)}); they are not unpickled, for "
+                f"safety (unpickling can run arbitrary code). Give a plain nnU-Net checkpoint "
+                f"(fold_X/checkpoint_final.pth), which holds only tensors, dicts, lists, numbers and strings.") from None
+        raise PretrainedConversionError(f"{path} is not an nnU-Net checkpoint (not a readable torch file: truncated "
+                                        f"or corrupt?); give a model folder's fold_X/checkpoint_final.pth.") from None
+    except Exception as e:  # not a torch file, truncated, corrupt
+        raise PretrainedConversionError(f"{path} is not an nnU-Net checkpoint ({_one_line(e)}; truncated or "
+                                        f"corrupt?); give a model folder's fold_X/checkpoint_final.pth.") from None
+    if not isinstance(ckpt, dict):
+        raise PretrainedConversionError(f"{path} is not an nnU-Net checkpoint (it holds a {type(ckpt).__name__}, "
+                                        f"not a dict); give a model folder's fold_X/checkpoint_final.pth.")
+    return ckpt
+
+
 def _text_in_dim(trainer: type[nnUNetTrainerText], preprocessed: Path) -> dict:
     """The text-plans entry the trainer will record: the encoder it will choose (same rules as training)."""
     from nnunetv2_textseg.cache import TextEmbeddingCache, cache_path
@@ -33,8 +89,12 @@ def _text_in_dim(trainer: type[nnUNetTrainerText], preprocessed: Path) -> dict:
 
     spec = choose_encoder_spec(preprocessed, trainer.text_encoder, None)
     path = cache_path(preprocessed, spec, "Tr")
+    from nnunetv2_textseg.patient_frame import POSITION_CHANNELS
+    from nnunetv2_textseg.training.text_trainer import NETWORK_VERSION
+
     dim = TextEmbeddingCache.load(path).identity["dim"] if path.is_file() else TextEncoder(spec).dim
-    return {"text_in_dim": int(dim)}
+    return {"text_in_dim": int(dim), "position_channels": POSITION_CHANNELS if trainer.patient_frame else 0,
+            "network_version": NETWORK_VERSION}
 
 
 def convert_plain_checkpoint(plain_checkpoint: str | Path, trainer_name: str, dataset: str | int,
@@ -50,12 +110,14 @@ def convert_plain_checkpoint(plain_checkpoint: str | Path, trainer_name: str, da
     if not plain_checkpoint.is_file():
         raise PretrainedConversionError(f"No checkpoint {plain_checkpoint}; give a plain nnU-Net model's "
                                         f"checkpoint_final.pth (or checkpoint_best.pth).")
+    ckpt = load_checkpoint_safely(plain_checkpoint)
     try:
-        ckpt = torch.load(plain_checkpoint, map_location="cpu", weights_only=False)
         plain = ckpt["network_weights"]
-    except Exception as e:  # not a torch file, or not an nnU-Net checkpoint
-        raise PretrainedConversionError(f"{plain_checkpoint} is not an nnU-Net checkpoint ({type(e).__name__}: "
-                                        f"{e}); give a model folder's fold_X/checkpoint_final.pth.") from None
+        if not isinstance(plain, dict) or not all(isinstance(v, torch.Tensor) for v in plain.values()):
+            raise TypeError("'network_weights' is not a dict of tensors")
+    except Exception as e:  # a torch file, but not an nnU-Net checkpoint
+        raise PretrainedConversionError(f"{plain_checkpoint} is not an nnU-Net checkpoint ({_one_line(e)}); "
+                                        f"give a model folder's fold_X/checkpoint_final.pth.") from None
     try:
         trainer = text_trainer_class(trainer_name)
     except KeyError as e:
@@ -122,6 +184,17 @@ def convert_plain_checkpoint(plain_checkpoint: str | Path, trainer_name: str, da
             "trainer_name": trainer_name, "plain_trainer_name": ckpt.get("trainer_name")}
 
 
+def _same_file(a: str | Path, b: str | Path) -> bool:
+    """Same file: same resolved path, or (both existing) the same inode, e.g. a hard link or a symlink."""
+    a, b = Path(a), Path(b)
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return a.resolve() == b.resolve()
+
+
 def _strip_wrappers(key: str) -> str:
     """Parameter name without DDP's ``module.`` and torch.compile's ``_orig_mod.`` prefixes."""
     for prefix in ("module.", "_orig_mod."):
@@ -132,8 +205,13 @@ def _strip_wrappers(key: str) -> str:
 
 def write_converted(plain_checkpoint: str | Path, output: str | Path, trainer_name: str, dataset: str | int,
                     configuration: str = "2d", plans_identifier: str = "nnUNetPlans", overwrite: bool = False) -> Path:
-    """Convert and save atomically; an existing output is only replaced with ``overwrite``."""
+    """Convert and save atomically; an existing output is only replaced with ``overwrite``, and never when it is
+    the input checkpoint itself (also through a symlink or hard link)."""
     output = Path(output)
+    if _same_file(plain_checkpoint, output):
+        raise PretrainedConversionError(
+            f"-o {output} is the input checkpoint -i {plain_checkpoint} itself; writing there would replace the plain "
+            f"model. Choose another output file (e.g. {Path(output).with_name(Path(output).stem + '_converted.pth')}).")
     if output.exists() and not overwrite:
         raise PretrainedConversionError(f"{output} exists; choose another -o or pass --overwrite.")
     converted = convert_plain_checkpoint(plain_checkpoint, trainer_name, dataset, configuration, plans_identifier)

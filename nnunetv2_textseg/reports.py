@@ -403,6 +403,26 @@ class ReportTable:
         return str(self.source) if self.source is not None else "report table (in memory)"
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where possible (Linux: /proc/self/status)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: the only portable way is to set it and put it back
+    os.umask(mask)
+    return mask
+
+
+def chmod_as_umask(path: str | os.PathLike) -> None:
+    """Give a file made by ``tempfile.mkstemp`` (always mode 0600) the mode a new file made by ``open()`` gets,
+    ``0o666 & ~umask``, so atomically written outputs are readable by whom the user intends."""
+    os.chmod(path, 0o666 & ~current_umask())
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     # Temp file in the same directory so os.replace is a same-filesystem rename.
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -411,6 +431,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        chmod_as_umask(tmp)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         try:

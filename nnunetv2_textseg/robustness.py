@@ -526,20 +526,78 @@ def _find_reports(input_folder: Path, reports: Path | None) -> Path | None:
     return None
 
 
-def _prepare_output(input_folder: Path, output_folder: Path, overwrite: bool) -> None:
+def _check_separate_folders(input_folder: Path, output_folder: Path) -> None:
+    """Refuse an output folder that is, contains or lies inside the input folder (symlinks resolved).
+
+    Writing into the input would mix degraded and clean images; an output above the input (``-i D/imagesTs
+    -o D``) would, with ``--overwrite``, put the input itself at risk.
+    """
     src, dst = input_folder.resolve(), output_folder.resolve()
-    if dst == src or src in dst.parents:
-        raise ValueError(f"Output folder {output_folder} is (inside) the input folder {input_folder}; "
-                         f"degraded copies must go to a separate folder.")
+    if dst == src or src in dst.parents or dst in src.parents:
+        where = "is" if dst == src else ("lies inside" if src in dst.parents else "contains")
+        raise ValueError(f"Output folder {output_folder} {where} the input folder {input_folder}; degraded copies "
+                         f"must go to a separate folder that neither contains nor lies inside the input "
+                         f"(e.g. {src.parent / (src.name + '_degraded')}).")
+
+
+def _plain_name(name: object) -> bool:
+    """A bare file name (no folder part, no '..'): the only entries a manifest may name."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and "\0" not in name)
+
+
+def _own_manifest(folder: Path) -> tuple[list[str], bool] | None:
+    """(files this tool wrote into ``folder``, whether it created ``folder``) from its ``degradation.json``;
+    None when there is no readable record. Records of older versions (no ``written_files``) name their
+    images under ``files`` plus ``reports.csv``."""
+    try:
+        meta = _load_json(folder / DEGRADATION_FILE)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict):
+        return None
+    if isinstance(meta.get("written_files"), list):
+        names = list(meta["written_files"])
+    else:
+        files = meta.get("files")
+        names = (list(files) if isinstance(files, (dict, list)) else []) + ([REPORTS_FILE] if meta.get("reports") else [])
+    names = [n for n in names if _plain_name(n)] + [DEGRADATION_FILE]
+    return list(dict.fromkeys(names)), meta.get("created_output_folder") is True
+
+
+def _remove_own_files(folder: Path) -> bool:
+    """Delete what an earlier run of :func:`degrade_folder` wrote into ``folder``, nothing else.
+
+    Only the files its manifest (``degradation.json``) lists are deleted — even in a folder the tool created,
+    a file someone put there later is theirs. Returns whether the earlier run created the folder.
+    """
+    record = _own_manifest(folder)
+    if record is None:
+        return False
+    names, created = record
+    targets = [folder / n for n in names]
+    for path in dict.fromkeys(targets):
+        if path.is_symlink() or path.is_file():  # a symlink itself is removed, never what it points to
+            path.unlink(missing_ok=True)
+    return created
+
+
+def _prepare_output(input_folder: Path, output_folder: Path, overwrite: bool) -> bool:
+    """Check and prepare the output folder; returns whether this tool created it (now or in an earlier run)."""
+    _check_separate_folders(input_folder, output_folder)
+    dst = output_folder.resolve()
     if dst.exists() and not dst.is_dir():
         raise ValueError(f"Output {output_folder} exists and is not a folder.")
+    created = not dst.exists()
     if dst.is_dir() and any(dst.iterdir()):
         if not overwrite:
             raise ValueError(f"Output folder {output_folder} exists and is not empty; "
                              f"pass overwrite=True (CLI: --overwrite) to replace its contents.")
-        if (dst / DEGRADATION_FILE).is_file():
-            shutil.rmtree(dst)  # our own earlier output: clear it so no stale cases remain
+        # only what our own earlier run wrote (listed in its degradation.json) is deleted: no stale cases remain,
+        # and files we did not write stay untouched
+        created = _remove_own_files(dst)
     dst.mkdir(parents=True, exist_ok=True)
+    return created
 
 
 def degrade_folder(input_folder: Path, output_folder: Path, kind: str, level: float | str, seed: int = 0,
@@ -549,8 +607,9 @@ def degrade_folder(input_folder: Path, output_folder: Path, kind: str, level: fl
 
     Args:
         input_folder: folder of ``CASE_XXXX.<ending>`` images (any ending in :data:`IMAGE_ENDINGS`).
-        output_folder: new folder; must not be (inside) the input folder; an existing non-empty one
-            is only used with ``overwrite`` (and cleared first if it holds an earlier degradation).
+        output_folder: new folder; must not be, contain or lie inside the input folder; an existing non-empty
+            one is only used with ``overwrite``, which first deletes the files an earlier run wrote there (as
+            listed in its ``degradation.json``; in a folder that run created, also stale image files), nothing else.
         kind: ``"lowdose"`` (level = photons per detector bin I0, or a preset ``"DL1"``..``"DL4"``),
             ``"motion"`` (level = kernel size k, ``7`` or ``"K7"``) or ``"gaussian"`` (level = noise std
             relative to each image's intensity std).
@@ -560,7 +619,7 @@ def degrade_folder(input_folder: Path, output_folder: Path, kind: str, level: fl
         method: lowdose only: ``"projection"`` (sinogram Poisson noise + FBP) or ``"image"``.
 
     Values are rounded and clipped to the input dtype's range. ``degradation.json`` records kind,
-    level, seed, method, per-file PSNR and (motion) blur angles.
+    level, seed, method, per-file PSNR, (motion) blur angles and the files written (``written_files``).
 
     Returns:
         ``output_folder``.
@@ -577,17 +636,20 @@ def degrade_folder(input_folder: Path, output_folder: Path, kind: str, level: fl
     if not files:
         raise FileNotFoundError(f"No images ({', '.join(IMAGE_ENDINGS)}) in {input_folder}.")
     report_table = _find_reports(input_folder, reports)
-    _prepare_output(input_folder, output_folder, overwrite)
+    created = _prepare_output(input_folder, output_folder, overwrite)
+    written: list[str] = []
 
     per_file: dict[str, dict] = {}
     for path in tqdm(files, desc=f"{kind} {level}", disable=not progress):
         image = sitk.ReadImage(str(path))
         record: dict = {}
         degraded = degrade_image(image, kind, value, _file_rng(seed, path.name), method, record)
+        written.append(path.name)
         sitk.WriteImage(degraded, str(output_folder / path.name))
         record["psnr"] = round(psnr(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(degraded)), 3)
         per_file[path.name] = record
     if report_table is not None:
+        written.append(REPORTS_FILE)
         shutil.copyfile(report_table, output_folder / REPORTS_FILE)
 
     finite = [r["psnr"] for r in per_file.values() if math.isfinite(r["psnr"])]
@@ -600,6 +662,9 @@ def degrade_folder(input_folder: Path, output_folder: Path, kind: str, level: fl
         "mean_psnr": round(float(np.mean(finite)), 3) if finite else None,
         "files": {name: {k: (v if math.isfinite(v) else None) if isinstance(v, float) else v
                          for k, v in rec.items()} for name, rec in per_file.items()},
+        # manifest: --overwrite deletes only these files (and, in a folder we created, its stale image files)
+        "written_files": written + [DEGRADATION_FILE],
+        "created_output_folder": created,
     })
     return output_folder
 

@@ -12,9 +12,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_modules import NUM_CLASSES, TEXT_IN, make_net, trainer_style_loss  # noqa: E402
+from test_modules import NUM_CLASSES, TEXT_IN, make_net, trainer_style_loss, with_pos  # noqa: E402
 
-EXTRA = ("text_projection", "null_text", "image_encoder", "fusion", "generator", "image_to_text", "iac_head")
+EXTRA = ("text_pool", "null_text", "image_encoder", "fusion", "generator", "image_to_text", "iac_head")
 WORLD = 2
 
 
@@ -37,16 +37,18 @@ def _worker(rank: int, port: int, out_dir: str):
         for step in range(2):
             g = torch.Generator().manual_seed(1000 * rank + step)  # different data per rank
             b = 2
-            x = torch.randn(b, 1, 64, 64, generator=g)
-            xs = x + 0.3 * torch.randn(b, 1, 64, 64, generator=g)
+            image = torch.randn(b, 1, 64, 64, generator=g)
+            x = with_pos(image)
+            xs = image + 0.3 * torch.randn(b, 1, 64, 64, generator=g)
             target = (torch.rand(b, 64, 64, generator=g) * NUM_CLASSES).long()
-            text = torch.randn(b, TEXT_IN, generator=g)
+            tokens = torch.randn(b, 5, TEXT_IN, generator=g)
+            mask = torch.ones(b, 5, dtype=torch.bool)
             if step == 0:
                 drop = torch.tensor([rank == 1, False])
             else:
                 drop = torch.ones(b, dtype=torch.bool) if rank == 1 else torch.zeros(b, dtype=torch.bool)
             opt.zero_grad(set_to_none=True)
-            out = ddp(x, text=text, drop=drop, x_strong=xs, return_aux=True)
+            out = ddp(x, tokens, mask, drop=drop, x_strong=xs, return_aux=True)
             loss = trainer_style_loss(out, x, target)
             loss.backward()
             missing = [n for n, p in net.named_parameters() if p.grad is None]
@@ -79,7 +81,8 @@ def test_ddp_gradients_synchronised(tmp_path):
             assert not s["missing"], (step, s["missing"])
             assert s["max_diff"] <= 1e-6 * max(1.0, s["max_abs"]), (step, s["max_diff"])  # all-reduced
             # every extra module gets gradient; at step 0 the image encoder's is exactly zero (the fusion's
-            # last layer starts at zero, see test_modules), after one step it is trained too
+            # last layer starts at zero, see test_modules), after one step it is trained too; at step 1 rank 1
+            # dropped all its reports, but the all-reduced text-pool gradient comes from rank 0
             for k, norm in zip(EXTRA, s["extra_norms"]):
                 if step == 0 and k == "image_encoder":
                     continue

@@ -180,22 +180,32 @@ def test_plain_nnunet_predict_uses_null_report_with_warning(trained_model, tmp_p
     assert len(list((tmp_path / "out").glob("*.png"))) == len(list((trained_model.raw / "imagesTs").glob("*.png")))
 
 
-def test_mirroring_never_pairs_an_image_with_a_report(trained_model, nnunet_environ):
-    """Text models store no test-time mirroring axes, so even with use_mirroring=True every tile is
-    predicted once, unflipped, with its own report."""
+def test_mirrored_passes_carry_mirrored_positions_and_the_report(trained_model, nnunet_environ):
+    """Text models keep nnU-Net's test-time mirroring: every mirrored pass of a tile carries the mirrored
+    patient-frame position channels (so "left" stays the patient's left) and the case's report."""
     p = make_predictor(trained_model)  # use_mirroring=True, as nnUNetv2_predict's default
-    assert p.allowed_mirroring_axes is None
+    assert tuple(p.allowed_mirroring_axes) == (0, 1)
     calls = []
     net = p._net()
     original = net.forward
 
     def spy(x, *args, **kwargs):
-        calls.append((x.clone(), net._text))
+        calls.append((x.clone(), net._tokens))
         return original(x, *args, **kwargs)
 
     net.forward = spy
     data, props = _case(trained_model)
     p.predict_single_npy_array_with_report(data, props, "Unilateral pulmonary infection, one infected area, "
                                            "lower right lung.")
-    assert len(calls) == 1  # one 64x64 tile, no mirrored copies
-    assert calls[0][1] is not None  # with the report set
+    assert len(calls) == 4  # one 64x64 tile: as is, and mirrored along y, x and both
+    assert all(tokens is not None for _, tokens in calls)  # with the report set
+    c = data.shape[0]
+    first = calls[0][0][:, c:]
+    assert first.shape[1] == 3 and torch.all(first[:, 2] == 1)  # y, x, inside
+    flipped = {tuple(ax) for ax in ([2], [3], [2, 3])}
+    seen = set()
+    for x, _ in calls[1:]:
+        for ax in flipped:
+            if torch.equal(x[:, c:], torch.flip(first, ax)) and torch.equal(x[:, :c], torch.flip(calls[0][0][:, :c], ax)):
+                seen.add(ax)
+    assert seen == flipped

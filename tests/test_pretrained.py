@@ -49,7 +49,7 @@ def test_converted_network_starts_as_the_plain_unet(trained_model, plain_model, 
     plain_net = get_network_from_plans(config.network_arch_class_name, config.network_arch_init_kwargs,
                                        config.network_arch_init_kwargs_req_import, 1, heads, deep_supervision=False)
     plain_net.load_state_dict(plain["network_weights"])
-    plans.plans["textseg"] = {"text_in_dim": 384}
+    plans.plans["textseg"] = {"text_in_dim": 384, "position_channels": 3, "network_version": 2}
     net = text_trainer_class(trainer).build_network_architecture(plans, config, 1, heads, False)
     net.load_state_dict(converted["network_weights"])  # every key present, every shape right
     plain_net.eval(), net.eval()
@@ -57,10 +57,13 @@ def test_converted_network_starts_as_the_plain_unet(trained_model, plain_model, 
     with torch.no_grad():
         if "BiCLIP" in trainer:
             first = converted["network_weights"]["unet.encoder.stages.0.0.convs.0.conv.weight"]
-            assert first.shape[1] == 2 and first[:, 1].abs().max() == 0  # pseudo-image channel: zero weight
-            got = net.unet(torch.cat([x, torch.randn_like(x)], 1))
+            # pseudo-image and position channels: zero weight
+            assert first.shape[1] == 1 + 1 + 3 and first[:, 1:].abs().max() == 0
+            got = net.unet(torch.cat([x, torch.randn(2, 4, *config.patch_size)], 1))
         else:
-            got = net.unet(x)
+            first = converted["network_weights"]["unet.encoder.stages.0.0.convs.0.conv.weight"]
+            assert first.shape[1] == 1 + 3 and first[:, 1:].abs().max() == 0  # position channels: zero weight
+            got = net.unet(torch.cat([x, torch.randn(2, 3, *config.patch_size)], 1))
         torch.testing.assert_close(got, plain_net(x))
 
 

@@ -363,9 +363,11 @@ def test_degrade_folder_volume_rgb_and_own_folder_cleared(tmp_path):
         assert np.allclose(a.GetSpacing(), b.GetSpacing())
     meta = json.loads((out / DEGRADATION_FILE).read_text())
     assert 20 < meta["files"]["a_0000.nii.gz"]["psnr"] < 45  # range of the image, not of int16
-    (out / "stale_0000.png").write_bytes(b"")
+    (out / "mine_0000.png").write_bytes(b"")  # a file the user put there
+    (src / "b_0000.png").unlink()  # this case is gone from the input: its old output is stale
     degrade_folder(src, out, "lowdose", "DL3", overwrite=True, progress=False)
-    assert not (out / "stale_0000.png").exists()  # our own earlier output is cleared, no stale cases
+    assert not (out / "b_0000.png").exists()  # our own earlier output is cleared, no stale cases
+    assert (out / "mine_0000.png").is_file()  # what we did not write stays
 
 
 def test_degrade_cli_numeric_level_recorded_as_number(tmp_path):

@@ -28,19 +28,30 @@ def test_log_has_every_loss_term(trained_model):
     line = [l for l in log.splitlines() if "BiCLIP loss terms" in l][-1]
     for term in ("seg", "gen", "cycle", "iac"):
         assert f"{term} " in line
+    stats = [l for l in log.splitlines() if "BiCLIP statistics" in l][-1]
+    for k in ("pseudo_mean", "pseudo_std", "pseudo_near_zero", "wnorm_image", "wnorm_pseudo", "wnorm_position"):
+        assert f"{k} " in stats
     ckpt = torch.load(trained_model.fold0 / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     logged = ckpt["logging"]
     for term in ("seg", "gen", "cycle", "iac"):
         values = logged[f"train_{term}_loss"]
         assert len(values) == 2 and all(v == v and v >= 0 for v in values)  # every epoch, finite
+    for k in ("pseudo_std", "wnorm_pseudo"):
+        assert len(logged[f"train_{k}"]) == 2 and all(v == v for v in logged[f"train_{k}"])
     assert ckpt["trainer_name"] == TRAINER
-    assert ckpt["inference_allowed_mirroring_axes"] is None  # spatial words: no mirroring at test time
+    # the position channels keep the patient frame: nnU-Net's test-time mirroring stays on
+    assert tuple(ckpt["inference_allowed_mirroring_axes"]) == (0, 1)
+    # the text modules' AdamW state is checkpointed beside nnU-Net's SGD (resumed by --c)
+    assert set(ckpt["optimizer_state"]) == {"main", "text"}
+    plans = json.loads((trained_model.model_folder / "plans.json").read_text())["textseg"]
+    assert plans["position_channels"] == 3 and plans["spatial_augmentation"] == "nnunet"
+    assert (trained_model.fold0 / "progress_text.png").is_file()
 
 
 def test_checkpoint_holds_every_biclip_module(trained_model):
     weights = torch.load(trained_model.fold0 / "checkpoint_final.pth", map_location="cpu",
                          weights_only=False)["network_weights"]
-    for prefix in ("unet.", "text_projection.", "null_text", "image_encoder.", "fusion.", "generator.",
+    for prefix in ("unet.", "text_pool.", "null_text", "image_encoder.", "fusion.", "generator.",
                    "image_to_text.", "iac_head."):
         assert any(k.startswith(prefix) for k in weights), prefix
 
@@ -67,7 +78,7 @@ def test_resume_with_c_restores_every_module(trained_model, tmp_path, monkeypatc
     state = trainer.network.state_dict()
     assert set(saved) == set(state)
     for k in ("fusion.mlp.0.weight", "generator.decoder.1.weight", "null_text", "iac_head.net.0.weight",
-              "text_projection.net.0.weight", "image_to_text.encoder.head.weight"):
+              "text_pool.queries", "image_to_text.head.weight"):
         assert torch.equal(state[k].cpu(), saved[k]), k
 
 
@@ -111,7 +122,8 @@ def test_paper_batch_of_16_is_global_under_ddp(trained_model, monkeypatch):
 
 @pytest.mark.parametrize("variant", ["nnUNetTrainerBiCLIP_noIAC", "nnUNetTrainerBiCLIP_unidirectional",
                                      "nnUNetTrainerBiCLIP_noText", "nnUNetTrainerBiCLIP_noCycle",
-                                     "nnUNetTrainerBiCLIP_paper"])
+                                     "nnUNetTrainerBiCLIP_paper", "nnUNetTrainerBiCLIP_efunet",
+                                     "nnUNetTrainerBiCLIP_safeAug"])
 def test_ablation_builds_and_trains_one_step(trained_model, variant, monkeypatch):
     """Each ablation builds its network from the plans and runs a real train_step on real batches."""
     from nnunetv2.run.run_training import get_trainer_from_args
@@ -128,14 +140,17 @@ def test_ablation_builds_and_trains_one_step(trained_model, variant, monkeypatch
         if hasattr(dl, "_finish"):
             dl._finish()
     assert out["loss"] == out["loss"]
-    # spatial words: no mirroring in training or at test time, small rotations only
     rotation, _, _, mirror_axes = trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-    assert mirror_axes is None and trainer.inference_allowed_mirroring_axes is None
-    assert max(abs(r) for r in rotation) <= np.deg2rad(trainer.max_rotation_deg) + 1e-9
     from batchgeneratorsv2.transforms.spatial.mirroring import MirrorTransform
     pipeline = trainer.get_training_transforms(trainer.configuration_manager.patch_size, rotation, None, mirror_axes,
                                                False)
-    assert not any(isinstance(t, MirrorTransform) for t in pipeline.transforms)
+    if variant.endswith("safeAug"):  # safe mode: no mirroring in training or at test time, small rotations only
+        assert mirror_axes is None and trainer.inference_allowed_mirroring_axes is None
+        assert max(abs(r) for r in rotation) <= np.deg2rad(trainer.max_rotation_deg) + 1e-9
+        assert not any(isinstance(t, MirrorTransform) for t in pipeline.transforms)
+    else:  # nnU-Net's default 2D augmentation: mirroring and full rotation
+        assert tuple(mirror_axes) == (0, 1) and max(abs(r) for r in rotation) > np.pi / 2
+        assert any(isinstance(t, MirrorTransform) for t in pipeline.transforms)
     net = trainer.network
     if variant.endswith("noIAC"):
         assert net.iac_head is None and "iac" not in out
@@ -147,3 +162,5 @@ def test_ablation_builds_and_trains_one_step(trained_model, variant, monkeypatch
         assert net.ignore_text
     if variant.endswith("paper"):
         assert isinstance(trainer.optimizer, torch.optim.AdamW) and trainer.batch_size == 16
+    if variant.endswith("efunet"):
+        assert not net.sigmoid and type(net.text_pool).__name__ == "MeanPoolText" and out["gen"] >= 0

@@ -43,7 +43,8 @@ class nnUNetTrainerMedCLIPSeg(nnUNetTrainerText):
         unet = cls.planned_unet(configuration_manager, num_input_channels + int(text.get("position_channels", 0)),
                                 num_output_channels, enable_deep_supervision)
         return MedCLIPSegNetwork(unet, text["text_in_dim"], cls.adapter_stages, cls.adapter_width, cls.adapter_heads,
-                                 cls.beta, cls.deterministic, cls.ignore_text)
+                                 cls.beta, cls.deterministic, cls.ignore_text,
+                                 position_channels=int(text.get("position_channels", 0)))
 
     def train_step(self, batch: dict) -> dict:
         data = batch["data"].to(self.device, non_blocking=True)

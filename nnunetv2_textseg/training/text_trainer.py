@@ -80,7 +80,8 @@ def _plain_weights_for_text_trainer(argv: list[str]) -> bool:
         return False
     try:
         text_trainer_class(trainer)
-        weights = torch.load(path, map_location="cpu", weights_only=False)["network_weights"]
+        from nnunetv2_textseg.pretrained import load_checkpoint_safely
+        weights = load_checkpoint_safely(path)["network_weights"]
     except Exception:  # not ours, or not a readable checkpoint: nnU-Net's own message stands
         return False
     return not any(_strip_wrappers(k).startswith("unet.") for k in weights)
@@ -99,7 +100,14 @@ _install_clean_error_hook()
 
 
 def _spec_from_dict(d: dict, trust: bool = False) -> EncoderSpec:
-    return EncoderSpec(d["name_or_path"], d["pooling"], d["max_length"], bool(d.get("trust_remote_code")) or trust,
+    """An encoder spec from a recorded one (plans.json, a cache). Remote code runs only when THIS run opts in
+    (``$nnUNet_textseg_trust_remote_code=1``): a recorded ``trust_remote_code`` is never enough by itself."""
+    if d.get("trust_remote_code") and not trust:
+        raise TextTrainingError(
+            f"The text encoder {d['name_or_path']!r} was recorded with trust_remote_code=True (it runs Python code "
+            f"shipped with the model). It is not switched on from a file: if you trust that code, opt in for this "
+            f"run with {TRUST_ENV}=1.")
+    return EncoderSpec(d["name_or_path"], d["pooling"], d["max_length"], trust and bool(d.get("trust_remote_code")),
                        d.get("revision"))
 
 

@@ -1,0 +1,224 @@
+"""Few labels, several seeds: does the report pay where labels are scarce? Not a test.
+
+    python benchmarks/low_label.py [--preset cpu|full|smoke] [--seeds 0 1 2] [--out benchmarks/results/low_label]
+        [--trainers T ...] [--fractions 5 10 ...] [--conditions clean lowdose motion] [--n_train N] [--n_test N]
+        [--no-diagnose]
+
+For every seed, ``text_vs_vision.py`` (the one experiment runner: real nnU-Net commands, same splits for
+every trainer, degraded test copies) runs into OUT/seed_S with ``--seed S`` — a fresh demo dataset, label
+subsets and degradations per seed — so every cell of the final table is a mean ± std over seeds. Then
+``nnUNetv2_textseg_diagnose`` runs on every text model (real / shuffled / contradictory / null test
+reports: Dice, pseudo-image AUC, text sensitivity, reliance). Outputs: OUT/low_label.json,
+OUT/low_label.md (also printed) and OUT/low_label.png.
+
+"Few labels" means enough to learn from: with the cpu preset's 500 demo training cases, nnU-Net's fold 0
+trains on 400, so 5 % is 20 labelled cases and 10 % is 40.
+
+Presets
+  smoke  2 seeds, 40 train / 6 test cases, _debug trainers, 100 %, clean (tests; a few minutes).
+  cpu    3 seeds, 500 train / 40 test, 64 px, nnUNetTrainer_demo, nnUNetTrainerBiCLIP_demo,
+         nnUNetTrainerMedCLIPSeg_demo, fractions 5 10, clean lowdose motion: 18 trainings of 750
+         iterations (~4-8 min each on 2 CPU cores) + predictions + diagnosis, about 2-2.5 hours.
+         Add 25 100 and the _safeAug trainers with --fractions / --trainers when there is time.
+  full   GPU: 3 seeds, 500 train / 100 test, 128 px, nnU-Net's 100-epoch schedules of plain nnU-Net
+         (default and safe-mode augmentation), BiCLIP and MedCLIPSeg (and their _safeAug), fractions
+         5 10 25 100, clean lowdose motion.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+BENCH = Path(__file__).resolve().parent
+DEFAULT_OUT = BENCH / "results" / "low_label"
+
+PRESETS = {
+    "smoke": dict(seeds=[0, 1], trainers=["nnUNetTrainer_debug", "nnUNetTrainerBiCLIP_debug"], fractions=["100"],
+                  conditions=["clean"], n_train=40, n_test=6, size=64, device="cpu"),
+    "cpu": dict(seeds=[0, 1, 2], trainers=["nnUNetTrainer_demo", "nnUNetTrainerBiCLIP_demo",
+                                           "nnUNetTrainerMedCLIPSeg_demo"],
+                fractions=["5", "10"], conditions=["clean", "lowdose", "motion"], n_train=500, n_test=40, size=64,
+                device="cpu"),
+    "full": dict(seeds=[0, 1, 2], trainers=["nnUNetTrainer_100epochs", "nnUNetTrainer_safeAug",
+                                            "nnUNetTrainerBiCLIP_100epochs", "nnUNetTrainerBiCLIP_safeAug",
+                                            "nnUNetTrainerMedCLIPSeg_100epochs", "nnUNetTrainerMedCLIPSeg_safeAug"],
+                 fractions=["5", "10", "25", "100"], conditions=["clean", "lowdose", "motion"], n_train=500,
+                 n_test=100, size=128, device="cuda"),
+}
+
+
+def is_text_trainer(trainer: str) -> bool:
+    return "BiCLIP" in trainer or "MedCLIPSeg" in trainer
+
+
+def run_seed(cfg: argparse.Namespace, seed: int) -> dict:
+    out = cfg.out / f"seed_{seed}"
+    cmd = [sys.executable, str(BENCH / "text_vs_vision.py"), "--preset", "smoke", "--out", str(out),
+           "--seed", str(seed), "--trainers", *cfg.trainers, "--fractions", *cfg.fractions,
+           "--conditions", *cfg.conditions, "--n_train", str(cfg.n_train), "--n_test", str(cfg.n_test),
+           "--size", str(cfg.size), "--device", cfg.device, "--no-control", "--no-report_variants"]
+    print(f"[low_label] seed {seed}: {' '.join(cmd[2:])}", flush=True)
+    subprocess.run(cmd, check=True)
+    return json.loads((out / "results.json").read_text())
+
+
+def diagnose_seed(cfg: argparse.Namespace, seed: int, data: dict) -> list[dict]:
+    """nnUNetv2_textseg_diagnose on every text model of this seed (clean test images, their reports)."""
+    out = cfg.out / f"seed_{seed}"
+    work = out / "work"
+    raw = Path(data["dataset"]["raw"])
+    env = dict(__import__("os").environ, nnUNet_raw=str(work / "nnUNet_raw"),
+               nnUNet_preprocessed=str(work / "nnUNet_preprocessed"), nnUNet_results=str(work / "nnUNet_results"),
+               nnUNet_extTrainer=str(REPO / "trainers"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    rows = []
+    for key, m in data["fraction_folds"].items():
+        if m.get("fold") is None:
+            continue
+        for trainer in (t for t in cfg.trainers if is_text_trainer(t)):
+            target = out / "diagnosis" / trainer / f"fold_{m['fold']}"
+            result_file = target / "diagnosis.json"
+            if not result_file.is_file():
+                cmd = [str(Path(sys.executable).parent / "nnUNetv2_textseg_diagnose"), "-d", str(data["dataset"]["id"]),
+                       "-c", "2d", "-f", str(m["fold"]), "-tr", trainer, "-i", str(raw / "imagesTs"),
+                       "-ref", str(raw / "labelsTs"), "-o", str(target), "-device", cfg.device, "--seed", str(seed)]
+                print(f"[low_label] diagnose seed {seed} {trainer} {m['fraction']:.0%}", flush=True)
+                r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                if r.returncode != 0:
+                    print(r.stdout[-2000:] + r.stderr[-2000:], flush=True)
+                    continue
+            res = json.loads(result_file.read_text())
+            rows.append({"seed": seed, "trainer": trainer, "fraction": m["fraction"], **{
+                f"dice_{v}": res["dice"][v] for v in res["dice"]},
+                **({f"auc_{v}": a for v, a in res["pseudo_image_auc"].items()} if res.get("pseudo_image_auc") else {}),
+                "text_sensitivity": res["text_sensitivity"], "reliance": res["reliance"]})
+    return rows
+
+
+def _ms(values: list[float]) -> str:
+    v = np.asarray([x for x in values if x is not None and x == x], dtype=float)
+    if v.size == 0:
+        return "–"
+    return f"{v.mean():.4f} ± {v.std(ddof=1) if v.size > 1 else 0.0:.4f}"
+
+
+def aggregate(cfg: argparse.Namespace, per_seed: dict[int, dict], diag: list[dict]) -> dict:
+    cells: dict[tuple, list] = {}
+    for seed, data in per_seed.items():
+        for e in data["entries"]:
+            cells.setdefault((e["label"], e["fraction"], e["condition"]), []).append((seed, e["dice"], e["n_train"]))
+    baseline = next((t for t in cfg.trainers if not is_text_trainer(t) and "safeAug" not in t), None)
+    rows = []
+    for (label, fraction, cond), vals in sorted(cells.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
+        dice = {s: d for s, d, _ in vals}
+        base = {s: d for s, d, _ in cells.get((baseline, fraction, cond), [])}
+        delta = [dice[s] - base[s] for s in dice if s in base] if label != baseline else []
+        rows.append({"trainer": label, "fraction": fraction, "condition": cond, "n_train": vals[0][2],
+                     "seeds": sorted(dice), "dice": [dice[s] for s in sorted(dice)],
+                     "dice_mean": float(np.mean(list(dice.values()))),
+                     "dice_std": float(np.std(list(dice.values()), ddof=1)) if len(dice) > 1 else 0.0,
+                     "delta_vs_baseline": delta})
+    return {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()},
+            "commit": next((d.get("commit") for d in per_seed.values()), None), "baseline": baseline,
+            "rows": rows, "diagnosis": diag}
+
+
+def markdown(result: dict) -> str:
+    s = result["settings"]
+    lines = [f"# Few labels, {len(s['seeds'])} seeds (commit `{result['commit']}`)", "",
+             f"Demo data {s['size']}² px, {s['n_train']} train / {s['n_test']} test cases per seed (a new dataset, "
+             f"label subset and degradation per seed: {s['seeds']}); device {s['device']}. Dice: "
+             f"`nnUNetv2_evaluate_folder` foreground mean; mean ± std over seeds; Δ: paired difference to "
+             f"`{result['baseline']}` (same seed, fraction, condition).", "",
+             "| fraction | condition | trainer | labelled cases | Dice | Δ Dice |", "|---:|---|---|---:|---:|---:|"]
+    for r in result["rows"]:
+        lines.append(f"| {100 * r['fraction']:g}% | {r['condition']} | {r['trainer']} | {r['n_train']} | "
+                     f"{_ms(r['dice'])} | {_ms(r['delta_vs_baseline']) if r['delta_vs_baseline'] else '–'} |")
+    if result["diagnosis"]:
+        lines += ["", "Does it read the report? `nnUNetv2_textseg_diagnose` on the clean test set (mean ± std over "
+                      "seeds): Dice with the real, shuffled (another case's), contradictory and no report; pixel "
+                      "AUC of BiCLIP's pseudo-image for lesion vs background.", "",
+                  "| fraction | trainer | Dice real | shuffled | contradictory | null | AUC real | AUC shuffled | "
+                  "AUC contradictory | text sensitivity |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        keys = sorted({(d["fraction"], d["trainer"]) for d in result["diagnosis"]})
+        for f, t in keys:
+            ds = [d for d in result["diagnosis"] if d["fraction"] == f and d["trainer"] == t]
+            col = lambda k: _ms([d.get(k) for d in ds])  # noqa: E731
+            lines.append(f"| {100 * f:g}% | {t} | {col('dice_real')} | {col('dice_shuffled')} | "
+                         f"{col('dice_contradictory')} | {col('dice_null')} | {col('auc_real')} | "
+                         f"{col('auc_shuffled')} | {col('auc_contradictory')} | {col('text_sensitivity')} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("agg")
+    import matplotlib.pyplot as plt
+    rows = result["rows"]
+    groups = sorted({(r["fraction"], r["condition"]) for r in rows})
+    trainers = list(dict.fromkeys(r["trainer"] for r in rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4.5))
+    width = 0.8 / max(1, len(trainers))
+    for i, t in enumerate(trainers):
+        xs, ms, ss = [], [], []
+        for g, (f, c) in enumerate(groups):
+            r = next((r for r in rows if r["trainer"] == t and r["fraction"] == f and r["condition"] == c), None)
+            if r:
+                xs.append(g + i * width)
+                ms.append(r["dice_mean"])
+                ss.append(r["dice_std"])
+        ax.bar(xs, ms, width, yerr=ss, capsize=3, label=t)
+    ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))])
+    ax.set_xticklabels([f"{100 * f:g}%\n{c}" for f, c in groups], fontsize=8)
+    ax.set_ylabel("Dice (mean ± std over seeds)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--seeds", nargs="+", type=int, default=None)
+    p.add_argument("--trainers", nargs="+", default=None)
+    p.add_argument("--fractions", nargs="+", default=None)
+    p.add_argument("--conditions", nargs="+", default=None)
+    p.add_argument("--n_train", type=int, default=None)
+    p.add_argument("--n_test", type=int, default=None)
+    p.add_argument("--size", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--diagnose", action=argparse.BooleanOptionalAction, default=True)
+    cfg = p.parse_args(argv)
+    for k, v in PRESETS[cfg.preset].items():
+        if getattr(cfg, k) is None:
+            setattr(cfg, k, v)
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    per_seed, diag = {}, []
+    for seed in cfg.seeds:
+        per_seed[seed] = run_seed(cfg, seed)
+        if cfg.diagnose:
+            diag += diagnose_seed(cfg, seed, per_seed[seed])
+        result = aggregate(cfg, per_seed, diag)  # written after every seed: a partial run still reports
+        (cfg.out / "low_label.json").write_text(json.dumps(result, indent=2))
+        (cfg.out / "low_label.md").write_text(markdown(result))
+    plot(result, cfg.out / "low_label.png")
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
