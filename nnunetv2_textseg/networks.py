@@ -13,6 +13,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nnunetv2_textseg.modules.biclip import (AttentionPoolText, BidirectionalFusion, GlobalImageEncoder,
@@ -70,13 +71,18 @@ class BiCLIPNetwork(PlannedUNetWrapper):
         text_pooling: "attention" (learned queries over the tokens) or "mean" (the paper's mean pooling).
         pseudo_activation: "sigmoid" (a lesion-probability map, fed as (p − 0.5) / 0.25 like EF-UNet's
             input normalisation) or "linear" (the paper's unbounded pseudo-image, fed as is).
+        position_to_unet: also give the U-Net the position channels (its input is then C + 1 + 3 channels,
+            else C + 1: the pseudo-image alone carries the patient frame).
+        frame_resolution: side of the whole-image pseudo-image map (the generator's output is average-pooled
+            to it; read bilinearly at each pixel). None keeps the generator's 4·√D (the paper's).
     """
 
     text_input = "tokens"  # what set_text expects: token embeddings + mask (the predictor checks this)
 
     def __init__(self, unet: nn.Module, image_channels: int, text_in_dim: int, text_dim: int = 784,
                  image_dim: int = 128, bidirectional: bool = True, cycle: bool = True, iac: bool = True,
-                 ignore_text: bool = False, text_pooling: str = "attention", pseudo_activation: str = "sigmoid"):
+                 ignore_text: bool = False, text_pooling: str = "attention", pseudo_activation: str = "sigmoid",
+                 frame_resolution: int | None = 16, position_to_unet: bool = True):
         super().__init__()
         if not (hasattr(unet, "encoder") and hasattr(unet, "decoder")):
             raise TypeError(f"{type(unet).__name__} has no encoder/decoder; BiCLIP needs a "
@@ -94,6 +100,8 @@ class BiCLIPNetwork(PlannedUNetWrapper):
         self.image_encoder = GlobalImageEncoder(image_channels, image_dim) if bidirectional else None
         self.fusion = BidirectionalFusion(text_dim, image_dim) if bidirectional else None
         self.sigmoid = pseudo_activation == "sigmoid"
+        self.frame_resolution = frame_resolution
+        self.position_to_unet = position_to_unet
         # lesions are rare: start the probability map low (sigmoid(-2) ~ 0.12) rather than at 0.5
         self.generator = PseudoImageGenerator(text_dim, out_bias=-2.0 if self.sigmoid else 0.0)
         self.image_to_text = ImageToTextHead(text_dim) if cycle else None
@@ -132,7 +140,12 @@ class BiCLIPNetwork(PlannedUNetWrapper):
         (B, 1, S, S) (logits for a sigmoid pseudo-image)."""
         if self.fusion is not None:
             t = self.fusion(t, self.image_encoder(image))
-        return self.generator(t)
+        frame = self.generator(t)
+        if self.frame_resolution and frame.shape[-1] > self.frame_resolution:
+            # zone scale: a report says where (which lung, which third), not the lesion's outline; a coarse map
+            # cannot memorise training masks, so the U-Net keeps taking the outline from the image
+            frame = F.adaptive_avg_pool2d(frame, self.frame_resolution)
+        return frame
 
     def pseudo_image(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, C + 3, H, W) -> (pseudo-image on the sample (B, 1, H, W), its logits (or the linear map),
@@ -147,7 +160,8 @@ class BiCLIPNetwork(PlannedUNetWrapper):
         # a probability map is shifted/scaled to the z-scored image's range (EF-UNet's (p - 0.5) / 0.25), so
         # the U-Net's first convolution sees it at the same scale as the image from the start
         p = (pseudo - 0.5) / 0.25 if self.sigmoid else pseudo
-        return torch.cat([image, p.to(image.dtype), position.to(image.dtype)], dim=1)
+        parts = [image, p.to(image.dtype)] + ([position.to(image.dtype)] if self.position_to_unet else [])
+        return torch.cat(parts, dim=1)
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 drop: torch.Tensor | None = None, x_strong: torch.Tensor | None = None, return_aux: bool = False):

@@ -118,3 +118,26 @@ def test_variant_reports_are_checked_before_anything_runs(tmp_path):
     runner = object.__new__(tvv.Runner)
     with pytest.raises(tvv.BenchmarkError, match=r"no report for 1 of the 3 test case\(s\).*\['c'\]"):
         runner.user_variant_tables(raw, {"original": table})
+
+
+def test_low_label_aggregates_seeds_with_spread_and_paired_deltas():
+    """benchmarks/low_label.py: mean ± std over seeds per (trainer, fraction, condition), Δ paired by seed."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import low_label
+
+    cfg = low_label.parse_args(["--preset", "smoke", "--trainers", "nnUNetTrainer_debug", "nnUNetTrainerBiCLIP_debug"])
+    entry = lambda label, dice: {"label": label, "fraction": 0.05, "condition": "clean", "dice": dice,  # noqa: E731
+                                 "n_train": 20}
+    per_seed = {0: {"commit": "abc", "entries": [entry("nnUNetTrainer_debug", 0.5), entry("nnUNetTrainerBiCLIP_debug", 0.6)]},
+                1: {"commit": "abc", "entries": [entry("nnUNetTrainer_debug", 0.7), entry("nnUNetTrainerBiCLIP_debug", 0.7)]}}
+    diag = [{"seed": s, "trainer": "nnUNetTrainerBiCLIP_debug", "fraction": 0.05, "dice_real": d, "dice_shuffled": 0.4,
+             "dice_contradictory": 0.45, "dice_null": 0.42, "auc_real": 0.9, "auc_shuffled": 0.8,
+             "auc_contradictory": 0.7, "text_sensitivity": 0.3} for s, d in ((0, 0.6), (1, 0.7))]
+    result = low_label.aggregate(cfg, per_seed, diag)
+    assert result["baseline"] == "nnUNetTrainer_debug"
+    row = next(r for r in result["rows"] if r["trainer"] == "nnUNetTrainerBiCLIP_debug")
+    assert row["dice"] == [0.6, 0.7] and abs(row["dice_mean"] - 0.65) < 1e-9
+    assert abs(row["dice_std"] - 0.0707107) < 1e-6  # sample std (ddof=1)
+    assert [round(d, 6) for d in row["delta_vs_baseline"]] == [0.1, 0.0]  # paired by seed
+    md = low_label.markdown(result)
+    assert "0.6500 ± 0.0707" in md and "0.0500 ± 0.0707" in md and "AUC real" in md

@@ -155,8 +155,13 @@ class ImageToTextHead(nn.Module):
             c = width * 2 ** d
         self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(grid))
         self.head = nn.Linear(c * grid * grid, text_dim)
+        self.depth = depth
 
     def forward(self, pseudo: torch.Tensor) -> torch.Tensor:
+        # instance norm needs > 1 spatial element after the last stride-2 stage: upsample small maps first
+        if min(pseudo.shape[2:]) <= 2 ** self.depth:
+            f = 2 ** self.depth // min(pseudo.shape[2:]) + 1
+            pseudo = F.interpolate(pseudo, scale_factor=f, mode="bilinear", align_corners=False)
         return self.head(self.features(pseudo).flatten(1))
 
 
@@ -186,9 +191,25 @@ def generation_loss(pseudo: torch.Tensor, reference: torch.Tensor) -> torch.Tens
     return F.l1_loss(pseudo, reference)
 
 
+def blur_mask(mask: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(B, 1, H, W) mask -> Gaussian-blurred (σ in pixels), rescaled so each sample's maximum stays at its
+    mask's maximum: a zone-scale soft target ("the lesion is around here")."""
+    if sigma <= 0:
+        return mask
+    radius = max(1, int(round(3 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=mask.dtype, device=mask.device)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    k = k / k.sum()
+    out = F.conv2d(F.pad(mask, (radius, radius, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+    out = F.conv2d(F.pad(out, (0, 0, radius, radius), mode="replicate"), k.view(1, 1, -1, 1))
+    peak = out.amax(dim=(2, 3), keepdim=True).clamp_min(1e-6)
+    return (out / peak * mask.amax(dim=(2, 3), keepdim=True)).clamp(0, 1)
+
+
 def lesion_generation_loss(logits: torch.Tensor, lesion: torch.Tensor, weight: torch.Tensor,
                            smooth: float = 1.0) -> torch.Tensor:
-    """BCE + soft Dice of the pseudo-image (logits, (B, 1, H, W)) against the lesion mask, over pixels with
+    """BCE + soft Dice of the pseudo-image (logits, (B, 1, H, W)) against the lesion mask (or a soft, blurred
+    version of it), over pixels with
     ``weight`` > 0 (inside the image, not nnU-Net's ignore label).
 
     Why not L1 to ``image × mask``: L1 is minimised by the per-pixel conditional *median*, which is ~0

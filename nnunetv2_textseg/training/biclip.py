@@ -21,7 +21,8 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import autocast, nn
 
 from nnunetv2_textseg.augmentation import split_into_two_views
-from nnunetv2_textseg.modules.biclip import consistency_loss, cycle_loss, generation_loss, lesion_generation_loss
+from nnunetv2_textseg.modules.biclip import (blur_mask, consistency_loss, cycle_loss, generation_loss,
+                                             lesion_generation_loss)
 from nnunetv2_textseg.networks import BiCLIPNetwork
 from nnunetv2_textseg.patient_frame import POSITION_CHANNELS
 from nnunetv2_textseg.training.text_trainer import NETWORK_VERSION, TextTrainingError, nnUNetTrainerText
@@ -37,7 +38,13 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
     lambda_gen = 1.0
     lambda_cycle = 0.1
     lambda_iac = 0.1
-    report_dropout = 0.1  # probability of training a sample with the learned null report
+    # probability of training a sample with the learned null report: the U-Net must also segment from the
+    # image alone, because at test time the pseudo-image of an unseen report is less exact than on training
+    # reports (a generator that has seen them)
+    report_dropout = 0.25
+    position_to_unet = True  # the U-Net also gets the position channels (else: only through the pseudo-image)
+    frame_resolution = 16  # whole-image pseudo-image side: zone scale (None: the generator's full 112)
+    generation_blur = 1 / 16  # Gaussian blur (σ as a fraction of the patch side) of the lesion target
     generation = "lesion"  # or "masked_image" (EF-UNet) / "mask" (L1 to the plain mask)
     text_pooling = "attention"  # or "mean" (the paper's)
     pseudo_activation = "sigmoid"  # or "linear" (the paper's)
@@ -64,12 +71,14 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
             raise TextTrainingError(
                 "This BiCLIP model was trained with an earlier nnunetv2-textseg (no patient-frame position "
                 "channels, mean-pooled text): its network no longer exists. Retrain it with nnUNetv2_train.")
-        unet = cls.planned_unet(configuration_manager, num_input_channels + 1 + POSITION_CHANNELS,
+        unet = cls.planned_unet(configuration_manager,
+                                num_input_channels + 1 + (POSITION_CHANNELS if cls.position_to_unet else 0),
                                 num_output_channels, enable_deep_supervision)
         return BiCLIPNetwork(unet, num_input_channels, text["text_in_dim"], cls.text_dim,
                              bidirectional=cls.bidirectional, cycle=cls.lambda_cycle > 0, iac=cls.lambda_iac > 0,
                              ignore_text=cls.ignore_text, text_pooling=cls.text_pooling,
-                             pseudo_activation=cls.pseudo_activation)
+                             pseudo_activation=cls.pseudo_activation, frame_resolution=cls.frame_resolution,
+                             position_to_unet=cls.position_to_unet)
 
     # ---- data: two intensity views for IAC -----------------------------------------------------
     def get_training_transforms(self, *args, **kwargs):
@@ -103,7 +112,9 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
         # ignored pixels (nnU-Net's ignore label) and padding say nothing about the lesion: no target there
         weight = valid & (out.inside > 0.5)
         if self.generation == "lesion":
-            gen = lesion_generation_loss(out.pseudo_logits.float(), lesion, weight)
+            target = blur_mask(lesion.float(), self.generation_blur * max(lesion.shape[2:])) \
+                if self.generation_blur else lesion
+            gen = lesion_generation_loss(out.pseudo_logits.float(), target, weight)
         else:
             reference = self.generation_reference(image, lesion).float()
             gen = generation_loss(out.pseudo.float() * weight, reference * weight)
@@ -130,7 +141,7 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
         norms = w.transpose(0, 1).flatten(1).norm(dim=1)  # (in_channels,)
         c = self.num_input_channels
         return {"wnorm_image": float(norms[:c].mean()), "wnorm_pseudo": float(norms[c]),
-                "wnorm_position": float(norms[c + 1:].mean())}
+                "wnorm_position": float(norms[c + 1:].mean()) if norms.numel() > c + 1 else float("nan")}
 
     def train_step(self, batch: dict) -> dict:
         data = batch["data"].to(self.device, non_blocking=True)

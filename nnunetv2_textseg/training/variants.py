@@ -49,6 +49,11 @@ class nnUNetTrainerBiCLIP_efunet(nnUNetTrainerBiCLIP):
     pseudo_activation = "linear"
 
 
+class nnUNetTrainerBiCLIP_noPosition(nnUNetTrainerBiCLIP):
+    """The U-Net gets [image, pseudo-image] only: the patient frame reaches it through the pseudo-image."""
+    position_to_unet = False
+
+
 class nnUNetTrainerBiCLIP_safeAug(nnUNetTrainerBiCLIP):
     """Safe-mode spatial augmentation: ±15° rotation, no mirroring in training or at test time."""
     safe_spatial_augmentation = True
@@ -131,7 +136,7 @@ _LENGTHS = {"_1epoch": (1, None, None), "_5epochs": (5, None, None), "_10epochs"
             "_demo": (30, 25, 5), "_debug": (2, 4, 2)}
 _BASES = [nnUNetTrainerBiCLIP, nnUNetTrainerBiCLIP_noIAC, nnUNetTrainerBiCLIP_noCycle,
           nnUNetTrainerBiCLIP_unidirectional, nnUNetTrainerBiCLIP_noText, nnUNetTrainerBiCLIP_noBMF,
-          nnUNetTrainerBiCLIP_efunet, nnUNetTrainerBiCLIP_safeAug,
+          nnUNetTrainerBiCLIP_efunet, nnUNetTrainerBiCLIP_safeAug, nnUNetTrainerBiCLIP_noPosition,
           nnUNetTrainerMedCLIPSeg, nnUNetTrainerMedCLIPSeg_noProb, nnUNetTrainerMedCLIPSeg_noContrastive,
           nnUNetTrainerMedCLIPSeg_noText, nnUNetTrainerMedCLIPSeg_safeAug]
 for _base in _BASES:
