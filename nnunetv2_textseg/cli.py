@@ -295,12 +295,10 @@ def env_main(argv=None) -> None:
 
 
 def trainers_folder() -> Path:
-    """The folder to put in nnUNet_extTrainer: the repository's trainers/ (or the packaged copy)."""
-    repo = Path(__file__).resolve().parents[1] / "trainers"
-    if not (repo / "textseg_trainers.py").is_file():
-        raise DatasetConfigError(f"{repo} not found: nnU-Net finds our trainers through the repository's trainers/ "
-                                 f"folder; install from a checkout with `pip install -e .` (setup_scripts/install.sh).")
-    return repo
+    """The folder to put in nnUNet_extTrainer: ``nnunetv2_textseg/nnunet_trainers`` inside the installed
+    package (works for wheel and editable installs alike)."""
+    from nnunetv2_textseg.nnunet_trainers import FOLDER
+    return FOLDER
 
 
 def env_exports(root: Path) -> list[str]:

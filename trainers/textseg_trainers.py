@@ -1,4 +1,5 @@
-"""Makes nnunetv2-textseg's trainers visible to nnU-Net's `-tr` search.
+"""Makes nnunetv2-textseg's trainers visible to nnU-Net's `-tr` search from a checkout (the installed package
+ships the same stub in nnunetv2_textseg/nnunet_trainers/, which `nnUNetv2_textseg_env` prints).
 
 nnU-Net (>= 2.8) imports every module in the folders named by $nnUNet_extTrainer and looks for the
 class by name. The classes live in the installed package (so spawned workers can unpickle them);

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Prepared GPU check (about 5-8 minutes on one GPU; run it where a GPU is lent, CI never has one):
+#   1. train step of plain nnU-Net, BiCLIP (with and without IAC) and MedCLIPSeg at a 256² patch with
+#      nnU-Net's CUDA defaults (AMP, its grad scaler, torch.compile where nnU-Net enables it, pinned memory):
+#      s/iter and peak GPU memory as ratios to nnUNetTrainer (benchmarks/train_step.py --device cuda);
+#   2. short _debug trainings of plain nnU-Net and MedCLIPSeg on the same data, then prediction of the test
+#      cases: nnUNetv2_predict (plain) vs nnUNetv2_textseg_predict --mc_samples 8 --save_uncertainty (seconds).
+# Writes OUT/train_step.json, OUT/predict.json and OUT/gpu_check.md (OUT=benchmarks/results/gpu_check).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results/gpu_check}
+PY=${PY:-.venv/bin/python}
+BIN=$(dirname "$PY")
+mkdir -p "$OUT"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+"$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU visible'; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
+
+WORK="$OUT/work"
+"$PY" benchmarks/train_step.py --device cuda --size 256 --iters 40 --warmup 10 --root "$WORK" -d 989 \
+  --trainers nnUNetTrainer nnUNetTrainerBiCLIP_noIAC nnUNetTrainerBiCLIP nnUNetTrainerMedCLIPSeg \
+  --out "$OUT/train_step.json" | tee "$OUT/train_step.md"
+
+export nnUNet_raw="$WORK/raw" nnUNet_preprocessed="$WORK/pre" nnUNet_results="$WORK/res"
+export nnUNet_extTrainer="$("$PY" -c 'from nnunetv2_textseg.cli import trainers_folder; print(trainers_folder())')"
+RAW=$(ls -d "$nnUNet_raw"/Dataset989_*)
+for T in nnUNetTrainer_debug nnUNetTrainerMedCLIPSeg_debug; do
+  "$BIN/nnUNetv2_train" 989 2d 0 -tr $T > "$OUT/train_$T.log" 2>&1
+done
+t0=$(date +%s.%N)
+"$BIN/nnUNetv2_predict" -i "$RAW/imagesTs" -o "$OUT/pred_plain" -d 989 -c 2d -f 0 -tr nnUNetTrainer_debug > "$OUT/pred_plain.log" 2>&1
+t1=$(date +%s.%N)
+"$BIN/nnUNetv2_textseg_predict" -i "$RAW/imagesTs" -o "$OUT/pred_mc8" -d 989 -c 2d -f 0 -tr nnUNetTrainerMedCLIPSeg_debug \
+  --mc_samples 8 --save_uncertainty > "$OUT/pred_mc8.log" 2>&1
+t2=$(date +%s.%N)
+"$PY" - "$OUT" "$t0" "$t1" "$t2" <<'PYEOF'
+import json, sys
+from pathlib import Path
+out, t0, t1, t2 = Path(sys.argv[1]), *map(float, sys.argv[2:])
+res = {"plain_s": t1 - t0, "medclipseg_mc8_s": t2 - t1, "ratio": (t2 - t1) / (t1 - t0)}
+(out / "predict.json").write_text(json.dumps(res, indent=2))
+rows = json.loads((out / "train_step.json").read_text())["rows"]
+md = ["| trainer | s/iter | × nnUNetTrainer | peak GPU mem (MiB) | × mem |", "|---|---|---|---|---|"]
+md += [f"| {r['trainer']} | {r['s_per_iter']:.4f} | {r['time_ratio']:.2f} | {r['peak_mem_mib']:.0f} | {r['mem_ratio']:.2f} |"
+       for r in rows]
+md += ["", f"Prediction of the test cases (whole command, incl. start-up): plain nnU-Net {res['plain_s']:.1f} s, "
+           f"MedCLIPSeg --mc_samples 8 --save_uncertainty {res['medclipseg_mc8_s']:.1f} s ({res['ratio']:.2f}x)."]
+(out / "gpu_check.md").write_text("\n".join(md) + "\n")
+print("\n".join(md))
+PYEOF
