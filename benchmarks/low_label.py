@@ -12,7 +12,8 @@ reports: Dice, pseudo-image AUC, text sensitivity, reliance). Outputs: OUT/low_l
 OUT/low_label.md (also printed) and OUT/low_label.png.
 
 "Few labels" means enough to learn from: with the cpu preset's 500 demo training cases, nnU-Net's fold 0
-trains on 400, so 5 % is 20 labelled cases and 10 % is 40.
+trains on 400, so 5 % is 20 labelled cases and 10 % is 40. nnU-Net plans the batch size from the number of
+cases (25 for 500); the cpu preset sets the 2 it plans for a few labelled cases (``--batch_size``).
 
 Presets
   smoke  2 seeds, 40 train / 6 test cases, _debug trainers, 100 %, clean (tests; a few minutes).
@@ -42,16 +43,16 @@ DEFAULT_OUT = BENCH / "results" / "low_label"
 
 PRESETS = {
     "smoke": dict(seeds=[0, 1], trainers=["nnUNetTrainer_debug", "nnUNetTrainerBiCLIP_debug"], fractions=["100"],
-                  conditions=["clean"], n_train=40, n_test=6, size=64, device="cpu"),
+                  conditions=["clean"], n_train=40, n_test=6, size=64, device="cpu", batch_size=2),
     "cpu": dict(seeds=[0, 1, 2], trainers=["nnUNetTrainer_demo", "nnUNetTrainerBiCLIP_demo",
                                            "nnUNetTrainerMedCLIPSeg_demo"],
                 fractions=["5", "10"], conditions=["clean", "lowdose", "motion"], n_train=500, n_test=40, size=64,
-                device="cpu"),
+                device="cpu", batch_size=2),
     "full": dict(seeds=[0, 1, 2], trainers=["nnUNetTrainer_100epochs", "nnUNetTrainer_safeAug",
                                             "nnUNetTrainerBiCLIP_100epochs", "nnUNetTrainerBiCLIP_safeAug",
                                             "nnUNetTrainerMedCLIPSeg_100epochs", "nnUNetTrainerMedCLIPSeg_safeAug"],
                  fractions=["5", "10", "25", "100"], conditions=["clean", "lowdose", "motion"], n_train=500,
-                 n_test=100, size=128, device="cuda"),
+                 n_test=100, size=128, device="cuda", batch_size=None),
 }
 
 
@@ -65,6 +66,8 @@ def run_seed(cfg: argparse.Namespace, seed: int) -> dict:
            "--seed", str(seed), "--trainers", *cfg.trainers, "--fractions", *cfg.fractions,
            "--conditions", *cfg.conditions, "--n_train", str(cfg.n_train), "--n_test", str(cfg.n_test),
            "--size", str(cfg.size), "--device", cfg.device, "--no-control", "--no-report_variants"]
+    if cfg.batch_size:
+        cmd += ["--batch_size", str(cfg.batch_size)]
     print(f"[low_label] seed {seed}: {' '.join(cmd[2:])}", flush=True)
     subprocess.run(cmd, check=True)
     return json.loads((out / "results.json").read_text())
@@ -196,6 +199,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--n_test", type=int, default=None)
     p.add_argument("--size", type=int, default=None)
     p.add_argument("--device", default=None)
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="planned 2d batch size of the demo data (cpu preset: 2, what nnU-Net plans for a few cases)")
     p.add_argument("--diagnose", action=argparse.BooleanOptionalAction, default=True)
     cfg = p.parse_args(argv)
     for k, v in PRESETS[cfg.preset].items():

@@ -408,6 +408,13 @@ class Runner:
             shutil.rmtree(pre)  # an interrupted preprocessing of our own dataset
         self.run(key, ["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", CONFIGURATION,
                        "-np", str(self.cfg.num_processes), "-npfp", str(self.cfg.num_processes)])
+        if demo and self.cfg.batch_size:
+            # nnU-Net plans the batch from the dataset's size (25 for 500 demo cases); with a few labelled cases
+            # it would plan 2. Our own generated dataset only: a user's plans are never edited.
+            pre = self.dataset_folder(self.pre_root, dataset_id)
+            plans = json.loads((pre / f"{PLANS}.json").read_text())
+            plans["configurations"][CONFIGURATION]["batch_size"] = self.cfg.batch_size
+            write_json_atomic(pre / f"{PLANS}.json", plans)
         done[key] = True
         self.state.save()
 
@@ -888,6 +895,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "1 = nnU-Net's sequential prediction without worker processes)")
     p.add_argument("--n_proc_da", type=int, default=None,
                    help="nnUNet_n_proc_DA for training (default: yours, else 1 on CPU, else nnU-Net's)")
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="set the generated demo dataset's planned 2d batch size (nnU-Net plans it from the number of "
+                        "cases; a few labelled cases would get 2). Demo data only.")
     p.add_argument("--fresh", action="store_true", help="delete OUT's earlier results (and OUT/work) first")
     p.add_argument("--force", action="store_true",
                    help="--dataset: replace your splits_final.json (backed up) with the benchmark's")
@@ -936,7 +946,8 @@ def main(argv: list[str] | None = None) -> int:
     data_settings = {"dataset": cfg.dataset, "demo_id": cfg.demo_id if cfg.dataset is None else None,
                      "n_train": cfg.n_train if cfg.dataset is None else None,
                      "n_test": cfg.n_test if cfg.dataset is None else None,
-                     "size": cfg.size if cfg.dataset is None else None, "seed": cfg.seed}
+                     "size": cfg.size if cfg.dataset is None else None, "seed": cfg.seed,
+                     "batch_size": cfg.batch_size if cfg.dataset is None else None}
     if state.data.get("data_settings") not in (None, data_settings):
         raise BenchmarkError(f"{out} holds results for other data settings ({state.data['data_settings']}, now "
                              f"{data_settings}); use another --out, or --fresh to start over there.")
@@ -956,7 +967,7 @@ def main(argv: list[str] | None = None) -> int:
                                          if cfg.variant_tables else None),
                      "n_train": cfg.n_train, "n_test": cfg.n_test, "size": cfg.size, "device": cfg.device,
                      "seed": cfg.seed, "configuration": CONFIGURATION, "plans": PLANS,
-                     "num_processes": cfg.num_processes}})
+                     "num_processes": cfg.num_processes, "batch_size": cfg.batch_size}})
     state.start_run(argv)
     runner = Runner(cfg, state)
     state.data["settings"]["env"] = {k: runner.env.get(k) for k in ("nnUNet_n_proc_DA", "nnUNet_def_n_proc")}

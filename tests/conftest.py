@@ -48,6 +48,19 @@ class TrainedModel:
         return self.model_folder / "fold_0"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _hf_offline():
+    """huggingface_hub reads HF_HUB_OFFLINE at import; a test may have imported it before the env was set."""
+    mp = pytest.MonkeyPatch()
+    try:
+        import huggingface_hub.constants as hc
+        mp.setattr(hc, "HF_HUB_OFFLINE", True, raising=False)
+    except ImportError:  # pragma: no cover
+        pass
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def trained_model(tmp_path_factory) -> TrainedModel:
     root = tmp_path_factory.mktemp("nnunet")

@@ -43,19 +43,6 @@ def _tree(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): _sha(p) for p in sorted(Path(root).rglob("*")) if p.is_file()}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _offline():
-    """huggingface_hub reads HF_HUB_OFFLINE at import; another test module may have imported it first."""
-    mp = pytest.MonkeyPatch()
-    try:
-        import huggingface_hub.constants as hc
-        mp.setattr(hc, "HF_HUB_OFFLINE", True, raising=False)
-    except ImportError:  # pragma: no cover
-        pass
-    yield
-    mp.undo()
-
-
 # =========================================================================================
 # 1. nnUNetv2_textseg_degrade
 # =========================================================================================

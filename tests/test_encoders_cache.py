@@ -32,19 +32,6 @@ CLOSE_B = "One infected region in the right lower lung."
 FAR = "Normal breast ultrasound, no mass."
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _offline():
-    """huggingface_hub reads HF_HUB_OFFLINE at import; another test module may have imported it first."""
-    mp = pytest.MonkeyPatch()
-    try:
-        import huggingface_hub.constants as hc
-        mp.setattr(hc, "HF_HUB_OFFLINE", True, raising=False)
-    except ImportError:  # pragma: no cover
-        pass
-    yield
-    mp.undo()
-
-
 @pytest.fixture(scope="module")
 def minilm() -> TextEncoder:
     return TextEncoder()
