@@ -179,6 +179,10 @@ def predict_main(argv=None) -> None:
     if a.mc_samples < 0 or a.mc_batch_size < 1:
         raise TextPredictionError(f"--mc_samples must be >= 0 and --mc_batch_size >= 1 (got {a.mc_samples}, "
                                   f"{a.mc_batch_size}).")
+    if a.device == "cuda" and not torch.cuda.is_available():
+        raise TextPredictionError("-device cuda, but no CUDA GPU is available here: use -device cpu.")
+    if Path(a.o).exists() and not Path(a.o).is_dir():
+        raise TextPredictionError(f"-o {a.o} is an existing file; give an output folder.")
     device = torch.device(a.device)
     if device.type == "cuda":  # as nnUNetv2_predict: torch threads do not help on the GPU
         torch.set_num_threads(1)
@@ -202,6 +206,12 @@ def predict_main(argv=None) -> None:
                                     save_uncertainty=a.save_uncertainty, save_pseudo_images=a.save_pseudo_images,
                                     mc_samples=a.mc_samples, mc_batch_size=a.mc_batch_size)
     predictor.initialize_from_trained_model_folder(model_folder, folds, checkpoint_name=a.chk)
+    net = predictor._net()
+    if a.mc_samples > 1 and (not hasattr(net, "sample_at_inference") or getattr(net, "deterministic", False)):
+        # checked here, before nnU-Net starts its preprocessing workers (the same check in the predictor would
+        # only fire in the first case, after their start-up)
+        raise TextPredictionError(f"--mc_samples needs a stochastic model (nnUNetTrainerMedCLIPSeg); {a.tr} is "
+                                  f"deterministic (all samples would be equal): drop --mc_samples.")
     rec = predictor.text_config["encoder"]
     if rec.get("trust_remote_code") and not a.trust_remote_code:
         raise TextPredictionError(f"This model's text encoder {rec['name_or_path']!r} runs its own code; pass "

@@ -209,3 +209,21 @@ def test_mirrored_passes_carry_mirrored_positions_and_the_report(trained_model, 
             if torch.equal(x[:, c:], torch.flip(first, ax)) and torch.equal(x[:, :c], torch.flip(calls[0][0][:, :c], ax)):
                 seen.add(ax)
     assert seen == flipped
+
+@pytest.mark.parametrize("extra, message", [(["--mc_samples", "4"], "needs a stochastic model"),
+                                            (["-device", "cuda"], "no CUDA GPU"),
+                                            (["OUT_IS_A_FILE"], "is an existing file")])
+def test_cli_refuses_early_with_one_line(trained_model, tmp_path, extra, message):
+    """Bad requests end before nnU-Net's workers start: one line, no traceback, nothing written."""
+    if extra == ["-device", "cuda"] and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    out = tmp_path / "out"
+    if extra == ["OUT_IS_A_FILE"]:
+        out.write_text("mine")
+        extra = []
+    r = run(predict_cmd(trained_model, out, *extra), trained_model.env, check=False)
+    assert r.returncode != 0 and message in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr
+    assert not out.is_dir() or not any(out.iterdir())
+    if out.is_file():
+        assert out.read_text() == "mine"

@@ -1,0 +1,295 @@
+"""``nnUNetv2_textseg_diagnose``: does a trained text model read its report?
+
+    nnUNetv2_textseg_diagnose -d D -c 2d -f 0 -tr nnUNetTrainerBiCLIP -i imagesTs -ref labelsTs [-reports R] -o OUT
+
+Every test case is preprocessed by the model's own nnU-Net preprocessor (image and reference label
+together, so both share the network's grid) and predicted with each **report variant**:
+
+- ``real``: the case's report; ``shuffled``: another case's report (a fixed derangement);
+- ``contradictory``: sides and levels swapped / negated (:mod:`nnunetv2_textseg.report_variants`);
+- ``null``: no report (the model's learned null report).
+
+Measured (written to OUT/diagnosis.json and printed as a table):
+
+- Dice of the prediction with each variant, on the preprocessed grid;
+- text sensitivity ``mean|P_real − P_contra| / mean|P_real|`` (P = foreground probability);
+- reliance: Dice(real) − Dice(null) (for BiCLIP the report reaches the U-Net only through the
+  pseudo-image, so this is the Δ Dice of replacing the pseudo-image by the null report's);
+- BiCLIP only: the per-pixel AUC of the pseudo-image for lesion vs background with each variant, and
+  the U-Net's first-convolution weight norm per input group (image, pseudo-image, position);
+- OUT/diagnosis.png: for a few cases, image, reference, report and the pseudo-images / predictions.
+
+A model that reads its report shows real > shuffled/contradictory/null, in Dice and (BiCLIP) in AUC.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import torch
+
+VARIANTS = ("real", "shuffled", "contradictory", "null")
+
+
+class DiagnoseError(RuntimeError):
+    """The diagnosis cannot run as asked; the message names what and the fix."""
+
+
+def pixel_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve of ``scores`` for binary ``labels`` (ties count half); NaN without both classes."""
+    from scipy.stats import rankdata
+    labels = labels.astype(bool).ravel()
+    n1, n0 = int(labels.sum()), int((~labels).sum())
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    ranks = rankdata(scores.ravel().astype(np.float64))
+    return float((ranks[labels].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def dice(pred: np.ndarray, ref: np.ndarray) -> float:
+    """Foreground Dice; NaN when both are empty (nnU-Net's evaluation convention)."""
+    pred, ref = pred.astype(bool), ref.astype(bool)
+    denom = pred.sum() + ref.sum()
+    return float("nan") if denom == 0 else float(2 * (pred & ref).sum() / denom)
+
+
+def report_variants(reports: dict[str, str], seed: int = 0) -> dict[str, dict[str, str | None]]:
+    """variant -> case -> report text (None: the null report). Shuffled is a derangement (no case keeps its own)."""
+    from nnunetv2_textseg.report_variants import _case_rng, make_variant
+    cases = sorted(reports)
+    rng = np.random.default_rng(seed)
+    order = list(cases)
+    if len(cases) > 1:
+        shift = int(rng.integers(1, len(cases)))
+        order = cases[shift:] + cases[:shift]
+    return {"real": dict(reports),
+            "shuffled": {c: reports[o] for c, o in zip(cases, order)},
+            "contradictory": {c: make_variant(reports[c], "contradictory", _case_rng(seed, "contradictory", c))
+                              for c in cases},
+            "null": {c: None for c in cases}}
+
+
+def first_conv_norms(net: torch.nn.Module, image_channels: int) -> dict[str, float]:
+    """Weight norm of the U-Net's first convolution per input group (image, pseudo-image, position)."""
+    first = next(m for m in net.unet.modules() if isinstance(m, torch.nn.Conv2d))
+    norms = first.weight.detach().float().transpose(0, 1).flatten(1).norm(dim=1)
+    out = {"image": float(norms[:image_channels].mean())}
+    if norms.numel() > image_channels:
+        out["pseudo_image"] = float(norms[image_channels])
+    if norms.numel() > image_channels + 1:
+        out["position"] = float(norms[image_channels + 1:].mean())
+    return out
+
+
+def _model_folder(dataset: str, trainer: str, plans: str, configuration: str) -> Path:
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
+    try:
+        name = maybe_convert_to_dataset_name(dataset)
+    except RuntimeError as e:
+        raise DiagnoseError(f"Dataset {dataset!r} not found in nnUNet_raw/nnUNet_preprocessed/nnUNet_results: {e}")
+    folder = Path(get_output_folder(name, trainer, plans, configuration))
+    if not (folder / "plans.json").is_file():
+        raise DiagnoseError(f"No trained model in {folder}. Train it with nnUNetv2_train {dataset} {configuration} "
+                            f"FOLD -tr {trainer}, or check -tr/-p/-c.")
+    if "textseg" not in json.loads((folder / "plans.json").read_text()):
+        raise DiagnoseError(f"{folder} holds a model without text ({trainer} is not a text trainer, or it was trained "
+                            f"by plain nnU-Net): there is no report to diagnose. Pick a BiCLIP or MedCLIPSeg model.")
+    return folder
+
+
+def _case_files(images: Path, ending: str) -> dict[str, list[Path]]:
+    files: dict[str, list[Path]] = {}
+    for f in sorted(images.glob(f"*{ending}")):
+        stem = f.name[:-len(ending)]
+        if len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit():
+            files.setdefault(stem[:-5], []).append(f)
+    return files
+
+
+def diagnose(model: Path, fold: int, images: Path, labels: Path, reports_file: Path | None, out: Path,
+             checkpoint: str = "checkpoint_final.pth", device: str = "cpu", n_figure: int = 4, max_cases: int = 0,
+             seed: int = 0) -> dict:
+    from nnunetv2_textseg.patient_frame import with_position_channels
+    from nnunetv2_textseg.predictor import default_reports_file, nnUNetTextPredictor
+    from nnunetv2_textseg.reports import read_report_table
+
+    if not (model / f"fold_{fold}" / checkpoint).is_file():
+        raise DiagnoseError(f"No {checkpoint} in {model / f'fold_{fold}'}: train fold {fold} first, or pass -f/-chk.")
+    reports_file = reports_file or default_reports_file(images)
+    if reports_file is None:
+        raise DiagnoseError(f"No report table for {images}: pass -reports FILE (or put reports.csv in the input "
+                            f"folder / reportsTs.csv next to it).")
+    reports = read_report_table(reports_file).reports
+    dataset_json = json.loads((model / "dataset.json").read_text())
+    ending = dataset_json["file_ending"]
+    files = _case_files(images, ending)
+    if not files:
+        raise DiagnoseError(f"No images CASE_0000{ending} in {images}.")
+    missing = sorted(c for c in files if c not in reports)
+    if missing:
+        raise DiagnoseError(f"{len(missing)} case(s) in {images} have no report in {reports_file}: {missing[:10]}. "
+                            f"Add them to the table.")
+    no_label = sorted(c for c in files if not (labels / f"{c}{ending}").is_file())
+    if no_label:
+        raise DiagnoseError(f"{len(no_label)} case(s) have no reference {labels}/CASE{ending}: {no_label[:10]}.")
+    cases = sorted(files)[:max_cases] if max_cases > 0 else sorted(files)
+    variants = report_variants({c: reports[c] for c in cases}, seed)
+
+    predictor = nnUNetTextPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
+                                    perform_everything_on_device=device != "cpu", device=torch.device(device),
+                                    verbose=False, verbose_preprocessing=False, allow_tqdm=False,
+                                    allow_missing_reports=True)
+    predictor.initialize_from_trained_model_folder(str(model), (fold,), checkpoint)
+    net = predictor._net()
+    has_pseudo = hasattr(net, "pseudo_image")
+    texts = sorted({t for v in variants.values() for t in v.values() if t is not None})
+    predictor.set_reports({str(i): t for i, t in enumerate(texts)})
+    index = {t: str(i) for i, t in enumerate(texts)}
+
+    reader = predictor.plans_manager.image_reader_writer_class()
+    preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
+    fg_labels = predictor.label_manager.foreground_labels
+    per_variant = {v: {"dice": [], "pseudo": [], "ref": [], "prob": []} for v in VARIANTS}
+    figure_rows = []
+    for n, case in enumerate(cases):
+        img, props = reader.read_images([str(f) for f in files[case]])
+        seg, _ = reader.read_seg(str(labels / f"{case}{ending}"))
+        data, ref, _ = preprocessor.run_case_npy(img, seg, props, predictor.plans_manager,
+                                                 predictor.configuration_manager, dataset_json)
+        ref = np.isin(ref[0], fg_labels)
+        data_t = torch.from_numpy(data)
+        row = {"case": case, "image": data[0, 0], "ref": ref[0], "report": reports[case]}
+        for v in VARIANTS:
+            text = variants[v][case]
+            predictor._current_text = None if text is None else predictor.embeddings[index[text]]
+            logits = predictor.predict_logits_from_preprocessed_data(data_t).float()
+            prob_fg = 1 - torch.softmax(logits, 0)[0].numpy()  # P(any foreground)
+            pred = logits.argmax(0).numpy()
+            per_variant[v]["dice"].append(dice(np.isin(pred, fg_labels), ref))
+            per_variant[v]["prob"].append(prob_fg[0])
+            row[f"pred_{v}"] = np.isin(pred[0], fg_labels)
+            if has_pseudo:
+                with torch.inference_mode():
+                    predictor.set_network_text(None)
+                    x = with_position_channels(data_t).to(predictor.device).float().transpose(0, 1)
+                    t = net.text_embedding(net._tokens, net._mask, x.shape[0])
+                    pseudo = net.pseudo_image(x, t)[0][0, 0].float().cpu().numpy()
+                    net.set_text(None)
+                per_variant[v]["pseudo"].append(pseudo.ravel())
+                per_variant[v]["ref"].append(ref[0].ravel())
+                row[f"pseudo_{v}"] = pseudo
+        predictor._current_text = None
+        if n < n_figure:
+            figure_rows.append(row)
+        print(f"[diagnose] {n + 1}/{len(cases)} {case}", flush=True)
+
+    result = {"model": str(model), "fold": fold, "checkpoint": checkpoint, "cases": len(cases),
+              "reports": str(reports_file), "dice": {}, "pseudo_image_auc": {}}
+    for v in VARIANTS:
+        result["dice"][v] = float(np.nanmean(per_variant[v]["dice"]))
+        if has_pseudo:
+            result["pseudo_image_auc"][v] = pixel_auc(np.concatenate(per_variant[v]["pseudo"]),
+                                                      np.concatenate(per_variant[v]["ref"]))
+    p_real = np.concatenate([p.ravel() for p in per_variant["real"]["prob"]])
+    p_contra = np.concatenate([p.ravel() for p in per_variant["contradictory"]["prob"]])
+    result["text_sensitivity"] = float(np.abs(p_real - p_contra).mean() / max(np.abs(p_real).mean(), 1e-12))
+    result["reliance"] = result["dice"]["real"] - result["dice"]["null"]
+    if has_pseudo:
+        result["first_conv_weight_norm"] = first_conv_norms(net, net.image_channels)
+    else:
+        result["pseudo_image_auc"] = None
+        result["note"] = (f"{json.loads((model / 'plans.json').read_text()).get('textseg', {}) and model.name}: no "
+                          f"pseudo-image (not a BiCLIP model); its AUC and first-convolution rows are skipped.")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "diagnosis.json").write_text(json.dumps(result, indent=2))
+    _figure(figure_rows, has_pseudo, out / "diagnosis.png")
+    return result
+
+
+def _figure(rows: list[dict], has_pseudo: bool, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("agg")
+    import matplotlib.pyplot as plt
+    if not rows:
+        return
+    cols = ["image", "ref"] + ([f"pseudo_{v}" for v in ("real", "contradictory", "null")] if has_pseudo else []) + \
+           ["pred_real", "pred_contradictory"]
+    titles = {"image": "image", "ref": "reference", "pseudo_real": "pseudo-image (real)",
+              "pseudo_contradictory": "pseudo (contradictory)", "pseudo_null": "pseudo (no report)",
+              "pred_real": "prediction (real)", "pred_contradictory": "prediction (contradictory)"}
+    fig, axes = plt.subplots(len(rows), len(cols), figsize=(2.6 * len(cols), 3.1 * len(rows)), squeeze=False)
+    for r, row in enumerate(rows):
+        for c, key in enumerate(cols):
+            ax = axes[r, c]
+            ax.imshow(row[key], cmap="gray" if key == "image" else "magma",
+                      vmin=None if key == "image" else 0, vmax=None if key == "image" else 1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(titles[key], fontsize=9)
+        axes[r, 0].set_ylabel(row["case"], fontsize=8)
+        axes[r, 1].set_xlabel("\n".join(textwrap.wrap(row["report"], 34)[:4]), fontsize=6.5)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def format_table(result: dict) -> str:
+    lines = ["| variant | Dice | pseudo-image AUC |", "|---|---|---|"]
+    for v in VARIANTS:
+        auc = result["pseudo_image_auc"][v] if result.get("pseudo_image_auc") else None
+        lines.append(f"| {v} | {result['dice'][v]:.4f} | {'—' if auc is None else f'{auc:.4f}'} |")
+    lines.append(f"\ntext sensitivity |P_real − P_contra| / |P_real|: {result['text_sensitivity']:.4f}; "
+                 f"reliance Dice(real) − Dice(null): {result['reliance']:+.4f}")
+    if result.get("first_conv_weight_norm"):
+        lines.append("first-convolution weight norm per input: " +
+                     ", ".join(f"{k} {v:.3f}" for k, v in result["first_conv_weight_norm"].items()))
+    if result.get("note"):
+        lines.append(result["note"])
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="nnUNetv2_textseg_diagnose", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("-d", required=True, help="dataset id or name")
+    p.add_argument("-c", default="2d", help="configuration")
+    p.add_argument("-f", type=int, default=0, help="fold")
+    p.add_argument("-tr", required=True, help="trainer class name")
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier")
+    p.add_argument("-i", required=True, type=Path, help="folder with test images (CASE_0000<ending>)")
+    p.add_argument("-ref", required=True, type=Path, help="folder with reference segmentations (CASE<ending>)")
+    p.add_argument("-reports", type=Path, default=None, help="report table (default: reports.csv in -i or reportsTs.csv next to it)")
+    p.add_argument("-o", type=Path, default=None, help="output folder (default: MODEL/fold_F/diagnosis)")
+    p.add_argument("-chk", default="checkpoint_final.pth")
+    p.add_argument("-device", default="cpu", choices=("cpu", "cuda", "mps"))
+    p.add_argument("--n_figure", type=int, default=4, help="cases shown in diagnosis.png")
+    p.add_argument("--max_cases", type=int, default=0, help="diagnose only the first N cases (0: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shuffled / contradictory reports")
+    a = p.parse_args(argv)
+    from nnunetv2_textseg.predictor import TextPredictionError
+    from nnunetv2_textseg.reports import ReportError
+    try:
+        if a.device == "cuda" and not torch.cuda.is_available():
+            raise DiagnoseError("-device cuda, but no CUDA GPU is available here: use -device cpu.")
+        for folder, flag in ((a.i, "-i"), (a.ref, "-ref")):
+            if not folder.is_dir():
+                raise DiagnoseError(f"{flag} {folder}: no such folder.")
+        model = _model_folder(a.d, a.tr, a.p, a.c)
+        out = a.o or model / f"fold_{a.f}" / "diagnosis"
+        result = diagnose(model, a.f, a.i, a.ref, a.reports, out, a.chk, a.device, a.n_figure, a.max_cases, a.seed)
+    except (DiagnoseError, ReportError, TextPredictionError) as e:
+        print(f"ERROR: {e}", file=sys.stderr)
+        return 2
+    print(format_table(result))
+    print(f"[diagnose] wrote {out / 'diagnosis.json'} and {out / 'diagnosis.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,224 @@
+"""BiCLIP building blocks: text pooling and projection, image encoder, bidirectional fusion (BMF),
+pseudo-image generator, image-to-text head, the IAC projection head, and BiCLIP's losses.
+
+All modules are plain ``nn.Module``s configured by constructor arguments; 2D only (the dimension
+of nnU-Net's ``2d`` configuration). Shapes use B = batch, D = text width, H×W = patch size.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class TextProjection(nn.Module):
+    """Frozen-encoder embedding (B, D_in) -> compact text embedding t (B, D)."""
+
+    def __init__(self, in_dim: int, out_dim: int = 784, hidden: int = 512):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """tokens (B, L, D), mask (B, L) bool -> (B, D): the mean over real tokens (the encoder's mean pooling)."""
+    w = mask.to(tokens.dtype).unsqueeze(-1)
+    return (tokens * w).sum(1) / w.sum(1).clamp_min(1)
+
+
+class MeanPoolText(nn.Module):
+    """Token embeddings (B, L, D_in) + mask -> t (B, D): masked mean, then :class:`TextProjection`.
+
+    The paper's text vector. Reports that differ only in location words ("upper left" vs "upper right")
+    give nearly the same mean (cosine ~0.99 for all-MiniLM-L6-v2), so location barely reaches ``t``."""
+
+    def __init__(self, in_dim: int, out_dim: int = 784, hidden: int = 512):
+        super().__init__()
+        self.projection = TextProjection(in_dim, out_dim, hidden)
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.projection(masked_mean(tokens, mask))
+
+
+class AttentionPoolText(nn.Module):
+    """Token embeddings (B, L, D_in) + mask (B, L) -> t (B, D) by attention pooling.
+
+    ``queries`` learned queries each attend over the (layer-normed) tokens and pick out what they need —
+    e.g. one the side, one the zone — so location words stand out instead of being averaged away with
+    the rest of the report. The queries' outputs are concatenated and projected to D."""
+
+    def __init__(self, in_dim: int, out_dim: int = 784, queries: int = 8, width: int = 64, hidden: int = 512):
+        super().__init__()
+        self.norm = nn.LayerNorm(in_dim)
+        self.keys = nn.Linear(in_dim, width)
+        self.values = nn.Linear(in_dim, width)
+        self.queries = nn.Parameter(torch.randn(queries, width) / width ** 0.5)
+        self.out = nn.Sequential(nn.LayerNorm(queries * width), nn.Linear(queries * width, hidden), nn.GELU(),
+                                 nn.Linear(hidden, out_dim))
+        self.scale = width ** -0.5
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.norm(tokens)
+        k, v = self.keys(h), self.values(h)  # (B, L, w)
+        scores = torch.einsum("qw,blw->bql", self.queries, k) * self.scale
+        scores = scores.masked_fill(~mask[:, None, :], torch.finfo(scores.dtype).min)
+        pooled = torch.einsum("bql,blw->bqw", scores.softmax(-1), v)  # (B, Q, w)
+        return self.out(pooled.flatten(1))
+
+
+def _conv_block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.InstanceNorm2d(cout, affine=True),
+                         nn.LeakyReLU(0.01, inplace=True))
+
+
+class GlobalImageEncoder(nn.Module):
+    """Light CNN: image (B, C, H, W) -> global embedding i (B, E). Works for any H, W (small inputs are upsampled)."""
+
+    def __init__(self, in_channels: int, out_dim: int = 128, width: int = 16, depth: int = 4):
+        super().__init__()
+        layers, c = [], in_channels
+        for d in range(depth):
+            layers.append(_conv_block(c, width * 2 ** d, stride=2))
+            c = width * 2 ** d
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(c, out_dim)
+        self.depth = depth
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # `depth` stride-2 convolutions: instance norm needs > 1 spatial element after the last one,
+        # i.e. max(H, W) > 2**depth; smaller inputs (e.g. 8x8, 16x16) are upsampled first.
+        if max(x.shape[2:]) <= 2 ** self.depth:
+            f = 2 ** self.depth // max(x.shape[2:]) + 1
+            x = F.interpolate(x, scale_factor=f, mode="bilinear", align_corners=False)
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+class BidirectionalFusion(nn.Module):
+    """BMF text refinement: Δt = g([t; i]), t' = t + Δt.
+
+    The last layer starts at zero so that training begins from t' = t (the text as reported) and
+    the image only moves it once that helps.
+    """
+
+    def __init__(self, text_dim: int, image_dim: int, hidden: int = 512):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(text_dim + image_dim, hidden), nn.GELU(), nn.Linear(hidden, text_dim))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, t: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+        """t: (B, D), i: (B, E) -> t': (B, D)"""
+        return t + self.mlp(torch.cat([t, i], dim=1))
+
+
+class PseudoImageGenerator(nn.Module):
+    """Decodes a text embedding (B, D = side²) to a one-channel pseudo-image (B, 1, 4·side, 4·side).
+
+    As in EF-UNet, the D-dim embedding is read as a side×side map (784 = 28×28) and upsampled by
+    two transposed convolutions (×4). Without ``size`` the native map is returned (BiCLIP reads it as the
+    whole patient image, see :mod:`nnunetv2_textseg.patient_frame`); with ``size`` it is resized.
+    ``out_bias`` initialises the output (e.g. a negative logit: lesions are rare).
+    """
+
+    def __init__(self, text_dim: int = 784, width: int = 32, out_bias: float = 0.0):
+        super().__init__()
+        side = int(round(text_dim ** 0.5))
+        if side * side != text_dim:
+            raise ValueError(f"text_dim must be a square number (e.g. 784 = 28²), got {text_dim}")
+        self.side = side
+        self.decoder = nn.Sequential(
+            _conv_block(1, width),
+            nn.ConvTranspose2d(width, width, 2, 2), nn.LeakyReLU(0.01, inplace=True),
+            nn.ConvTranspose2d(width, width // 2, 2, 2), nn.LeakyReLU(0.01, inplace=True),
+            nn.Conv2d(width // 2, 1, 3, 1, 1),
+        )
+        nn.init.constant_(self.decoder[-1].bias, out_bias)
+
+    def forward(self, t: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        x = self.decoder(t.view(-1, 1, self.side, self.side))
+        return x if size is None else F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+class ImageToTextHead(nn.Module):
+    """h: pseudo-image (B, 1, H, W) -> reconstructed text embedding t̂ (B, D), for the cycle loss.
+
+    Keeps the spatial layout: strided convolutions down to a ``grid``×``grid`` map that is flattened
+    (not averaged) into t̂, so *where* the pseudo-image is bright is what must carry the report back."""
+
+    def __init__(self, text_dim: int = 784, width: int = 16, depth: int = 3, grid: int = 7):
+        super().__init__()
+        layers, c = [], 1
+        for d in range(depth):
+            layers.append(_conv_block(c, width * 2 ** d, stride=2))
+            c = width * 2 ** d
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(grid))
+        self.head = nn.Linear(c * grid * grid, text_dim)
+        self.depth = depth
+
+    def forward(self, pseudo: torch.Tensor) -> torch.Tensor:
+        # instance norm needs > 1 spatial element after the last stride-2 stage: upsample small maps first
+        if min(pseudo.shape[2:]) <= 2 ** self.depth:
+            f = 2 ** self.depth // min(pseudo.shape[2:]) + 1
+            pseudo = F.interpolate(pseudo, scale_factor=f, mode="bilinear", align_corners=False)
+        return self.head(self.features(pseudo).flatten(1))
+
+
+class ProjectionHead(nn.Module):
+    """IAC head: pooled U-Net features (B, C) -> projection p (B, P)."""
+
+    def __init__(self, in_dim: int, out_dim: int = 128, hidden: int = 256):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features)
+
+
+def cycle_loss(t: torch.Tensor, t_hat: torch.Tensor) -> torch.Tensor:
+    """‖t − t̂‖², averaged over batch and dimensions (0 iff identical)."""
+    return F.mse_loss(t_hat, t)
+
+
+def consistency_loss(p_weak: torch.Tensor, p_strong: torch.Tensor) -> torch.Tensor:
+    """IAC: 1 − cos(p_w, p_s), averaged over the batch (0 for identical directions)."""
+    return (1 - F.cosine_similarity(p_weak, p_strong, dim=1, eps=1e-6)).mean()
+
+
+def generation_loss(pseudo: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """L1 between the pseudo-image and its reference (EF-UNet's: the image masked by the lesion)."""
+    return F.l1_loss(pseudo, reference)
+
+
+def blur_mask(mask: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(B, 1, H, W) mask -> Gaussian-blurred (σ in pixels), rescaled so each sample's maximum stays at its
+    mask's maximum: a zone-scale soft target ("the lesion is around here")."""
+    if sigma <= 0:
+        return mask
+    radius = max(1, int(round(3 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=mask.dtype, device=mask.device)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    k = k / k.sum()
+    out = F.conv2d(F.pad(mask, (radius, radius, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+    out = F.conv2d(F.pad(out, (0, 0, radius, radius), mode="replicate"), k.view(1, 1, -1, 1))
+    peak = out.amax(dim=(2, 3), keepdim=True).clamp_min(1e-6)
+    return (out / peak * mask.amax(dim=(2, 3), keepdim=True)).clamp(0, 1)
+
+
+def lesion_generation_loss(logits: torch.Tensor, lesion: torch.Tensor, weight: torch.Tensor,
+                           smooth: float = 1.0) -> torch.Tensor:
+    """BCE + soft Dice of the pseudo-image (logits, (B, 1, H, W)) against the lesion mask (or a soft, blurred
+    version of it), over pixels with
+    ``weight`` > 0 (inside the image, not nnU-Net's ignore label).
+
+    Why not L1 to ``image × mask``: L1 is minimised by the per-pixel conditional *median*, which is ~0
+    wherever fewer than half of the cases with that report have a lesion — nearly everywhere — so the
+    pseudo-image learns to be empty. BCE is minimised by the conditional *mean* p(lesion | report,
+    position), a map of where the report says the lesion is; the Dice term keeps small lesions from
+    being swamped by background. Dice is computed over the batch (empty masks do not give 0/0)."""
+    lesion, weight = lesion.to(logits.dtype), weight.to(logits.dtype)
+    bce = (F.binary_cross_entropy_with_logits(logits, lesion, reduction="none") * weight).sum() / weight.sum().clamp_min(1)
+    p = torch.sigmoid(logits) * weight
+    dice = 1 - (2 * (p * lesion).sum() + smooth) / (p.sum() + (lesion * weight).sum() + smooth)
+    return bce + dice

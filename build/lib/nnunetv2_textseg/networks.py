@@ -1,0 +1,196 @@
+"""BiCLIPNetwork: nnU-Net's planned U-Net with extra input channels: the report's pseudo-image and the
+patient-frame position.
+
+Every BiCLIP module lives in this one ``nn.Module``, so nnU-Net's checkpoints, ``--c`` resume,
+``torch.compile`` and DDP cover them without special cases. nnU-Net's predictor calls
+``network(x)`` once per sliding-window tile and has no way to pass a report, so the report of the
+case being predicted is set beforehand with :meth:`BiCLIPNetwork.set_text`; with no text set, the
+learned null report is used (the same one report dropout trains).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nnunetv2_textseg.modules.biclip import (AttentionPoolText, BidirectionalFusion, GlobalImageEncoder,
+                                             ImageToTextHead, MeanPoolText, ProjectionHead, PseudoImageGenerator)
+from nnunetv2_textseg.patient_frame import (POSITION_CHANNELS, ensure_position_channels, sample_patient_frame,
+                                            split_position)
+
+
+@dataclass
+class BiCLIPOutput:
+    """What one training forward pass returns besides the segmentation."""
+    seg: torch.Tensor | list[torch.Tensor]
+    pseudo: torch.Tensor  # (B, 1, H, W) on the sample, as the U-Net sees it (before input normalisation)
+    pseudo_logits: torch.Tensor | None  # (B, 1, H, W) before the sigmoid (None for a linear pseudo-image)
+    inside: torch.Tensor  # (B, 1, H, W) 1 inside the patient image, 0 on padding
+    t: torch.Tensor  # projected text (B, D)
+    t_hat: torch.Tensor | None  # reconstructed from the whole-image pseudo-image (B, D)
+    p_weak: torch.Tensor | None  # IAC projections (B, P)
+    p_strong: torch.Tensor | None
+
+
+class PlannedUNetWrapper(nn.Module):
+    """A module around nnU-Net's planned U-Net (``self.unet``). nnU-Net toggles deep supervision through
+    ``network.decoder.deep_supervision``, so the wrapper exposes the U-Net's decoder (and encoder)."""
+
+    @property
+    def decoder(self) -> nn.Module:
+        return self.unet.decoder
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.unet.encoder
+
+
+class BiCLIPNetwork(PlannedUNetWrapper):
+    """Text-conditioned U-Net.
+
+    Input ``x``: (B, C + 3, H, W) — the image's C channels, then the 3 patient-frame position channels
+    (:mod:`nnunetv2_textseg.patient_frame`), which nnU-Net's loader and our predictor append. The report's
+    pseudo-image is decoded in whole-image coordinates and read at each pixel's position, so "upper left"
+    is the patient's upper left in every crop, rotation, mirror and sliding-window tile. The U-Net gets
+    [image, pseudo-image, position].
+
+    Args:
+        unet: nnU-Net's planned U-Net (dynamic-network-architectures), built with ``image_channels + 4``
+            input channels; must expose ``encoder`` and ``decoder``.
+        image_channels: channels of the real image (C).
+        text_in_dim: width of the frozen encoder's token embeddings (e.g. 384 for MiniLM).
+        text_dim: compact text width D (a square number; 784 = 28² as in EF-UNet).
+        bidirectional: BMF refinement t' = t + g([t; i]); False gives the LViT-style
+            unidirectional baseline (text conditions vision, no image-to-text refinement).
+        cycle: build the image-to-text head for the cycle loss.
+        iac: build the IAC projection head.
+        ignore_text: always use the null report (the _noText ablation: same network, no report).
+        text_pooling: "attention" (learned queries over the tokens) or "mean" (the paper's mean pooling).
+        pseudo_activation: "sigmoid" (a lesion-probability map, fed as (p − 0.5) / 0.25 like EF-UNet's
+            input normalisation) or "linear" (the paper's unbounded pseudo-image, fed as is).
+        position_to_unet: also give the U-Net the position channels (its input is then C + 1 + 3 channels,
+            else C + 1: the pseudo-image alone carries the patient frame).
+        frame_resolution: side of the whole-image pseudo-image map (the generator's output is average-pooled
+            to it; read bilinearly at each pixel). None keeps the generator's 4·√D (the paper's).
+    """
+
+    text_input = "tokens"  # what set_text expects: token embeddings + mask (the predictor checks this)
+
+    def __init__(self, unet: nn.Module, image_channels: int, text_in_dim: int, text_dim: int = 784,
+                 image_dim: int = 128, bidirectional: bool = True, cycle: bool = True, iac: bool = True,
+                 ignore_text: bool = False, text_pooling: str = "attention", pseudo_activation: str = "sigmoid",
+                 frame_resolution: int | None = 16, position_to_unet: bool = True):
+        super().__init__()
+        if not (hasattr(unet, "encoder") and hasattr(unet, "decoder")):
+            raise TypeError(f"{type(unet).__name__} has no encoder/decoder; BiCLIP needs a "
+                            f"dynamic-network-architectures U-Net (PlainConvUNet, ResidualEncoderUNet).")
+        if text_pooling not in ("attention", "mean") or pseudo_activation not in ("sigmoid", "linear"):
+            raise ValueError(f"text_pooling must be 'attention' or 'mean' and pseudo_activation 'sigmoid' or "
+                             f"'linear', got {text_pooling!r}, {pseudo_activation!r}")
+        self.unet = unet
+        self.image_channels = image_channels
+        self.text_pool = AttentionPoolText(text_in_dim, text_dim) if text_pooling == "attention" \
+            else MeanPoolText(text_in_dim, text_dim)
+        # The learned "no report" text, used for dropped reports and cases without one (small, not zero:
+        # a zero text would give the generator's first convolution no gradient while every report is dropped)
+        self.null_text = nn.Parameter(0.02 * torch.randn(text_dim))
+        self.image_encoder = GlobalImageEncoder(image_channels, image_dim) if bidirectional else None
+        self.fusion = BidirectionalFusion(text_dim, image_dim) if bidirectional else None
+        self.sigmoid = pseudo_activation == "sigmoid"
+        self.frame_resolution = frame_resolution
+        self.position_to_unet = position_to_unet
+        # lesions are rare: start the probability map low (sigmoid(-2) ~ 0.12) rather than at 0.5
+        self.generator = PseudoImageGenerator(text_dim, out_bias=-2.0 if self.sigmoid else 0.0)
+        self.image_to_text = ImageToTextHead(text_dim) if cycle else None
+        self.iac_head = ProjectionHead(unet.encoder.output_channels[-1]) if iac else None
+        self.ignore_text = ignore_text
+        self._tokens: torch.Tensor | None = None  # set per case at inference; not part of the state dict
+        self._mask: torch.Tensor | None = None
+        self._warned_null = False
+
+    def set_text(self, tokens: torch.Tensor | None, mask: torch.Tensor | None = None) -> None:
+        """Report used by the next plain ``forward(x)`` calls: token embeddings (1, L, D_in) (or (L, D_in))
+        and mask (1, L) of one case, broadcast over tiles; None for the learned null report."""
+        if tokens is not None and tokens.ndim == 2:
+            tokens = tokens[None]
+        if tokens is not None and mask is None:
+            mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        self._tokens, self._mask = tokens, (mask[None] if mask is not None and mask.ndim == 1 else mask)
+
+    def text_embedding(self, tokens: torch.Tensor | None, mask: torch.Tensor | None, batch: int,
+                       drop: torch.Tensor | None = None) -> torch.Tensor:
+        """Projected text t (B, D); rows with ``drop`` True (or all, if tokens is None) use the null report."""
+        null = self.null_text.unsqueeze(0).expand(batch, -1)
+        if tokens is None:
+            return null
+        t = self.text_pool(tokens.to(null.dtype), mask)
+        t = t.expand(batch, -1) if t.shape[0] == 1 else t
+        if self.ignore_text:
+            drop = torch.ones(batch, dtype=torch.bool, device=null.device)
+        if drop is None:
+            return t + 0 * null  # null_text stays in the graph (DDP, find_unused_parameters=False)
+        # torch.where keeps both branches in the graph: every parameter gets a gradient each step
+        return torch.where(drop[:, None], null, t)
+
+    def frame_pseudo_image(self, image: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """BMF: refine t with the image's global embedding and decode it to the whole-image pseudo-image
+        (B, 1, S, S) (logits for a sigmoid pseudo-image)."""
+        if self.fusion is not None:
+            t = self.fusion(t, self.image_encoder(image))
+        frame = self.generator(t)
+        if self.frame_resolution and frame.shape[-1] > self.frame_resolution:
+            # zone scale: a report says where (which lung, which third), not the lesion's outline; a coarse map
+            # cannot memorise training masks, so the U-Net keeps taking the outline from the image
+            frame = F.adaptive_avg_pool2d(frame, self.frame_resolution)
+        return frame
+
+    def pseudo_image(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, C + 3, H, W) -> (pseudo-image on the sample (B, 1, H, W), its logits (or the linear map),
+        whole-image map (B, 1, S, S))."""
+        image, position = split_position(x)
+        frame = self.frame_pseudo_image(image, t)
+        raw = sample_patient_frame(frame, position)
+        pseudo = torch.sigmoid(raw) * (position[:, 2:3] > 0.5).to(raw.dtype) if self.sigmoid else raw
+        return pseudo, raw, frame
+
+    def unet_input(self, image: torch.Tensor, pseudo: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        # a probability map is shifted/scaled to the z-scored image's range (EF-UNet's (p - 0.5) / 0.25), so
+        # the U-Net's first convolution sees it at the same scale as the image from the start
+        p = (pseudo - 0.5) / 0.25 if self.sigmoid else pseudo
+        parts = [image, p.to(image.dtype)] + ([position.to(image.dtype)] if self.position_to_unet else [])
+        return torch.cat(parts, dim=1)
+
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                drop: torch.Tensor | None = None, x_strong: torch.Tensor | None = None, return_aux: bool = False):
+        """x: (B, C + 3, H, W) image + position channels; tokens (B or 1, L, D_in), mask (B or 1, L): the
+        report (default: the one set with ``set_text``, else the null report). Returns the U-Net output (a
+        list with deep supervision), or a :class:`BiCLIPOutput` with ``return_aux``. ``x_strong`` (B, C, H, W)
+        is the strongly augmented image for IAC: it shares the pseudo-image and position and only passes
+        the U-Net encoder (its decoder output is unused)."""
+        if tokens is None:
+            tokens, mask = self._tokens, self._mask
+            if tokens is None and not self.training and not self._warned_null and not self.ignore_text:
+                warnings.warn("BiCLIPNetwork: no report set, predicting with the learned null report. "
+                              "Use nnUNetv2_textseg_predict to give each case its report.")
+                self._warned_null = True
+        if tokens is not None:
+            tokens, mask = tokens.to(x.device), mask.to(x.device)
+        x = ensure_position_channels(x, self.image_channels + POSITION_CHANNELS, type(self).__name__)
+        image, position = split_position(x)
+        t = self.text_embedding(tokens, mask, x.shape[0], drop)
+        pseudo, raw, frame = self.pseudo_image(x, t)
+        skips = self.unet.encoder(self.unet_input(image, pseudo, position))
+        seg = self.unet.decoder(skips)
+        if not return_aux:
+            return seg
+        t_hat = self.image_to_text(torch.sigmoid(frame) if self.sigmoid else frame) \
+            if self.image_to_text is not None else None
+        p_weak = p_strong = None
+        if self.iac_head is not None and x_strong is not None:
+            strong_bottleneck = self.unet.encoder(self.unet_input(x_strong, pseudo, position))[-1]
+            p_weak = self.iac_head(skips[-1].mean(dim=(2, 3)))
+            p_strong = self.iac_head(strong_bottleneck.mean(dim=(2, 3)))
+        return BiCLIPOutput(seg, pseudo, raw if self.sigmoid else None, position[:, 2:3], t, t_hat, p_weak, p_strong)

@@ -1,0 +1,166 @@
+"""nnUNetTrainerBiCLIP: BiCLIP (BMF pseudo-image channel, cycle and generation losses, IAC) on
+nnU-Net's planned U-Net, trained by unmodified ``nnUNetv2_train``.
+
+What the U-Net sees: [image, pseudo-image, patient-frame position]. The pseudo-image is the report,
+decoded (after BMF) into a whole-image map of where the report puts the lesion and read at each pixel's
+patient-frame position (:mod:`nnunetv2_textseg.patient_frame`).
+
+Loss: nnU-Net's Dice+CE (deep supervision) + λgen·L_gen + λcycle·‖t − t̂‖² + λIAC·(1 − cos(p_weak, p_strong)).
+Default ``generation = "lesion"``: L_gen = BCE + soft Dice of the sigmoid pseudo-image against the lesion
+mask, in the sample's frame (the pseudo-image is read onto the sample, so target and pseudo-image share
+it); λgen = 1 because this term is what teaches the text modules where the report points.
+``generation = "masked_image"`` is EF-UNet's literal choice (L1 to image × lesion, λ 0.1, a linear
+pseudo-image, mean-pooled text): the ``_efunet`` variant keeps it reachable. Why the default differs is
+explained in :func:`~nnunetv2_textseg.modules.biclip.lesion_generation_loss`.
+"""
+from __future__ import annotations
+
+import torch
+from nnunetv2.utilities.helpers import dummy_context
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from torch import autocast, nn
+
+from nnunetv2_textseg.augmentation import split_into_two_views
+from nnunetv2_textseg.modules.biclip import (blur_mask, consistency_loss, cycle_loss, generation_loss,
+                                             lesion_generation_loss)
+from nnunetv2_textseg.networks import BiCLIPNetwork
+from nnunetv2_textseg.patient_frame import POSITION_CHANNELS
+from nnunetv2_textseg.training.text_trainer import NETWORK_VERSION, TextTrainingError, nnUNetTrainerText
+
+AUX_LOSSES = ("seg", "gen", "cycle", "iac")
+# per epoch: the pseudo-image's mean and spatial std over the image, the share of near-zero pixels (a
+# collapse shows as std -> 0 / near-zero share -> 1), and the U-Net's first-convolution weight norm per
+# input group (an ignored pseudo-image channel shows as its norm falling behind the image's)
+AUX_STATS = ("pseudo_mean", "pseudo_std", "pseudo_near_zero", "wnorm_image", "wnorm_pseudo", "wnorm_position")
+
+
+class nnUNetTrainerBiCLIP(nnUNetTrainerText):
+    lambda_gen = 1.0
+    lambda_cycle = 0.1
+    lambda_iac = 0.1
+    # probability of training a sample with the learned null report: the U-Net must also segment from the
+    # image alone, because at test time the pseudo-image of an unseen report is less exact than on training
+    # reports (a generator that has seen them)
+    report_dropout = 0.25
+    position_to_unet = True  # the U-Net also gets the position channels (else: only through the pseudo-image)
+    frame_resolution = 16  # whole-image pseudo-image side: zone scale (None: the generator's full 112)
+    generation_blur = 1 / 16  # Gaussian blur (σ as a fraction of the patch side) of the lesion target
+    generation = "lesion"  # or "masked_image" (EF-UNet) / "mask" (L1 to the plain mask)
+    text_pooling = "attention"  # or "mean" (the paper's)
+    pseudo_activation = "sigmoid"  # or "linear" (the paper's)
+    text_dim = 784  # 28 x 28, as EF-UNet's pseudo-image seed
+    bidirectional = True  # BMF refinement t' = t + g([t; i])
+    ignore_text = False  # _noText: same network, null report always
+    uses_token_text = True
+    aux_losses = AUX_LOSSES
+    aux_stats = AUX_STATS
+    method_name = "BiCLIP"
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
+        """nnU-Net's planned U-Net with 1 + 3 more input channels (pseudo-image, position), inside a
+        BiCLIPNetwork. A classmethod (nnU-Net calls it on the class at training and prediction time) so the
+        ablations' switches apply."""
+        if len(configuration_manager.patch_size) != 2:
+            raise NotImplementedError(f"{cls.__name__} supports nnU-Net's 2d configuration only "
+                                      f"(patch size {configuration_manager.patch_size}).")
+        text = cls.text_plans(plans_manager)
+        if text.get("network_version", 1) < NETWORK_VERSION or text.get("position_channels") != POSITION_CHANNELS:
+            raise TextTrainingError(
+                "This BiCLIP model was trained with an earlier nnunetv2-textseg (no patient-frame position "
+                "channels, mean-pooled text): its network no longer exists. Retrain it with nnUNetv2_train.")
+        unet = cls.planned_unet(configuration_manager,
+                                num_input_channels + 1 + (POSITION_CHANNELS if cls.position_to_unet else 0),
+                                num_output_channels, enable_deep_supervision)
+        return BiCLIPNetwork(unet, num_input_channels, text["text_in_dim"], cls.text_dim,
+                             bidirectional=cls.bidirectional, cycle=cls.lambda_cycle > 0, iac=cls.lambda_iac > 0,
+                             ignore_text=cls.ignore_text, text_pooling=cls.text_pooling,
+                             pseudo_activation=cls.pseudo_activation, frame_resolution=cls.frame_resolution,
+                             position_to_unet=cls.position_to_unet)
+
+    # ---- data: two intensity views for IAC -----------------------------------------------------
+    def get_training_transforms(self, *args, **kwargs):
+        pipeline = super().get_training_transforms(*args, **kwargs)
+        return split_into_two_views(pipeline) if self.lambda_iac > 0 else pipeline
+
+    # ---- training --------------------------------------------------------------------------------
+    def lesion_mask(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Foreground (any label / region) and valid (not ignore-label) masks, each (B, 1, H, W)."""
+        lm = self.label_manager
+        if lm.has_regions:
+            regions = target[:, :-1] if lm.has_ignore_label else target
+            fg = regions.bool().any(1, keepdim=True)
+            valid = ~target[:, -1:].bool() if lm.has_ignore_label else torch.ones_like(fg)
+        else:
+            valid = target != lm.ignore_label if lm.has_ignore_label else torch.ones_like(target, dtype=torch.bool)
+            fg = (target > 0) & valid
+        return fg, valid
+
+    def generation_reference(self, image: torch.Tensor, lesion: torch.Tensor) -> torch.Tensor:
+        """The L1 reference of the EF-UNet generation modes."""
+        lesion = lesion.to(image.dtype)
+        if self.generation == "mask":
+            return lesion
+        return image.mean(1, keepdim=True) * lesion
+
+    def compute_loss(self, out, image: torch.Tensor, target) -> tuple[torch.Tensor, dict]:
+        seg = self.loss(out.seg, target)
+        full_res = target[0] if isinstance(target, list) else target
+        lesion, valid = self.lesion_mask(full_res)
+        # ignored pixels (nnU-Net's ignore label) and padding say nothing about the lesion: no target there
+        weight = valid & (out.inside > 0.5)
+        if self.generation == "lesion":
+            target = blur_mask(lesion.float(), self.generation_blur * max(lesion.shape[2:])) \
+                if self.generation_blur else lesion
+            gen = lesion_generation_loss(out.pseudo_logits.float(), target, weight)
+        else:
+            reference = self.generation_reference(image, lesion).float()
+            gen = generation_loss(out.pseudo.float() * weight, reference * weight)
+        terms = {"seg": seg, "gen": gen}
+        if out.t_hat is not None:
+            # t is detached as the cycle's target: the projection must not collapse t to make h's job easy.
+            terms["cycle"] = cycle_loss(out.t.detach().float(), out.t_hat.float())
+        if out.p_weak is not None:
+            terms["iac"] = consistency_loss(out.p_weak.float(), out.p_strong.float())
+        weights = {"seg": 1.0, "gen": self.lambda_gen, "cycle": self.lambda_cycle, "iac": self.lambda_iac}
+        total = sum(weights[k] * v for k, v in terms.items())
+        logged = {k: float(v.detach().cpu()) for k, v in terms.items()}
+        with torch.no_grad():
+            p = out.pseudo.float()[weight]
+            if p.numel():
+                logged.update(pseudo_mean=float(p.mean()), pseudo_std=float(out.pseudo.float().flatten(1).std(1).mean()),
+                              pseudo_near_zero=float((p.abs() < 0.05).float().mean()))
+        return total, logged
+
+    def epoch_statistics(self) -> dict[str, float]:
+        """First-convolution weight norm per input group: image channels, pseudo-image, position."""
+        first = next(m for m in self.unwrapped_network().unet.modules() if isinstance(m, nn.Conv2d))
+        w = first.weight.detach().float()
+        norms = w.transpose(0, 1).flatten(1).norm(dim=1)  # (in_channels,)
+        c = self.num_input_channels
+        return {"wnorm_image": float(norms[:c].mean()), "wnorm_pseudo": float(norms[c]),
+                "wnorm_position": float(norms[c + 1:].mean()) if norms.numel() > c + 1 else float("nan")}
+
+    def train_step(self, batch: dict) -> dict:
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
+            else target.to(self.device, non_blocking=True)
+        # channels: [weak view C | strong view C (IAC only) | position 3]
+        c = self.num_input_channels
+        position = data[:, -POSITION_CHANNELS:]
+        weak = data[:, :c]
+        strong = data[:, c:2 * c] if data.shape[1] == 2 * c + POSITION_CHANNELS else None
+        tokens, mask = self.tokens_for(batch["keys"])
+        drop = torch.rand(tokens.shape[0], device=self.device) < self.report_dropout
+
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            out = self.network(torch.cat([weak, position], 1), tokens=tokens, mask=mask, drop=drop,
+                               x_strong=strong, return_aux=True)
+            loss, terms = self.compute_loss(out, weak, target)
+
+        self.optimizer_step(loss)
+        return {"loss": loss.detach().cpu().numpy(), **terms}

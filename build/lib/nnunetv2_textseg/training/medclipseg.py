@@ -1,0 +1,66 @@
+"""nnUNetTrainerMedCLIPSeg: MedCLIPSeg's probabilistic, bidirectional text–image attention inside nnU-Net's
+planned U-Net, trained by unmodified ``nnUNetv2_train``.
+
+Loss: nnU-Net's Dice+CE (deep supervision) + λ·soft contrastive loss (λ = 0.1, τ = 0.2 as in the
+paper's code; the paper's 0.5·Dice + 0.5·BCE segmentation loss is replaced by nnU-Net's own).
+Reports enter as token embeddings + masks from the same embedding cache as BiCLIP.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from nnunetv2.utilities.helpers import dummy_context
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from torch import autocast, nn
+
+from nnunetv2_textseg.medclipseg_network import MedCLIPSegNetwork
+from nnunetv2_textseg.modules.medclipseg import soft_contrastive_loss
+from nnunetv2_textseg.training.text_trainer import nnUNetTrainerText
+
+AUX_LOSSES = ("seg", "contrastive")
+
+
+class nnUNetTrainerMedCLIPSeg(nnUNetTrainerText):
+    lambda_contrastive = 0.1
+    tau = 0.2
+    beta = 2.35
+    report_dropout = 0.1
+    deterministic = False  # _noProb: plain attention
+    adapter_width = 64
+    adapter_heads = 4
+    adapter_stages = None  # default: the last two encoder stages
+    ignore_text = False
+    uses_token_text = True
+    aux_losses = AUX_LOSSES
+    method_name = "MedCLIPSeg"
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
+        text = cls.text_plans(plans_manager)
+        # + the patient-frame position channels (models trained before they existed record none)
+        unet = cls.planned_unet(configuration_manager, num_input_channels + int(text.get("position_channels", 0)),
+                                num_output_channels, enable_deep_supervision)
+        return MedCLIPSegNetwork(unet, text["text_in_dim"], cls.adapter_stages, cls.adapter_width, cls.adapter_heads,
+                                 cls.beta, cls.deterministic, cls.ignore_text,
+                                 position_channels=int(text.get("position_channels", 0)))
+
+    def train_step(self, batch: dict) -> dict:
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
+            else target.to(self.device, non_blocking=True)
+        tokens, mask = self.tokens_for(batch["keys"])
+        drop = torch.rand(tokens.shape[0], device=self.device) < self.report_dropout
+
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            out = self.network(data, tokens=tokens, mask=mask, drop=drop, return_aux=True)
+            seg = self.loss(out.seg, target)
+            con = soft_contrastive_loss(out.img_emb.float(), out.txt_emb.float(), self.tau,
+                                        target_emb=out.report_emb.float())
+            loss = seg + self.lambda_contrastive * con
+
+        self.optimizer_step(loss)
+        return {"loss": loss.detach().cpu().numpy(), "seg": float(seg.detach()), "contrastive": float(con.detach())}

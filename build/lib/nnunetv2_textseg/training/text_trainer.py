@@ -1,0 +1,498 @@
+"""Report plumbing shared by all text trainers: which encoder, the embedding table, per-case text for
+training batches, per-epoch validation and nnU-Net's final validation, and the spatial-word policy.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from torch._dynamo import OptimizedModule
+
+from nnunetv2_textseg.cache import (CacheError, TextEmbeddingCache, build_or_update_cache, cache_folder, cache_path,
+                                    load_checked_cache)
+from nnunetv2_textseg.encoders import EncoderSpec, spec_to_dict
+from nnunetv2_textseg.reports import ReportError, load_dataset_reports, reports_path
+
+PLANS_KEY = "textseg"  # our entry in the plans.json the trainer writes to its results folder
+# 2: patient-frame position channels, BiCLIP with token attention pooling and a probability pseudo-image
+NETWORK_VERSION = 2
+ENCODER_ENV = "nnUNet_textseg_encoder"
+TRUST_ENV = "nnUNet_textseg_trust_remote_code"
+
+
+class TextTrainingError(RuntimeError):
+    """A text trainer cannot start (missing reports, foreign model, ...); the message says the fix."""
+
+
+def _install_clean_error_hook() -> None:
+    """``nnUNetv2_train`` is nnU-Net's script, so our input errors would end in a long traceback through
+    nnU-Net. Print them as one clear message instead; every other exception keeps Python's hook."""
+    import sys
+    from nnunetv2_textseg.cache import CacheError
+    from nnunetv2_textseg.encoders import EncoderError
+
+    previous = sys.excepthook
+    if getattr(previous, "_textseg", False):
+        return
+
+    def hook(exc_type, exc, tb):
+        from nnunetv2_textseg.paths import DatasetConfigError
+        if os.environ.get("NNUNET_TEXTSEG_DEBUG"):
+            previous(exc_type, exc, tb)
+        elif issubclass(exc_type, (TextTrainingError, ReportError, CacheError, EncoderError, DatasetConfigError)):
+            print(f"ERROR: {exc}", file=sys.stderr)
+        elif (issubclass(exc_type, AssertionError) and _raised_in(tb, "load_pretrained_weights")
+              and _plain_weights_for_text_trainer(sys.argv)):
+            print(f"ERROR: -pretrained_weights does not fit this text trainer's network ({exc}).\n"
+                  f"A plain nnU-Net model has no text modules (and BiCLIP's U-Net takes one more input channel). "
+                  f"Convert its checkpoint first, then pass the converted file:\n  {_convert_hint(sys.argv)}",
+                  file=sys.stderr)
+        else:
+            previous(exc_type, exc, tb)
+
+    hook._textseg = True
+    sys.excepthook = hook
+
+
+def _raised_in(tb, function: str) -> bool:
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == function:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _argv_option(argv: list[str], name: str, default: str | None = None) -> str | None:
+    return argv[argv.index(name) + 1] if name in argv[:-1] else default
+
+
+def _plain_weights_for_text_trainer(argv: list[str]) -> bool:
+    """nnUNetv2_train -tr <one of our trainers> -pretrained_weights <a checkpoint without our unet.* names>."""
+    from nnunetv2_textseg.pretrained import _strip_wrappers
+    from nnunetv2_textseg.training.variants import text_trainer_class
+    trainer, path = _argv_option(argv, "-tr"), _argv_option(argv, "-pretrained_weights")
+    if not trainer or not path:
+        return False
+    try:
+        text_trainer_class(trainer)
+        from nnunetv2_textseg.pretrained import load_checkpoint_safely
+        weights = load_checkpoint_safely(path)["network_weights"]
+    except Exception:  # not ours, or not a readable checkpoint: nnU-Net's own message stands
+        return False
+    return not any(_strip_wrappers(k).startswith("unet.") for k in weights)
+
+
+def _convert_hint(argv: list[str]) -> str:
+    """The conversion command for this nnUNetv2_train command line (placeholders where it lacks a value)."""
+    positional = [a for i, a in enumerate(argv[1:], 1) if not a.startswith("-") and not argv[i - 1].startswith("-")]
+    dataset = positional[0] if positional else "DATASET"
+    return (f"nnUNetv2_textseg_convert_pretrained -i {_argv_option(argv, '-pretrained_weights', 'PLAIN.pth')} "
+            f"-d {dataset} -tr {_argv_option(argv, '-tr', 'TRAINER')} -p {_argv_option(argv, '-p', 'nnUNetPlans')} "
+            f"-o converted.pth")
+
+
+_install_clean_error_hook()
+
+
+def _spec_from_dict(d: dict, trust: bool = False) -> EncoderSpec:
+    """An encoder spec from a recorded one (plans.json, a cache). Remote code runs only when THIS run opts in
+    (``$nnUNet_textseg_trust_remote_code=1``): a recorded ``trust_remote_code`` is never enough by itself."""
+    if d.get("trust_remote_code") and not trust:
+        raise TextTrainingError(
+            f"The text encoder {d['name_or_path']!r} was recorded with trust_remote_code=True (it runs Python code "
+            f"shipped with the model). It is not switched on from a file: if you trust that code, opt in for this "
+            f"run with {TRUST_ENV}=1.")
+    return EncoderSpec(d["name_or_path"], d["pooling"], d["max_length"], trust and bool(d.get("trust_remote_code")),
+                       d.get("revision"))
+
+
+def choose_encoder_spec(preprocessed_folder: Path, default: EncoderSpec, recorded: dict | None = None) -> EncoderSpec:
+    """Encoder for training.
+
+    1. ``recorded``: the encoder already in this model folder's plans.json (``--c``, ``--val``, other
+       folds) — a model never changes encoder; asking for another one via the env var is an error.
+    2. ``$nnUNet_textseg_encoder``: pooling/max length/revision come from the one cache of that encoder
+       (as ``nnUNetv2_textseg_encode`` wrote it), else the trainer's defaults.
+    3. The only cache that exists for the training split. 4. The trainer's default.
+    Several candidates and no choice is an error, not a guess."""
+    trust = os.environ.get(TRUST_ENV, "0").lower() in ("1", "true", "yes")
+    wanted = os.environ.get(ENCODER_ENV)
+    if recorded is not None:
+        spec = _spec_from_dict(recorded, trust)
+        if wanted and wanted != spec.name_or_path:
+            raise TextTrainingError(f"This model folder was trained with text encoder {spec.name_or_path!r}, but "
+                                    f"{ENCODER_ENV}={wanted!r}. A model keeps its encoder: unset {ENCODER_ENV} or "
+                                    f"train into another trainer/plans folder.")
+        return spec
+    caches = [TextEmbeddingCache.load(c) for c in sorted(cache_folder(preprocessed_folder).glob("*__Tr.npz"))]
+    if wanted:
+        matching = [c for c in caches if c.spec.get("name_or_path") == wanted]
+        if len(matching) == 1:
+            return _spec_from_dict(matching[0].spec, trust)
+        if len(matching) > 1:
+            raise TextTrainingError(f"Several caches of {wanted!r} exist ({[str(c.path) for c in matching]}); "
+                                    f"delete the ones you do not want to train with.")
+        return EncoderSpec(wanted, default.pooling, default.max_length, trust)
+    if len(caches) == 1:
+        return _spec_from_dict(caches[0].spec, trust)
+    if len(caches) > 1:
+        raise TextTrainingError(f"Several report embedding caches exist in {cache_folder(preprocessed_folder)} "
+                                f"({[c.path.name for c in caches]}). Choose one with {ENCODER_ENV}=NAME_OR_PATH.")
+    return default
+
+
+class nnUNetTrainerText(nnUNetTrainer):
+    """Base for text-guided trainers. Not meant to be trained itself (it adds no text to the network).
+
+    Spatial words ("left", "upper") refer to the patient's whole image. Every case is loaded with three
+    patient-frame position channels (:mod:`nnunetv2_textseg.patient_frame`) that nnU-Net's crop, rotation,
+    scaling and mirroring move together with the image, so the network always knows where each pixel of
+    a sample lies in the patient's image. That keeps "upper left" true under nnU-Net's full default
+    augmentation and test-time mirroring, which text trainers therefore keep (with few labels,
+    augmentation matters more than anything else we measured).
+
+    ``safe_spatial_augmentation = True`` (the ``_safeAug`` variants) restores the older "safe mode":
+    rotation limited to ±``max_rotation_deg``, no mirroring in training or at test time.
+    Images are assumed to be stored in a consistent orientation (as radiology exports are).
+    """
+
+    text_encoder = EncoderSpec()  # default: offline all-MiniLM-L6-v2, mean pooling
+    uses_token_text = False  # True: keep token-level embeddings (cross-attention trainers)
+    aux_losses: tuple[str, ...] = ()  # extra per-epoch loss terms: logged, checkpointed, plotted
+    aux_stats: tuple[str, ...] = ()  # extra per-epoch statistics (not losses): logged, checkpointed, plotted
+    safe_spatial_augmentation = False
+    max_rotation_deg = 15.0  # safe mode only
+    patient_frame = True  # position channels with every sample and tile (recorded in the plans)
+    text_lr = 1e-3  # AdamW for the text modules; nnU-Net's SGD (its lr, momentum, PolyLR) keeps the U-Net
+    text_weight_decay = 1e-4
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.text_table: torch.Tensor | None = None  # (N, D_in) pooled embeddings, row per case id
+        self.text_rows: dict[str, int] = {}
+
+    # ---- text preparation ----------------------------------------------------------------------
+    def _text_plans_entry(self, identity: dict, spec: EncoderSpec) -> dict:
+        from nnunetv2_textseg.patient_frame import POSITION_CHANNELS
+        return {"encoder": spec_to_dict(spec), "encoder_identity": identity, "text_in_dim": int(identity["dim"]),
+                "position_channels": POSITION_CHANNELS if self.patient_frame else 0,
+                "spatial_augmentation": "safe" if self.safe_spatial_augmentation else "nnunet",
+                "network_version": NETWORK_VERSION}
+
+    def prepare_text(self) -> None:
+        """Load (or lazily build) the report embeddings of every case this fold uses and record the
+        encoder in the plans, so prediction rebuilds the same network and encodes with the same model."""
+        pre = Path(self.preprocessed_dataset_folder_base)
+        recorded_plans = Path(self.output_folder_base) / "plans.json"
+        recorded = None
+        if recorded_plans.is_file():
+            import json
+            recorded = json.loads(recorded_plans.read_text()).get(PLANS_KEY, {}).get("encoder")
+        spec = choose_encoder_spec(pre, self.text_encoder, recorded)
+        path = cache_path(pre, spec, "Tr")
+        raw = Path(os.environ["nnUNet_raw"]) / self.plans_manager.dataset_name if os.environ.get("nnUNet_raw") else None
+        reports = None
+        if raw is not None and reports_path(raw, "Tr").is_file():
+            try:
+                reports = load_dataset_reports(raw, "Tr", validate=False).reports
+            except ReportError as e:  # a table that exists but is broken is never bypassed via an old cache
+                raise TextTrainingError(f"{self.__class__.__name__} needs a valid report per training case. {e}") from e
+        if reports is not None:
+            try:
+                cache = load_checked_cache(path, reports, spec=spec)
+            except CacheError:
+                cache = self._build_cache_once(reports, path, spec)
+        elif path.exists():
+            cache = TextEmbeddingCache.load(path)
+            self.print_to_log_file(f"No reportsTr.csv in nnUNet_raw for this dataset; using the cache {path} as is")
+        else:
+            raise TextTrainingError(f"No reports for {self.plans_manager.dataset_name}: neither "
+                                    f"$nnUNet_raw/{self.plans_manager.dataset_name}/reportsTr.csv nor a cache {path}. "
+                                    f"Attach reports with nnUNetv2_textseg_attach_reports -d "
+                                    f"{self.plans_manager.dataset_name} -i YOUR_TABLE.csv")
+        if recorded is not None:
+            want = json.loads(recorded_plans.read_text())[PLANS_KEY]["encoder_identity"]
+            try:
+                cache.check_identity(want)
+            except CacheError as e:
+                raise TextTrainingError(f"The reports were encoded by another model than this model folder's "
+                                        f"encoder. {e}") from e
+        tr_keys, val_keys = self.do_split()
+        available = set(reports) if reports is not None else set(cache.case_ids)
+        missing = sorted(k for k in list(tr_keys) + list(val_keys) if k not in available)
+        if missing:
+            raise TextTrainingError(
+                f"{len(missing)} training case(s) have no report: {missing[:10]}{' ...' if len(missing) > 10 else ''}. "
+                f"Add a row per case to $nnUNet_raw/{self.plans_manager.dataset_name}/reportsTr.csv "
+                f"(nnUNetv2_textseg_attach_reports) and start again.")
+        self.text_rows = {c: i for i, c in enumerate(cache.case_ids)}
+        self.text_table = torch.from_numpy(np.ascontiguousarray(cache.pooled)).to(self.device)
+        if self.uses_token_text:  # token-level embeddings stay in (float16) host memory; rows move per batch
+            self.text_tokens = torch.from_numpy(np.ascontiguousarray(cache.tokens))
+            self.text_token_mask = torch.from_numpy(np.ascontiguousarray(cache.mask))
+        self.plans_manager.plans[PLANS_KEY] = self._text_plans_entry(cache.identity, spec)
+
+    def _build_cache_once(self, reports: dict, path: Path, spec: EncoderSpec) -> TextEmbeddingCache:
+        """Encode missing/changed reports; under DDP rank 0 encodes and the other ranks wait and load."""
+        import torch.distributed as dist
+        if self.local_rank == 0:
+            self.print_to_log_file(f"Encoding reports with {spec.name_or_path} into {path} (new or changed reports)")
+            cache, n = build_or_update_cache(reports, path, spec=spec, progress=True)
+            self.print_to_log_file(f"Encoded {n} reports")
+        if self.is_ddp:
+            dist.barrier()
+        return cache if self.local_rank == 0 else load_checked_cache(path, reports, spec=spec)
+
+    def initialize(self):
+        if not self.was_initialized:
+            if len(self.configuration_manager.patch_size) != 2:
+                raise TextTrainingError(f"{self.__class__.__name__} supports nnU-Net's 2d configuration only, not "
+                                        f"{self.configuration_name!r}: train with `nnUNetv2_train DATASET 2d FOLD`.")
+            self.prepare_text()
+            super().initialize()
+            if self.patient_frame:
+                from nnunetv2_textseg.patient_frame import patient_frame_dataset
+                self.dataset_class = patient_frame_dataset(self.dataset_class)
+            return
+        super().initialize()
+
+    def get_dataloaders(self):
+        if self.patient_frame and self.dataset_class is not None:
+            from nnunetv2_textseg.patient_frame import patient_frame_dataset
+            self.dataset_class = patient_frame_dataset(self.dataset_class)
+        return super().get_dataloaders()
+
+    def get_training_transforms(self, *args, **kwargs):
+        """nnU-Net's pipeline (an instance method here; nnU-Net calls it through ``self``), with the
+        position channels moved past its intensity transforms and warped only by its spatial ones."""
+        pipeline = super().get_training_transforms(*args, **kwargs)
+        if not self.patient_frame:
+            return pipeline
+        from nnunetv2_textseg.patient_frame import protect_position_channels
+        return protect_position_channels(pipeline)
+
+    def configure_optimizers(self):
+        """nnU-Net's SGD + PolyLR for the planned U-Net; AdamW for the text modules.
+
+        Why: the text modules (attention pooling, MLPs, generator) are small transformer/MLP-like parts that
+        SGD with nnU-Net's momentum 0.99 moves slowly, while the U-Net fits the few labelled images long
+        before they learn anything. Both optimisers step together (:class:`OptimizerPair`, saved in nnU-Net's
+        checkpoint as one state)."""
+        from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+        net = self.network._orig_mod if isinstance(self.network, OptimizedModule) else self.network
+        unet_ids = {id(p) for p in net.unet.parameters()}
+        text_params = [p for p in net.parameters() if id(p) not in unet_ids]
+        sgd = torch.optim.SGD(net.unet.parameters(), self.initial_lr, weight_decay=self.weight_decay,
+                              momentum=0.99, nesterov=True)
+        text = torch.optim.AdamW(text_params, lr=self.text_lr, weight_decay=self.text_weight_decay)
+        return OptimizerPair(sgd, text), PolyLRScheduler(sgd, self.initial_lr, self.num_epochs)
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        if isinstance(self.optimizer, OptimizerPair):  # the text modules decay like nnU-Net's PolyLR
+            factor = (1 - self.current_epoch / self.num_epochs) ** 0.9
+            for g in self.optimizer.text.param_groups:
+                g["lr"] = self.text_lr * factor
+
+    def text_for(self, keys) -> torch.Tensor:
+        """Pooled report embeddings (B, D_in) for a batch's case ids, in batch order."""
+        return self.text_table[[self.text_rows[str(k)] for k in keys]]
+
+    def tokens_for(self, keys) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token embeddings (B, L, D_in) float32 and mask (B, L) bool for a batch's case ids."""
+        rows = [self.text_rows[str(k)] for k in keys]
+        return (self.text_tokens[rows].to(self.device, torch.float32), self.text_token_mask[rows].to(self.device))
+
+    def set_network_text(self, keys) -> None:
+        """Give the network the reports of ``keys`` for its next plain forward passes."""
+        if self.uses_token_text:
+            self.unwrapped_network().set_text(*self.tokens_for(keys))
+        else:
+            self.unwrapped_network().set_text(self.text_for(keys))
+
+    def unwrapped_network(self) -> torch.nn.Module:
+        mod = self.network.module if self.is_ddp else self.network
+        return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
+
+    @staticmethod
+    def planned_unet(configuration_manager: ConfigurationManager, num_input_channels: int, num_output_channels: int,
+                     enable_deep_supervision: bool) -> torch.nn.Module:
+        """The U-Net nnU-Net planned for this configuration, with the given number of input channels."""
+        from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+        return get_network_from_plans(configuration_manager.network_arch_class_name,
+                                      configuration_manager.network_arch_init_kwargs,
+                                      configuration_manager.network_arch_init_kwargs_req_import,
+                                      num_input_channels, num_output_channels, allow_init=True,
+                                      deep_supervision=enable_deep_supervision)
+
+    @staticmethod
+    def text_plans(plans_manager: PlansManager) -> dict:
+        entry = plans_manager.plans.get(PLANS_KEY)
+        if entry is None:
+            raise TextTrainingError(
+                "These plans carry no text-encoder entry: the model folder was not written by a text trainer, "
+                "or the network is being built before the reports were prepared.")
+        return entry
+
+    # ---- extra loss terms: logged per epoch (kept on --c by nnU-Net's logger checkpoint), plotted ----
+    def _logged_keys(self) -> list[str]:
+        return [f"train_{k}_loss" for k in self.aux_losses] + [f"train_{k}" for k in self.aux_stats]
+
+    def on_train_start(self):
+        super().on_train_start()
+        for k in self._logged_keys():
+            self.logger.local_logger.my_fantastic_logging.setdefault(k, [])
+
+    def epoch_statistics(self) -> dict[str, float]:
+        """Statistics of the network itself, logged once per epoch (e.g. first-convolution weight norms)."""
+        return {}
+
+    def on_train_epoch_end(self, train_outputs: list[dict]):
+        super().on_train_epoch_end(train_outputs)
+        from_network = self.epoch_statistics()
+        for k, key in zip(list(self.aux_losses) + list(self.aux_stats), self._logged_keys()):
+            value = from_network[k] if k in from_network else \
+                float(np.mean([o[k] for o in train_outputs if k in o] or [np.nan]))
+            if self.is_ddp:
+                import torch.distributed as dist
+                gathered = [None] * dist.get_world_size()
+                dist.all_gather_object(gathered, value)
+                value = float(np.nanmean(gathered))
+            self.logger.log(key, value, self.current_epoch)
+
+    def on_epoch_end(self):
+        if self.local_rank == 0 and (self.aux_losses or self.aux_stats):
+            terms = ", ".join(f"{k} {self.logger.get_value(f'train_{k}_loss', step=-1):.4f}" for k in self.aux_losses)
+            self.print_to_log_file(f"{self.method_name} loss terms: {terms}")
+            if self.aux_stats:
+                stats = ", ".join(f"{k} {self.logger.get_value(f'train_{k}', step=-1):.4f}" for k in self.aux_stats)
+                self.print_to_log_file(f"{self.method_name} statistics: {stats}")
+            self.plot_text_losses()
+        super().on_epoch_end()
+
+    method_name = "text"
+
+    def plot_text_losses(self) -> None:
+        """progress_text.png beside nnU-Net's progress.png: every loss term per epoch."""
+        import matplotlib
+        matplotlib.use("agg")
+        import matplotlib.pyplot as plt
+        logged = self.logger.local_logger.my_fantastic_logging
+        fig, axes = plt.subplots(1, 2 if self.aux_stats else 1, figsize=(16 if self.aux_stats else 9, 5), squeeze=False)
+        ax = axes[0, 0]
+        for k in self.aux_losses:
+            ys = logged.get(f"train_{k}_loss", [])
+            ax.plot(range(len(ys)), ys, label=k)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("loss")
+        ax.set_yscale("log")
+        ax.legend()
+        ax.set_title(f"{self.__class__.__name__}: loss terms")
+        if self.aux_stats:  # a collapsing pseudo-image or an input channel the U-Net ignores shows here
+            ax = axes[0, 1]
+            for k in self.aux_stats:
+                ys = logged.get(f"train_{k}", [])
+                ax.plot(range(len(ys)), ys, label=k)
+            ax.set_xlabel("epoch")
+            ax.legend(fontsize=8)
+            ax.set_title("pseudo-image and first-convolution statistics")
+        fig.tight_layout()
+        fig.savefig(f"{self.output_folder}/progress_text.png")
+        plt.close(fig)
+
+    def optimizer_step(self, loss: torch.Tensor) -> None:
+        """nnU-Net's backward/clip/step, with its grad scaler under CUDA AMP."""
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.optimizer.step()
+
+    # ---- spatial words -------------------------------------------------------------------------
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        rotation, dummy_2d, initial_patch_size, mirror_axes = \
+            super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        if not self.safe_spatial_augmentation:  # nnU-Net's defaults: the position channels keep the frame
+            return rotation, dummy_2d, initial_patch_size, mirror_axes
+        rotation, initial_patch_size = safe_rotation_and_patch_size(self.configuration_manager.patch_size,
+                                                                    self.max_rotation_deg, dummy_2d)
+        self.inference_allowed_mirroring_axes = None
+        return rotation, dummy_2d, initial_patch_size, None
+
+    # ---- validation with reports ---------------------------------------------------------------
+    def validation_step(self, batch: dict) -> dict:
+        self.set_network_text(batch["keys"])
+        try:
+            return super().validation_step(batch)
+        finally:
+            self.unwrapped_network().set_text(None)
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        """nnU-Net's own final validation, with each case's report set on the network when the case is
+        loaded (its loop calls ``dataset.load_case(k)`` right before predicting case k)."""
+        original = self.dataset_class
+        net = self.unwrapped_network()
+        set_text = self.set_network_text
+
+        class _ReportSettingDataset(original):
+            def load_case(self, identifier):
+                set_text([identifier])
+                return super().load_case(identifier)
+
+        self.dataset_class = _ReportSettingDataset
+        try:
+            super().perform_actual_validation(save_probabilities)
+        finally:
+            self.dataset_class = original
+            net.set_text(None)
+
+
+def safe_rotation_and_patch_size(patch_size, max_rotation_deg: float, dummy_2d: bool) -> tuple[tuple, np.ndarray]:
+    """Safe mode's rotation range (±max_rotation_deg) and the initial patch size nnU-Net needs for it."""
+    from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
+    r = np.deg2rad(max_rotation_deg)
+    rotation = (-r, r)
+    initial_patch_size = get_patch_size(patch_size[-len(patch_size):], rotation, rotation, rotation, (0.85, 1.25))
+    if dummy_2d:
+        initial_patch_size[0] = patch_size[0]
+    return rotation, initial_patch_size
+
+
+class OptimizerPair:
+    """Two optimisers stepped as one: nnU-Net's SGD (``main``, driven by its PolyLR scheduler and logged as
+    its lr) and AdamW for the text modules. Looks like an optimiser to nnU-Net's loop, grad scaler and
+    checkpoint (``param_groups`` lists the main groups first)."""
+
+    def __init__(self, main: torch.optim.Optimizer, text: torch.optim.Optimizer):
+        self.main, self.text = main, text
+        self.state: dict = {}  # GradScaler looks for it; each optimiser keeps its own
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.main.param_groups + self.text.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.main.zero_grad(set_to_none=set_to_none)
+        self.text.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure=None) -> None:
+        self.main.step()
+        self.text.step()
+
+    def state_dict(self) -> dict:
+        return {"main": self.main.state_dict(), "text": self.text.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.main.load_state_dict(state["main"])
+        self.text.load_state_dict(state["text"])

@@ -1,0 +1,169 @@
+"""Ablations and schedules of nnUNetTrainerBiCLIP, nnU-Net style: one small subclass per change.
+
+Class names are permanent: nnU-Net stores them in checkpoints and names result folders after them.
+"""
+from __future__ import annotations
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunetv2_textseg.training.biclip import nnUNetTrainerBiCLIP
+from nnunetv2_textseg.training.medclipseg import nnUNetTrainerMedCLIPSeg
+from nnunetv2_textseg.training.text_trainer import nnUNetTrainerText, safe_rotation_and_patch_size
+
+
+# ---- ablations -----------------------------------------------------------------------------------
+class nnUNetTrainerBiCLIP_noIAC(nnUNetTrainerBiCLIP):
+    """No augmentation-consistency branch: one view, no IAC head (isolates IAC)."""
+    lambda_iac = 0.0
+
+
+class nnUNetTrainerBiCLIP_noCycle(nnUNetTrainerBiCLIP):
+    """No image-to-text head and cycle loss (isolates the cycle constraint)."""
+    lambda_cycle = 0.0
+
+
+class nnUNetTrainerBiCLIP_unidirectional(nnUNetTrainerBiCLIP):
+    """Text conditions vision only: no Δt refinement from the image (the LViT-style baseline)."""
+    bidirectional = False
+
+
+class nnUNetTrainerBiCLIP_noText(nnUNetTrainerBiCLIP):
+    """Same network and losses, but always the null report: what the report itself contributes."""
+    ignore_text = True
+
+
+class nnUNetTrainerBiCLIP_noBMF(nnUNetTrainerBiCLIP):
+    """No pseudo-image losses: the pseudo-image is shaped by segmentation alone (no generation/cycle)."""
+    lambda_gen = 0.0
+    lambda_cycle = 0.0
+
+
+class nnUNetTrainerBiCLIP_efunet(nnUNetTrainerBiCLIP):
+    """The papers' literal pseudo-image: EF-UNet's L1 to image × lesion (λ 0.1), an unbounded (linear)
+    pseudo-image fed as is, and the mean-pooled report embedding. Kept for comparison: on our data its
+    pseudo-image learns to be nearly empty (see lesion_generation_loss for why)."""
+    generation = "masked_image"
+    lambda_gen = 0.1
+    text_pooling = "mean"
+    pseudo_activation = "linear"
+
+
+class nnUNetTrainerBiCLIP_noPosition(nnUNetTrainerBiCLIP):
+    """The U-Net gets [image, pseudo-image] only: the patient frame reaches it through the pseudo-image."""
+    position_to_unet = False
+
+
+class nnUNetTrainerBiCLIP_safeAug(nnUNetTrainerBiCLIP):
+    """Safe-mode spatial augmentation: ±15° rotation, no mirroring in training or at test time."""
+    safe_spatial_augmentation = True
+
+
+class nnUNetTrainerMedCLIPSeg_safeAug(nnUNetTrainerMedCLIPSeg):
+    """Safe-mode spatial augmentation: ±15° rotation, no mirroring in training or at test time."""
+    safe_spatial_augmentation = True
+
+
+class nnUNetTrainer_safeAug(nnUNetTrainer):
+    """Plain nnU-Net with the text trainers' safe-mode spatial augmentation (the control for what that
+    augmentation alone costs)."""
+    max_rotation_deg = 15.0
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        rotation, dummy_2d, initial_patch_size, mirror_axes = \
+            super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        rotation, initial_patch_size = safe_rotation_and_patch_size(self.configuration_manager.patch_size,
+                                                                    self.max_rotation_deg, dummy_2d)
+        self.inference_allowed_mirroring_axes = None
+        return rotation, dummy_2d, initial_patch_size, None
+
+
+class nnUNetTrainerBiCLIP_paper(nnUNetTrainerBiCLIP):
+    """The paper's schedule: AdamW, lr 1e-4, cosine annealing with warm restarts, batch 16, 150 epochs."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr = 1e-4
+        self.num_epochs = 150
+
+    def _set_batch_size_and_oversample(self):
+        # 16 is the global batch: set it where nnU-Net reads it (this trainer's own resolved configuration),
+        # so that under DDP its own logic splits the batch (and the foreground oversampling) over the ranks.
+        self.configuration_manager.configuration["batch_size"] = 16
+        super()._set_batch_size_and_oversample()
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay)
+        # nnU-Net calls scheduler.step(epoch) once per epoch; restart every 50 epochs (3 cycles in 150).
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=50)
+        return optimizer, scheduler
+
+
+class nnUNetTrainerMedCLIPSeg_noProb(nnUNetTrainerMedCLIPSeg):
+    """Deterministic attention (keys/values without variance): isolates the probabilistic part."""
+    deterministic = True
+
+
+class nnUNetTrainerMedCLIPSeg_noContrastive(nnUNetTrainerMedCLIPSeg):
+    """No soft patch-text contrastive loss: isolates it."""
+    lambda_contrastive = 0.0
+
+
+class nnUNetTrainerMedCLIPSeg_noText(nnUNetTrainerMedCLIPSeg):
+    """Same network, always the null report: what the report contributes."""
+    ignore_text = True
+
+
+# ---- training lengths (nnU-Net's `_Nepochs` naming); short ones for the demo and tests ------------
+def _with_length(base: type, name: str, epochs: int, iterations: int | None = None, val_iterations: int | None = None,
+                 doc: str = "") -> type:
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        base.__init__(self, plans, configuration, fold, dataset_json, device)
+        self.num_epochs = epochs
+        if iterations is not None:
+            self.num_iterations_per_epoch = iterations
+        if val_iterations is not None:
+            self.num_val_iterations_per_epoch = val_iterations
+    return type(name, (base,), {"__init__": __init__, "__doc__": doc or f"{base.__name__} for {epochs} epochs.",
+                                "__module__": __name__})
+
+
+_LENGTHS = {"_1epoch": (1, None, None), "_5epochs": (5, None, None), "_10epochs": (10, None, None),
+            "_20epochs": (20, None, None), "_50epochs": (50, None, None), "_100epochs": (100, None, None),
+            # CPU-sized: the README demo (a few minutes on 2 cores) and the test suite (seconds).
+            "_demo": (30, 25, 5), "_debug": (2, 4, 2)}
+_BASES = [nnUNetTrainerBiCLIP, nnUNetTrainerBiCLIP_noIAC, nnUNetTrainerBiCLIP_noCycle,
+          nnUNetTrainerBiCLIP_unidirectional, nnUNetTrainerBiCLIP_noText, nnUNetTrainerBiCLIP_noBMF,
+          nnUNetTrainerBiCLIP_efunet, nnUNetTrainerBiCLIP_safeAug, nnUNetTrainerBiCLIP_noPosition,
+          nnUNetTrainerMedCLIPSeg, nnUNetTrainerMedCLIPSeg_noProb, nnUNetTrainerMedCLIPSeg_noContrastive,
+          nnUNetTrainerMedCLIPSeg_noText, nnUNetTrainerMedCLIPSeg_safeAug]
+for _base in _BASES:
+    for _suffix, (_e, _it, _vit) in _LENGTHS.items():
+        _cls = _with_length(_base, _base.__name__ + _suffix, _e, _it, _vit)
+        globals()[_cls.__name__] = _cls
+# Plain nnU-Net with the same short lengths, so demo and benchmark compare like with like
+# (nnU-Net's own nnUNetTrainer_Nepochs classes keep 250 iterations per epoch).
+for _plain in (nnUNetTrainer, nnUNetTrainer_safeAug):
+    for _suffix in ("_demo", "_debug"):
+        _e, _it, _vit = _LENGTHS[_suffix]
+        _cls = _with_length(_plain, _plain.__name__ + _suffix, _e, _it, _vit)
+        globals()[_cls.__name__] = _cls
+del _base, _plain, _suffix, _e, _it, _vit, _cls
+
+__all__ = ["nnUNetTrainerBiCLIP", "nnUNetTrainerMedCLIPSeg"] + [
+    n for n, v in list(globals().items()) if isinstance(v, type) and n.startswith("nnUNetTrainer") and n != "nnUNetTrainer"]
+
+
+def text_trainer_class(name: str) -> type[nnUNetTrainerText]:
+    """One of our text trainers (BiCLIP/MedCLIPSeg and every variant above) by class name; KeyError if none."""
+    found, todo = {}, [nnUNetTrainerText]
+    while todo:
+        cls = todo.pop()
+        found[cls.__name__] = cls
+        todo.extend(cls.__subclasses__())
+    if name not in found or found[name] is nnUNetTrainerText:
+        known = sorted(n for n in found if n != "nnUNetTrainerText")
+        raise KeyError(f"{name!r} is not a text trainer of nnunetv2-textseg. Pick one of: {', '.join(known[:12])}, ...")
+    return found[name]
