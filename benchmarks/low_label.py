@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -78,7 +79,7 @@ def diagnose_seed(cfg: argparse.Namespace, seed: int, data: dict) -> list[dict]:
     out = cfg.out / f"seed_{seed}"
     work = out / "work"
     raw = Path(data["dataset"]["raw"])
-    env = dict(__import__("os").environ, nnUNet_raw=str(work / "nnUNet_raw"),
+    env = dict(os.environ, nnUNet_raw=str(work / "nnUNet_raw"),
                nnUNet_preprocessed=str(work / "nnUNet_preprocessed"), nnUNet_results=str(work / "nnUNet_results"),
                nnUNet_extTrainer=str(REPO / "trainers"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     rows = []

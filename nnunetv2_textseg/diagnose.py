@@ -103,12 +103,12 @@ def _model_folder(dataset: str, trainer: str, plans: str, configuration: str) ->
 
 
 def _case_files(images: Path, ending: str) -> dict[str, list[Path]]:
-    files: dict[str, list[Path]] = {}
-    for f in sorted(images.glob(f"*{ending}")):
-        stem = f.name[:-len(ending)]
-        if len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit():
-            files.setdefault(stem[:-5], []).append(f)
-    return files
+    """case id -> its channel files, as nnU-Net lists an imagesTs folder (CASE_XXXX<ending>)."""
+    from nnunetv2.utilities.utils import (create_lists_from_splitted_dataset_folder,
+                                          get_identifiers_from_splitted_dataset_folder)
+    ids = get_identifiers_from_splitted_dataset_folder(str(images), ending)
+    return {c: [Path(f) for f in files] for c, files in
+            zip(ids, create_lists_from_splitted_dataset_folder(str(images), ending, ids, num_processes=1))}
 
 
 def diagnose(model: Path, fold: int, images: Path, labels: Path, reports_file: Path | None, out: Path,
@@ -203,8 +203,8 @@ def diagnose(model: Path, fold: int, images: Path, labels: Path, reports_file: P
         result["first_conv_weight_norm"] = first_conv_norms(net, net.image_channels)
     else:
         result["pseudo_image_auc"] = None
-        result["note"] = (f"{json.loads((model / 'plans.json').read_text()).get('textseg', {}) and model.name}: no "
-                          f"pseudo-image (not a BiCLIP model); its AUC and first-convolution rows are skipped.")
+        result["note"] = (f"{model.name}: no pseudo-image (not a BiCLIP model); its pseudo-image AUC and "
+                          f"first-convolution rows are skipped.")
     out.mkdir(parents=True, exist_ok=True)
     (out / "diagnosis.json").write_text(json.dumps(result, indent=2))
     _figure(figure_rows, has_pseudo, out / "diagnosis.png")

@@ -33,6 +33,7 @@ from torch import nn
 
 from nnunetv2_textseg.networks import PlannedUNetWrapper
 from nnunetv2_textseg.patient_frame import ensure_position_channels
+from nnunetv2_textseg.modules.biclip import masked_mean
 from nnunetv2_textseg.modules.medclipseg import CrossModalAdapter
 
 
@@ -46,12 +47,6 @@ class MedCLIPSegOutput:
     img_emb: torch.Tensor  # (B, width): projected mean-pooled bottleneck (after its adapter, if any)
     txt_emb: torch.Tensor  # (B, width): projected mean of the fused text tokens (real tokens only)
     report_emb: torch.Tensor  # (B, D): mean of the input report tokens (null report where dropped); no grad
-
-
-def _masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """tokens (B, L, D), mask (B, L) bool -> (B, D)"""
-    w = mask.to(tokens.dtype).unsqueeze(-1)
-    return (tokens * w).sum(1) / w.sum(1).clamp_min(1)
 
 
 class MedCLIPSegNetwork(PlannedUNetWrapper):
@@ -160,7 +155,7 @@ class MedCLIPSegNetwork(PlannedUNetWrapper):
                 self._warned_null = True
         sample = (self.training or self.sample_at_inference) if sample is None else bool(sample)
         txt, txt_mask = self.prepare_text(tokens, mask, x.shape[0], drop)
-        report_emb = _masked_mean(txt.detach(), txt_mask) if return_aux else None
+        report_emb = masked_mean(txt.detach(), txt_mask) if return_aux else None
 
         enc = self.unet.encoder
         if self.position_channels:
@@ -176,7 +171,7 @@ class MedCLIPSegNetwork(PlannedUNetWrapper):
             skips.append(h)
         seg = self.unet.decoder(skips)
 
-        pooled_txt = _masked_mean(txt, txt_mask)  # (B, text_width)
+        pooled_txt = masked_mean(txt, txt_mask)  # (B, text_width)
         gamma, delta = self.logit_film(pooled_txt).chunk(2, dim=1)  # (B, K) each
 
         def film(o: torch.Tensor) -> torch.Tensor:

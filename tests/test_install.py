@@ -3,6 +3,7 @@ the real nnUNetv2_train find and train our trainer from there — no repository 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -17,9 +18,12 @@ PY = sys.executable
 
 @pytest.mark.integration
 def test_wheel_install_finds_and_trains_our_trainer(trained_model, tmp_path):
-    dist, site = tmp_path / "dist", tmp_path / "site"
+    dist, site, src = tmp_path / "dist", tmp_path / "site", tmp_path / "src"
+    # built from a copy: setuptools writes build/ and *.egg-info into the source tree, never into the checkout
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info",
+                                                             "__pycache__", "demo_work", "results"))
     # the project's own build backend, from this environment (no download, no build isolation)
-    subprocess.run([PY, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(REPO)],
+    subprocess.run([PY, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(src)],
                    check=True, capture_output=True, text=True, timeout=600)
     wheel = next(dist.glob("nnunetv2_textseg-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()

@@ -227,3 +227,30 @@ def test_cli_refuses_early_with_one_line(trained_model, tmp_path, extra, message
     assert not out.is_dir() or not any(out.iterdir())
     if out.is_file():
         assert out.read_text() == "mine"
+
+
+def test_diagnose_reports_every_variant_and_refuses_bad_input(trained_model, tmp_path, monkeypatch, capsys):
+    """nnUNetv2_textseg_diagnose on the session's BiCLIP model: every report variant measured, a figure written;
+    a model folder that does not exist, images without reports and a missing reference give one clear line."""
+    from nnunetv2_textseg.diagnose import main
+    for k, v in _env(trained_model).items():
+        monkeypatch.setenv(k, v)
+    images, labels = trained_model.raw / "imagesTs", trained_model.raw / "labelsTs"
+    out = tmp_path / "diag"
+    assert main(["-d", str(DATASET_ID), "-tr", TRAINER, "-i", str(images), "-ref", str(labels), "-o", str(out),
+                 "--max_cases", "2", "--n_figure", "1"]) == 0
+    result = json.loads((out / "diagnosis.json").read_text())
+    assert set(result["dice"]) == set(result["pseudo_image_auc"]) == {"real", "shuffled", "contradictory", "null"}
+    assert result["cases"] == 2 and set(result["first_conv_weight_norm"]) == {"image", "pseudo_image", "position"}
+    assert (out / "diagnosis.png").is_file()
+    capsys.readouterr()
+
+    bare = tmp_path / "bare"
+    shutil.copytree(images, bare)  # no reports.csv inside, no reportsTs.csv beside it
+    cases = [(["-tr", "nnUNetTrainer_debug", "-i", str(images), "-ref", str(labels)], "No trained model"),
+             (["-tr", TRAINER, "-i", str(bare), "-ref", str(labels)], "No report table"),
+             (["-tr", TRAINER, "-i", str(images), "-ref", str(tmp_path)], "have no reference")]
+    for args, message in cases:
+        assert main(["-d", str(DATASET_ID), "-o", str(tmp_path / "o"), *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("ERROR: ") and message in err and "Traceback" not in err, err

@@ -262,12 +262,6 @@ class nnUNetTrainerText(nnUNetTrainer):
             return
         super().initialize()
 
-    def get_dataloaders(self):
-        if self.patient_frame and self.dataset_class is not None:
-            from nnunetv2_textseg.patient_frame import patient_frame_dataset
-            self.dataset_class = patient_frame_dataset(self.dataset_class)
-        return super().get_dataloaders()
-
     def get_training_transforms(self, *args, **kwargs):
         """nnU-Net's pipeline (an instance method here; nnU-Net calls it through ``self``), with the
         position channels moved past its intensity transforms and warped only by its spatial ones."""
