@@ -28,6 +28,8 @@ class BiCLIPOutput:
     seg: torch.Tensor | list[torch.Tensor]
     pseudo: torch.Tensor  # (B, 1, H, W) on the sample, as the U-Net sees it (before input normalisation)
     pseudo_logits: torch.Tensor | None  # (B, 1, H, W) before the sigmoid (None for a linear pseudo-image)
+    generated: torch.Tensor  # (B, 1, H, W) what the generation loss trains (logits, or the linear map), see
+    #                           BiCLIPNetwork's generation_source
     inside: torch.Tensor  # (B, 1, H, W) 1 inside the patient image, 0 on padding
     t: torch.Tensor  # projected text (B, D)
     t_hat: torch.Tensor | None  # reconstructed from the whole-image pseudo-image (B, D)
@@ -75,6 +77,11 @@ class BiCLIPNetwork(PlannedUNetWrapper):
             else C + 1: the pseudo-image alone carries the patient frame).
         frame_resolution: side of the whole-image pseudo-image map (the generator's output is average-pooled
             to it; read bilinearly at each pixel). None keeps the generator's 4·√D (the paper's).
+        generation_source: what the generation loss trains. "text": the generator's map of the report alone,
+            G(t); the U-Net still gets the BMF-refined G(t'), and BMF learns from the segmentation loss. With
+            "fused" (the paper's) the loss trains G(t'), and with a few dozen labelled cases the image
+            embedding is the easier way to lower it: the pseudo-image then follows the image and ignores the
+            report (measured: shuffled reports kept most of its AUC).
     """
 
     text_input = "tokens"  # what set_text expects: token embeddings + mask (the predictor checks this)
@@ -82,14 +89,16 @@ class BiCLIPNetwork(PlannedUNetWrapper):
     def __init__(self, unet: nn.Module, image_channels: int, text_in_dim: int, text_dim: int = 784,
                  image_dim: int = 128, bidirectional: bool = True, cycle: bool = True, iac: bool = True,
                  ignore_text: bool = False, text_pooling: str = "attention", pseudo_activation: str = "sigmoid",
-                 frame_resolution: int | None = 16, position_to_unet: bool = True):
+                 frame_resolution: int | None = 16, position_to_unet: bool = True, generation_source: str = "text"):
         super().__init__()
         if not (hasattr(unet, "encoder") and hasattr(unet, "decoder")):
             raise TypeError(f"{type(unet).__name__} has no encoder/decoder; BiCLIP needs a "
                             f"dynamic-network-architectures U-Net (PlainConvUNet, ResidualEncoderUNet).")
-        if text_pooling not in ("attention", "mean") or pseudo_activation not in ("sigmoid", "linear"):
-            raise ValueError(f"text_pooling must be 'attention' or 'mean' and pseudo_activation 'sigmoid' or "
-                             f"'linear', got {text_pooling!r}, {pseudo_activation!r}")
+        if text_pooling not in ("attention", "mean") or pseudo_activation not in ("sigmoid", "linear") \
+                or generation_source not in ("text", "fused"):
+            raise ValueError(f"text_pooling must be 'attention' or 'mean', pseudo_activation 'sigmoid' or 'linear' "
+                             f"and generation_source 'text' or 'fused', got {text_pooling!r}, {pseudo_activation!r}, "
+                             f"{generation_source!r}")
         self.unet = unet
         self.image_channels = image_channels
         self.text_pool = AttentionPoolText(text_in_dim, text_dim) if text_pooling == "attention" \
@@ -102,6 +111,7 @@ class BiCLIPNetwork(PlannedUNetWrapper):
         self.sigmoid = pseudo_activation == "sigmoid"
         self.frame_resolution = frame_resolution
         self.position_to_unet = position_to_unet
+        self.generation_source = generation_source
         # lesions are rare: start the probability map low (sigmoid(-2) ~ 0.12) rather than at 0.5
         self.generator = PseudoImageGenerator(text_dim, out_bias=-2.0 if self.sigmoid else 0.0)
         self.image_to_text = ImageToTextHead(text_dim) if cycle else None
@@ -140,6 +150,10 @@ class BiCLIPNetwork(PlannedUNetWrapper):
         (B, 1, S, S) (logits for a sigmoid pseudo-image)."""
         if self.fusion is not None:
             t = self.fusion(t, self.image_encoder(image))
+        return self.decode_frame(t)
+
+    def decode_frame(self, t: torch.Tensor) -> torch.Tensor:
+        """t (B, D) -> whole-image map (B, 1, S, S) at zone scale."""
         frame = self.generator(t)
         if self.frame_resolution and frame.shape[-1] > self.frame_resolution:
             # zone scale: a report says where (which lung, which third), not the lesion's outline; a coarse map
@@ -188,9 +202,13 @@ class BiCLIPNetwork(PlannedUNetWrapper):
             return seg
         t_hat = self.image_to_text(torch.sigmoid(frame) if self.sigmoid else frame) \
             if self.image_to_text is not None else None
+        generated = raw
+        if self.generation_source == "text" and self.fusion is not None:
+            generated = sample_patient_frame(self.decode_frame(t), position)
         p_weak = p_strong = None
         if self.iac_head is not None and x_strong is not None:
             strong_bottleneck = self.unet.encoder(self.unet_input(x_strong, pseudo, position))[-1]
             p_weak = self.iac_head(skips[-1].mean(dim=(2, 3)))
             p_strong = self.iac_head(strong_bottleneck.mean(dim=(2, 3)))
-        return BiCLIPOutput(seg, pseudo, raw if self.sigmoid else None, position[:, 2:3], t, t_hat, p_weak, p_strong)
+        return BiCLIPOutput(seg, pseudo, raw if self.sigmoid else None, generated, position[:, 2:3], t, t_hat,
+                            p_weak, p_strong)

@@ -70,7 +70,7 @@ def seg_like_loss(seg, target_full: torch.Tensor) -> torch.Tensor:
 def trainer_style_loss(out: BiCLIPOutput, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """The terms of nnUNetTrainerBiCLIP.compute_loss (lesion BCE+Dice generation loss, detached cycle target)."""
     lesion = (target[:, None] > 0)
-    total = seg_like_loss(out.seg, target) + lesion_generation_loss(out.pseudo_logits, lesion, out.inside > 0.5)
+    total = seg_like_loss(out.seg, target) + lesion_generation_loss(out.generated, lesion, out.inside > 0.5)
     if out.t_hat is not None:
         total = total + 0.1 * cycle_loss(out.t.detach(), out.t_hat)
     if out.p_weak is not None:
@@ -336,6 +336,28 @@ def test_coarse_frame_cannot_draw_an_outline():
 # ---------------------------------------------------------------------------------------------
 # text conditioning and the patient frame
 # ---------------------------------------------------------------------------------------------
+def test_generation_target_is_the_report_alone():
+    """generation_source="text": the map the generation loss trains is G(t) — the same for any image, so only
+    the report can lower that loss — while the U-Net gets the BMF-refined G(t'); "fused" trains G(t')."""
+    net = make_net()
+    with torch.no_grad():  # a trained BMF: its zero-initialised last layer has moved
+        net.fusion.mlp[-1].weight.normal_(0, 0.5)
+    tokens, mask = report(1, seed=1)
+    x1, x2 = with_pos(torch.randn(1, 1, 64, 64)), with_pos(3 * torch.randn(1, 1, 64, 64))
+    o1, o2 = net(x1, tokens, mask, return_aux=True), net(x2, tokens, mask, return_aux=True)
+    torch.testing.assert_close(o1.generated, o2.generated)
+    assert not torch.allclose(o1.pseudo_logits, o2.pseudo_logits)  # the U-Net's pseudo-image reads the image too
+    lesion_generation_loss(o1.generated, torch.ones_like(o1.generated), o1.inside > 0.5).backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in net.image_encoder.parameters())
+    assert net.text_pool.out[-1].weight.grad.abs().sum() > 0
+
+    fused = make_net(generation_source="fused")
+    o = fused(x1, tokens, mask, return_aux=True)
+    assert o.generated is o.pseudo_logits
+    with pytest.raises(ValueError, match="generation_source"):
+        make_net(generation_source="image")
+
+
 def test_report_changes_pseudo_image_and_logits():
     net = make_net().eval()
     torch.manual_seed(3)

@@ -46,6 +46,10 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
     frame_resolution = 16  # whole-image pseudo-image side: zone scale (None: the generator's full 112)
     generation_blur = 1 / 16  # Gaussian blur (σ as a fraction of the patch side) of the lesion target
     generation = "lesion"  # or "masked_image" (EF-UNet) / "mask" (L1 to the plain mask)
+    # the generation loss trains the report's own map G(t) ("text"), or the BMF-refined G(t') ("fused", the
+    # paper's): see BiCLIPNetwork. "text" keeps the pseudo-image a function of the report: trained on G(t'),
+    # the generator learnt to place the lesion from the image embedding and the report stopped mattering.
+    generation_source = "text"
     text_pooling = "attention"  # or "mean" (the paper's)
     pseudo_activation = "sigmoid"  # or "linear" (the paper's)
     text_dim = 784  # 28 x 28, as EF-UNet's pseudo-image seed
@@ -78,7 +82,7 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
                              bidirectional=cls.bidirectional, cycle=cls.lambda_cycle > 0, iac=cls.lambda_iac > 0,
                              ignore_text=cls.ignore_text, text_pooling=cls.text_pooling,
                              pseudo_activation=cls.pseudo_activation, frame_resolution=cls.frame_resolution,
-                             position_to_unet=cls.position_to_unet)
+                             position_to_unet=cls.position_to_unet, generation_source=cls.generation_source)
 
     # ---- data: two intensity views for IAC -----------------------------------------------------
     def get_training_transforms(self, *args, **kwargs):
@@ -114,10 +118,12 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
         if self.generation == "lesion":
             target = blur_mask(lesion.float(), self.generation_blur * max(lesion.shape[2:])) \
                 if self.generation_blur else lesion
-            gen = lesion_generation_loss(out.pseudo_logits.float(), target, weight)
+            gen = lesion_generation_loss(out.generated.float(), target, weight)
         else:
             reference = self.generation_reference(image, lesion).float()
-            gen = generation_loss(out.pseudo.float() * weight, reference * weight)
+            generated = torch.sigmoid(out.generated.float()) if self.pseudo_activation == "sigmoid" \
+                else out.generated.float()
+            gen = generation_loss(generated * weight, reference * weight)
         terms = {"seg": seg, "gen": gen}
         if out.t_hat is not None:
             # t is detached as the cycle's target: the projection must not collapse t to make h's job easy.
