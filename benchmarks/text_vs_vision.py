@@ -102,6 +102,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from a checkout without installing
     sys.path.insert(0, str(REPO))
 
+from nnunetv2_textseg.errors import TextSegError  # noqa: E402
 from nnunetv2_textseg.robustness import (DEGRADATION_FILE, REPORTS_FILE, case_identifiers,  # noqa: E402
                                          default_splits, degrade_folder, parse_fraction, resolve_level,
                                          subsample_split)
@@ -134,7 +135,7 @@ PRESETS: dict[str, dict] = {
 }
 
 
-class BenchmarkError(RuntimeError):
+class BenchmarkError(TextSegError, RuntimeError):
     """The run cannot continue as asked; the message says why and what to do."""
 
 

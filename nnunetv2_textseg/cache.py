@@ -8,22 +8,30 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
-from nnunetv2_textseg.encoders import EncoderSpec, TextEncoder, TextEncoding, load_encoder, spec_to_dict
-from nnunetv2_textseg.reports import chmod_as_umask
+from nnunetv2_textseg.atomic import atomic_write
+from nnunetv2_textseg.encoders import (EncoderSpec, TextEncoder, TextEncoding, identity_diff, load_encoder,
+                                       spec_to_dict)
+from nnunetv2_textseg.errors import TextSegError
 
-CACHE_FORMAT = 1
+# 2: the encoder identity hashes the weights, tokenizer and config (format 1 hashed a config holding the path)
+CACHE_FORMAT = 2
+# Formats whose caches are ours but cannot be checked any more: re-encoded, never used.
+OUTDATED_FORMATS = (1,)
 
 
-class CacheError(RuntimeError):
+class CacheError(TextSegError, RuntimeError):
     """A cache cannot be used as asked (foreign encoder, stale text, missing case)."""
+
+
+class OutdatedCacheError(CacheError):
+    """A cache written by an older version: refused wherever it is read; nnUNetv2_textseg_encode replaces it."""
 
 
 def text_sha(text: str) -> str:
@@ -77,33 +85,27 @@ class TextEmbeddingCache:
                              f"(e.g. {missing[:5]}). Run nnUNetv2_textseg_encode to update it.")
 
     def check_identity(self, identity: dict) -> None:
-        """Refuse embeddings made by another encoder than the one ``identity`` describes."""
-        keys = ("name_or_path", "config_sha", "pooling", "max_length", "dim")
-        diff = {k: (self.identity.get(k), identity.get(k)) for k in keys if self.identity.get(k) != identity.get(k)}
+        """Refuse embeddings made by another encoder than the one ``identity`` describes (weights, tokenizer,
+        config, pooling, max_length; not where the encoder folder lies)."""
+        diff = identity_diff(identity, self.identity)
         if diff:
-            raise CacheError(f"The text embedding cache {self.path} was built by another encoder "
-                             f"(cache vs expected: {diff}). Re-encode with the expected encoder "
-                             f"(nnUNetv2_textseg_encode --encoder ...) or delete the cache file.")
+            diff = {k: (cache, expected) for k, (expected, cache) in diff.items()}
+            raise CacheError(f"The text embedding cache {self.path} was built by another encoder than "
+                             f"{identity.get('name_or_path')!r} (cache vs expected: {diff}); its embeddings do not "
+                             f"match that encoder's. Re-encode: delete {self.path} and run nnUNetv2_textseg_encode "
+                             f"with the expected encoder (--encoder ...), or use the encoder that made the cache.")
 
     # ---- storage -------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Write atomically: a crash mid-write leaves the previous file untouched."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp.npz")
-        os.close(fd)
-        try:
-            with open(tmp, "wb") as f:
-                np.savez(f, format=np.array(CACHE_FORMAT), case_ids=np.array(self.case_ids, dtype=str),
-                         text_sha=np.array(self.text_sha, dtype=str), pooled=self.pooled.astype(np.float32),
-                         tokens=self.tokens.astype(np.float16), mask=self.mask.astype(bool),
-                         identity=np.array(json.dumps(self.identity, sort_keys=True)),
-                         spec=np.array(json.dumps(self.spec, sort_keys=True)))
-            chmod_as_umask(tmp)  # mkstemp creates 0600; the cache is an ordinary file like the others
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        atomic_write(path, lambda f: np.savez(
+            f, format=np.array(CACHE_FORMAT), case_ids=np.array(self.case_ids, dtype=str),
+            text_sha=np.array(self.text_sha, dtype=str), pooled=self.pooled.astype(np.float32),
+            tokens=self.tokens.astype(np.float16), mask=self.mask.astype(bool),
+            identity=np.array(json.dumps(self.identity, sort_keys=True)),
+            spec=np.array(json.dumps(self.spec, sort_keys=True))))
         self.path = path
         return path
 
@@ -117,6 +119,12 @@ class TextEmbeddingCache:
         path = Path(path)
         try:
             with np.load(path, allow_pickle=False) as z:
+                if int(z["format"]) in OUTDATED_FORMATS:
+                    raise OutdatedCacheError(
+                        f"The text embedding cache {path} was written by an older version of nnunetv2_textseg "
+                        f"(cache format {int(z['format'])}), which recorded its encoder by folder path rather "
+                        f"than by weights, so it cannot be checked against an encoder. Re-encode: run "
+                        f"nnUNetv2_textseg_encode -d DATASET (it replaces this file).")
                 if int(z["format"]) != CACHE_FORMAT:
                     raise CacheError(f"{path} has cache format {int(z['format'])}, expected {CACHE_FORMAT}; "
                                      f"delete it and run nnUNetv2_textseg_encode.")
@@ -187,7 +195,13 @@ def build_or_update_cache(reports: dict[str, str], path: str | Path, encoder: Te
     """
     path = Path(path)
     spec = encoder.spec if encoder is not None else (spec or EncoderSpec())
-    old = TextEmbeddingCache.load(path) if path.exists() else None
+    try:
+        old = TextEmbeddingCache.load(path) if path.exists() else None
+    except OutdatedCacheError:
+        # our own derived file whose encoder can no longer be verified: encode everything again, replace it
+        warnings.warn(f"{path} was written by an older version of nnunetv2_textseg; re-encoding all reports "
+                      f"into it.", stacklevel=2)
+        old = None
     if old is not None:
         wanted = spec_to_dict(spec)
         diff = {k: (old.spec.get(k), wanted[k]) for k in ("name_or_path", "pooling", "max_length", "revision")
@@ -276,20 +290,33 @@ def encode_dataset(dataset: str | int, spec: EncoderSpec | None = None, splits: 
         if split != "Tr" and not reports_path(raw, split).exists():
             continue
         table = load_dataset_reports(raw, split)
-        # Load the encoder once, and only if some split has new or changed reports.
-        if encoder is None and _needs_encoding(cache_path(pre, spec, split), table.reports):
-            encoder = TextEncoder(spec)
-        cache, n = build_or_update_cache(table.reports, cache_path(pre, spec, split), encoder, spec,
-                                         batch_size, progress)
+        path = cache_path(pre, spec, split)
+        if encoder is None:
+            up_to_date, needs_encoder = _cache_state(path, table.reports, spec)
+            if up_to_date:  # the cache holds exactly these reports: read once, nothing to write, no encoder
+                out[split] = (path, 0)
+                continue
+            # Load the encoder once, and only if some split has new or changed reports.
+            if needs_encoder:
+                encoder = TextEncoder(spec)
+        cache, n = build_or_update_cache(table.reports, path, encoder, spec, batch_size, progress)
         out[split] = (cache.path, n)
     return out
 
 
-def _needs_encoding(path: Path, reports: dict[str, str]) -> bool:
+def _cache_state(path: Path, reports: dict[str, str], spec: EncoderSpec) -> tuple[bool, bool]:
+    """(up to date, needs the encoder) for the cache at ``path``, read once (no torch, no model).
+
+    Up to date: it holds exactly ``reports`` (same case ids, same texts) and was built with ``spec``'s encoder
+    configuration. Needs the encoder: some report is new or changed and the cache may take it (a cache of another
+    configuration is refused by :func:`build_or_update_cache` before any encoder is loaded)."""
     if not path.exists():
-        return True
+        return False, True
     try:
         cache = TextEmbeddingCache.load(path)
-    except CacheError:
-        return True
-    return any(c not in cache or cache.text_sha[cache._row[c]] != text_sha(t) for c, t in reports.items())
+    except CacheError:  # of an older format (re-encoded) or unreadable (build_or_update_cache says so)
+        return False, True
+    changed = any(c not in cache or cache.text_sha[cache._row[c]] != text_sha(t) for c, t in reports.items())
+    wanted = spec_to_dict(spec)
+    same_spec = all(cache.spec.get(k) == wanted[k] for k in ("name_or_path", "pooling", "max_length", "revision"))
+    return (same_spec and not changed and len(cache.case_ids) == len(reports)), (same_spec and changed)

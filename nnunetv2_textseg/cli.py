@@ -1,5 +1,5 @@
-"""Command-line entry points (``nnUNetv2_textseg_*``). Errors a user can fix are printed as one
-clear message (exit code 2), never as a traceback."""
+"""Command-line entry points (``nnUNetv2_textseg_*``). Each is ``sys.exit(_run(main))``: errors a user can fix
+are printed as one clear message (exit code 2), never as a traceback (:func:`nnunetv2_textseg.errors.run_cli`)."""
 from __future__ import annotations
 
 import argparse
@@ -10,27 +10,18 @@ import sys
 import warnings
 from pathlib import Path
 
-from nnunetv2_textseg.cache import CacheError
-from nnunetv2_textseg.encoders import DEFAULT_ENCODER, EncoderError, EncoderSpec, ReportTruncationWarning
-from nnunetv2_textseg.reports import ReportError, read_report_table
+from nnunetv2_textseg.encoders import DEFAULT_ENCODER, EncoderSpec, ReportTruncationWarning
+from nnunetv2_textseg.errors import run_cli
+from nnunetv2_textseg.reports import read_report_table
 
-from nnunetv2_textseg.paths import DatasetConfigError
-
-# Input problems a user can fix: one message, exit code 2 (NNUNET_TEXTSEG_DEBUG=1 shows the traceback).
-USER_ERRORS = (ReportError, CacheError, EncoderError, DatasetConfigError, FileNotFoundError, ValueError)
+# Input problems a user can fix: one message, exit code 2 (NNUNET_TEXTSEG_DEBUG=1 shows the traceback). Our own are
+# all TextSegError; these standard ones come from argument values and paths the user gave.
+USER_ERRORS = (FileNotFoundError, ValueError)
 
 
 def _run(main, argv=None) -> int:
-    from nnunetv2_textseg.predictor import TextPredictionError
-    from nnunetv2_textseg.training.text_trainer import TextTrainingError
-    try:
-        main(argv)
-        return 0
-    except USER_ERRORS + (TextPredictionError, TextTrainingError) as e:
-        if os.environ.get("NNUNET_TEXTSEG_DEBUG"):
-            raise
-        print(f"ERROR: {e}", file=sys.stderr)
-        return 2
+    """``main(argv)``'s exit code; a TextSegError or one of USER_ERRORS becomes ``ERROR: <message>`` and 2."""
+    return run_cli(main, argv, USER_ERRORS)
 
 
 def _add_encoder_args(p: argparse.ArgumentParser, default: str | None = DEFAULT_ENCODER) -> None:

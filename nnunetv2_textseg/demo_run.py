@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from nnunetv2_textseg.cli import trainers_folder
+from nnunetv2_textseg.errors import run_cli
 
 
 def run(cmd: list[str], env: dict, log: Path) -> None:
@@ -38,7 +39,7 @@ def evaluate(ref: Path, pred: Path, env: dict, logs: Path, name: str) -> dict:
     return json.loads((pred / "summary.json").read_text())["foreground_mean"]
 
 
-def main(argv=None) -> None:
+def _main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default="demo_work", help="working folder (nnUNet_raw/preprocessed/results inside)")
     p.add_argument("-d", "--dataset_id", type=int, default=990)
@@ -111,5 +112,11 @@ def main(argv=None) -> None:
     (root / "demo_scores.json").write_text(json.dumps(scores, indent=2))
 
 
+def main(argv=None) -> int:
+    """``nnUNetv2_textseg_demo``: exit code 0, or 2 with one ``ERROR:`` line for a problem the user can fix (a failed
+    nnU-Net command exits with its log's tail)."""
+    return run_cli(_main, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -7,6 +7,7 @@ together, so both share the network's grid) and predicted with each **report var
 
 - ``real``: the case's report; ``shuffled``: another case's report (a fixed derangement);
 - ``contradictory``: sides and levels swapped / negated (:mod:`nnunetv2_textseg.report_variants`);
+- ``missing_location``: the report with its side, zone and laterality words removed;
 - ``null``: no report (the model's learned null report).
 
 Measured (written to OUT/diagnosis.json and printed as a table):
@@ -25,17 +26,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import textwrap
 from pathlib import Path
 
 import numpy as np
 import torch
 
-VARIANTS = ("real", "shuffled", "contradictory", "null")
+from nnunetv2_textseg.errors import TextSegError, run_cli
+
+VARIANTS = ("real", "shuffled", "contradictory", "missing_location", "null")
 
 
-class DiagnoseError(RuntimeError):
+class DiagnoseError(TextSegError, RuntimeError):
     """The diagnosis cannot run as asked; the message names what and the fix."""
 
 
@@ -70,6 +72,8 @@ def report_variants(reports: dict[str, str], seed: int = 0) -> dict[str, dict[st
             "shuffled": {c: reports[o] for c, o in zip(cases, order)},
             "contradictory": {c: make_variant(reports[c], "contradictory", _case_rng(seed, "contradictory", c))
                               for c in cases},
+            "missing_location": {c: make_variant(reports[c], "missing_location",
+                                                 _case_rng(seed, "missing_location", c)) for c in cases},
             "null": {c: None for c in cases}}
 
 
@@ -254,7 +258,7 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="nnUNetv2_textseg_diagnose", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("-d", required=True, help="dataset id or name")
@@ -272,23 +276,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max_cases", type=int, default=0, help="diagnose only the first N cases (0: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffled / contradictory reports")
     a = p.parse_args(argv)
-    from nnunetv2_textseg.predictor import TextPredictionError
-    from nnunetv2_textseg.reports import ReportError
-    try:
-        if a.device == "cuda" and not torch.cuda.is_available():
-            raise DiagnoseError("-device cuda, but no CUDA GPU is available here: use -device cpu.")
-        for folder, flag in ((a.i, "-i"), (a.ref, "-ref")):
-            if not folder.is_dir():
-                raise DiagnoseError(f"{flag} {folder}: no such folder.")
-        model = _model_folder(a.d, a.tr, a.p, a.c)
-        out = a.o or model / f"fold_{a.f}" / "diagnosis"
-        result = diagnose(model, a.f, a.i, a.ref, a.reports, out, a.chk, a.device, a.n_figure, a.max_cases, a.seed)
-    except (DiagnoseError, ReportError, TextPredictionError) as e:
-        print(f"ERROR: {e}", file=sys.stderr)
-        return 2
+    if a.device == "cuda" and not torch.cuda.is_available():
+        raise DiagnoseError("-device cuda, but no CUDA GPU is available here: use -device cpu.")
+    for folder, flag in ((a.i, "-i"), (a.ref, "-ref")):
+        if not folder.is_dir():
+            raise DiagnoseError(f"{flag} {folder}: no such folder.")
+    model = _model_folder(a.d, a.tr, a.p, a.c)
+    out = a.o or model / f"fold_{a.f}" / "diagnosis"
+    result = diagnose(model, a.f, a.i, a.ref, a.reports, out, a.chk, a.device, a.n_figure, a.max_cases, a.seed)
     print(format_table(result))
     print(f"[diagnose] wrote {out / 'diagnosis.json'} and {out / 'diagnosis.png'}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``nnUNetv2_textseg_diagnose``: exit code 0, or 2 with one ``ERROR:`` line for a problem the user can fix."""
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":

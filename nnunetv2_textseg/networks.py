@@ -77,11 +77,10 @@ class BiCLIPNetwork(PlannedUNetWrapper):
             else C + 1: the pseudo-image alone carries the patient frame).
         frame_resolution: side of the whole-image pseudo-image map (the generator's output is average-pooled
             to it; read bilinearly at each pixel). None keeps the generator's 4·√D (the paper's).
-        generation_source: what the generation loss trains. "text": the generator's map of the report alone,
-            G(t); the U-Net still gets the BMF-refined G(t'), and BMF learns from the segmentation loss. With
-            "fused" (the paper's) the loss trains G(t'), and with a few dozen labelled cases the image
-            embedding is the easier way to lower it: the pseudo-image then follows the image and ignores the
-            report (measured: shuffled reports kept most of its AUC).
+        generation_source: what the generation loss trains. "fused" (the paper's): the BMF-refined G(t') the
+            U-Net sees. "text": the generator's map of the report alone, G(t), so the image embedding cannot
+            stand in for the report in that loss; the U-Net still gets G(t'), which BMF then moves by the
+            segmentation loss alone (measured: it drifted away from a lesion map).
     """
 
     text_input = "tokens"  # what set_text expects: token embeddings + mask (the predictor checks this)
@@ -89,7 +88,7 @@ class BiCLIPNetwork(PlannedUNetWrapper):
     def __init__(self, unet: nn.Module, image_channels: int, text_in_dim: int, text_dim: int = 784,
                  image_dim: int = 128, bidirectional: bool = True, cycle: bool = True, iac: bool = True,
                  ignore_text: bool = False, text_pooling: str = "attention", pseudo_activation: str = "sigmoid",
-                 frame_resolution: int | None = 16, position_to_unet: bool = True, generation_source: str = "text"):
+                 frame_resolution: int | None = 16, position_to_unet: bool = True, generation_source: str = "fused"):
         super().__init__()
         if not (hasattr(unet, "encoder") and hasattr(unet, "decoder")):
             raise TypeError(f"{type(unet).__name__} has no encoder/decoder; BiCLIP needs a "

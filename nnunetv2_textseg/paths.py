@@ -4,8 +4,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from nnunetv2_textseg.errors import TextSegError
 
-class DatasetConfigError(RuntimeError):
+
+class DatasetConfigError(TextSegError, RuntimeError):
     """nnU-Net's folders or the dataset id are not set up as needed; the message says how."""
 
 

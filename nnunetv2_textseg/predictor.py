@@ -21,13 +21,14 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from torch._dynamo import OptimizedModule
 
 from nnunetv2_textseg.cache import CacheError
-from nnunetv2_textseg.encoders import EncoderSpec, TextEncoder
+from nnunetv2_textseg.encoders import EncoderSpec, TextEncoder, identity_diff
+from nnunetv2_textseg.errors import TextSegError
 from nnunetv2_textseg.modules.medclipseg import UncertaintyAccumulator
 from nnunetv2_textseg.reports import ReportTable
 from nnunetv2_textseg.training.text_trainer import PLANS_KEY
 
 
-class TextPredictionError(RuntimeError):
+class TextPredictionError(TextSegError, RuntimeError):
     """Prediction cannot run as asked; the message names the cases/files and the fix."""
 
 
@@ -86,8 +87,7 @@ class nnUNetTextPredictor(nnUNetPredictor):
             spec = self.encoder_override or EncoderSpec(**{**recorded, "trust_remote_code": False})
             self.encoder = TextEncoder(spec, device="cpu")
             want, got = self.text_config["encoder_identity"], self.encoder.identity()
-            diff = {k: (want.get(k), got.get(k)) for k in ("config_sha", "pooling", "max_length", "dim")
-                    if want.get(k) != got.get(k)}
+            diff = identity_diff(want, got)  # weights, tokenizer, config, pooling...; not the folder's path
             if diff:
                 raise CacheError(f"The model was trained with text encoder {recorded['name_or_path']!r}, but "
                                  f"{spec.name_or_path!r} differs (trained vs given: {diff}). Predict with the "

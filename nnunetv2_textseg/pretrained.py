@@ -215,11 +215,8 @@ def write_converted(plain_checkpoint: str | Path, output: str | Path, trainer_na
     if output.exists() and not overwrite:
         raise PretrainedConversionError(f"{output} exists; choose another -o or pass --overwrite.")
     converted = convert_plain_checkpoint(plain_checkpoint, trainer_name, dataset, configuration, plans_identifier)
+    from nnunetv2_textseg.atomic import atomic_write
+
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + f".tmp{os.getpid()}")
-    try:
-        torch.save(converted, tmp)
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(output, lambda f: torch.save(converted, f))
     return output

@@ -17,7 +17,7 @@ import io
 import json
 import os
 import re
-import tempfile
+import unicodedata
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +25,13 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import pandas as pd
 
+from nnunetv2_textseg.atomic import atomic_write_bytes
+from nnunetv2_textseg.errors import TextSegError
+
 __all__ = [
     "ReportError",
     "ReportWarning",
+    "SpreadsheetFormulaWarning",
     "MissingReportError",
     "ReportTable",
     "case_id_from_filename",
@@ -45,6 +49,8 @@ DELIMITERS = ",;\t"
 EXCEL_SUFFIXES = (".xlsx", ".xlsm")
 # How many ids an error message lists before summarising the rest as a count.
 MAX_LISTED = 10
+# A cell starting with one of these is run as a formula when a spreadsheet opens the CSV (OWASP "CSV injection").
+FORMULA_PREFIXES: tuple[str, ...] = ("=", "+", "-", "@", "\t", "\r")
 
 # nnU-Net image files are {case_id}_{XXXX}{file_ending}; only the first channel's suffix is
 # stripped from table names, because many real case ids end in four digits (QaTa: covid_1000).
@@ -55,7 +61,7 @@ _EXTENSION = re.compile(r"\.[A-Za-z][A-Za-z0-9]{0,4}$")
 _GZ = re.compile(r"\.gz$", re.IGNORECASE)
 
 
-class ReportError(ValueError):
+class ReportError(TextSegError, ValueError):
     """A report table problem the user can fix; the message says where and how."""
 
 
@@ -67,6 +73,10 @@ class MissingReportError(ReportError, KeyError):
 
 class ReportWarning(UserWarning):
     """Something odd but harmless in a report table (e.g. the same row twice)."""
+
+
+class SpreadsheetFormulaWarning(ReportWarning):
+    """A written table has cells that a spreadsheet would run as formulas (they are written verbatim)."""
 
 
 # --------------------------------------------------------------------------- case ids
@@ -121,6 +131,12 @@ def case_id_from_filename(
 
 def _decode_utf8(raw: bytes, path: Path) -> str:
     """Decode UTF-8 (BOM allowed); otherwise say where the first bad byte sits."""
+    if raw.startswith(b"PK\x03\x04"):
+        raise ReportError(f"{path}: is a zip file (an Excel workbook?) with a {path.suffix or 'missing'} suffix. "
+                          f"If it is a workbook, rename it to .xlsx; otherwise save the table as CSV UTF-8.")
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ReportError(f"{path}: is UTF-16 encoded (e.g. Excel's 'Unicode Text'). Save it as UTF-8 (in Excel: "
+                          f"'CSV UTF-8'; LibreOffice: character set 'Unicode (UTF-8)') and try again.")
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -149,16 +165,56 @@ def _detect_delimiter(text: str) -> str:
     return best if counts[best] else ","
 
 
+def _delimiter_name(delim: str) -> str:
+    return "tab" if delim == "\t" else repr(delim)
+
+
+def _check_field_counts(text: str, delim: str, path: Path) -> None:
+    """Refuse rows with more fields than the header. pandas would silently take the first column as the index
+    and shift every column by one, and the error would then blame the case ids instead of the real cause:
+    report text with the delimiter in it but no quotes around it."""
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delim)
+    try:
+        header = next(reader, [])
+        long_rows, first, first_fields, rows = 0, 0, [], 0
+        for fields in reader:
+            if not fields:
+                continue
+            rows += 1
+            if len(fields) > len(header):
+                long_rows += 1
+                if not first:
+                    first, first_fields = reader.line_num, fields
+    except csv.Error:
+        return  # malformed quoting: pandas names the line below
+    if not long_rows:
+        return
+    name = _delimiter_name(delim)
+    if not any(f.strip() for f in first_fields[len(header):]):
+        cause = f"Its rows end with extra {name} delimiter(s). Fix: remove them"
+    else:
+        cause = (f"The report text contains an unquoted {name}, which splits it into columns. Fix: quote the "
+                 f"report column, i.e. enclose each report in double quotes (\"...\") as spreadsheet programs do "
+                 f"when saving CSV")
+    raise ReportError(
+        f"{path}: cannot parse as CSV: line {first} has {len(first_fields)} fields but the header "
+        f"({delim.join(header)}) has {len(header)}; {long_rows} of {rows} row(s) are like this. {cause}, "
+        f"and try again."
+    )
+
+
 def _read_csv_frame(path: Path) -> pd.DataFrame:
     text = _decode_utf8(path.read_bytes(), path)
     if not text.strip():
         raise ReportError(f"{path}: the file is empty; it needs a header row and one row per case.")
+    delim = _detect_delimiter(text)
+    _check_field_counts(text, delim, path)
     try:
         # dtype=str + keep_default_na=False: "NA"/"None" stay text; blank lines are kept so that
         # row numbers in messages match what a spreadsheet shows.
         return pd.read_csv(
             io.StringIO(text),
-            sep=_detect_delimiter(text),
+            sep=delim,
             dtype=str,
             keep_default_na=False,
             na_filter=False,
@@ -240,6 +296,9 @@ def _frame_to_reports(
     text_col = _find_column(list(df.columns), text_column, TEXT_COLUMN_CANDIDATES, "report text", path)
     reports: dict[str, str] = {}
     first_row: dict[str, int] = {}
+    if not any(_cell(i).strip() or _cell(t).strip() for i, t in zip(df[id_col].tolist(), df[text_col].tolist())):
+        raise ReportError(f"{path}: the table has a header ({id_col!r}, {text_col!r}) but no rows; add one row per "
+                          f"case.")
     for i, (raw_id, text) in enumerate(zip(df[id_col].tolist(), df[text_col].tolist())):
         row = i + 2  # spreadsheet numbering: header is row 1
         raw_id, text = _cell(raw_id), _cell(text)
@@ -276,6 +335,50 @@ def _frame_to_reports(
 def _listing(ids: Sequence[str]) -> str:
     shown = ", ".join(map(repr, ids[:MAX_LISTED]))
     return shown + (f", ... ({len(ids) - MAX_LISTED} more)" if len(ids) > MAX_LISTED else "")
+
+
+def _nfc(case_id: str) -> str:
+    return unicodedata.normalize("NFC", case_id)
+
+
+def _unicode_twins(table_ids: Iterable[str], image_ids: Iterable[str]) -> list[tuple[str, str]]:
+    """(table id, image id) pairs that are different strings but the same after NFC normalisation, e.g. an
+    accent typed in a spreadsheet (NFC) and the same name in a file name from macOS (NFD). Only unambiguous
+    pairs: an NFC form shared by two image ids matches neither."""
+    by_nfc: dict[str, list[str]] = {}
+    for c in image_ids:
+        by_nfc.setdefault(_nfc(c), []).append(c)
+    pairs = []
+    for t in table_ids:
+        candidates = by_nfc.get(_nfc(t), [])
+        if len(candidates) == 1 and candidates[0] != t:
+            pairs.append((t, candidates[0]))
+    return pairs
+
+
+def _pair_listing(pairs: Sequence[tuple[str, str]], what: str) -> str:
+    # ascii() shows the difference (NFC 'caf\xe9' vs NFD 'cafe\u0301'), which repr() would print identically
+    shown = ", ".join(f"{ascii(t)} (table) vs {ascii(i)} ({what})" for t, i in pairs[:MAX_LISTED])
+    return shown + (f", ... ({len(pairs) - MAX_LISTED} more)" if len(pairs) > MAX_LISTED else "")
+
+
+def formula_like_cases(reports: Mapping[str, str]) -> list[str]:
+    """Case ids whose id or report starts with a character that makes a spreadsheet run the cell as a formula."""
+    return [c for c, t in reports.items() if str(c).startswith(FORMULA_PREFIXES) or t.startswith(FORMULA_PREFIXES)]
+
+
+def _warn_formula_cells(reports: Mapping[str, str], path: Path, stacklevel: int = 3) -> None:
+    """Warn once per written table. The cells stay verbatim: the table is data that our tools read back and
+    encode, and a prefixed quote would change every such report's embedding (and the cache hashes)."""
+    cases = formula_like_cases(reports)
+    if cases:
+        warnings.warn(
+            f"{path}: {len(cases)} report(s) start with =, +, -, @, tab or CR, which a spreadsheet program runs as a "
+            f"formula when it opens the file: {_listing(cases)}. They are written verbatim; open the file as "
+            f"text (e.g. import it with the report column as 'Text'), not by double-clicking it.",
+            SpreadsheetFormulaWarning,
+            stacklevel=stacklevel,
+        )
 
 
 # --------------------------------------------------------------------------- ReportTable
@@ -370,6 +473,15 @@ class ReportTable:
         if not missing and not extra:
             return
         parts = [f"{self._name} does not match {what} ({len(wanted)} cases, {len(self)} reports)."]
+        twins = _unicode_twins([c for c in self.reports if c not in wanted_set],
+                               [c for c in wanted if c not in self.reports])
+        if twins:
+            parts.append(
+                f"{len(twins)} report id(s) differ from a case id in {what} only in Unicode normalisation (NFC vs "
+                f"NFD, e.g. an accent typed in a spreadsheet vs the same name from a macOS file name): "
+                f"{_pair_listing(twins, what)}. Fix: import the table with nnUNetv2_textseg_attach_reports, which "
+                f"matches such ids to the image names, or write the ids exactly as the image file names."
+            )
         if missing:
             parts.append(
                 f"{len(missing)} case(s) in {what} have no report: {_listing(missing)}. "
@@ -395,50 +507,16 @@ class ReportTable:
         return buf.getvalue().encode("utf-8")
 
     def write(self, path: str | os.PathLike) -> None:
-        """Write atomically: a reader sees the old file or the complete new one, never half."""
-        _atomic_write_bytes(Path(path), self.to_csv_bytes())
+        """Write atomically: a reader sees the old file or the complete new one, never half. Cells that a
+        spreadsheet would run as formulas are written verbatim, with one :class:`SpreadsheetFormulaWarning`."""
+        path = Path(path)
+        data = self.to_csv_bytes()
+        _warn_formula_cells(self.reports, path)
+        atomic_write_bytes(path, data)
 
     @property
     def _name(self) -> str:
         return str(self.source) if self.source is not None else "report table (in memory)"
-
-
-def current_umask() -> int:
-    """The process umask, read without changing it where possible (Linux: /proc/self/status)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)  # elsewhere: the only portable way is to set it and put it back
-    os.umask(mask)
-    return mask
-
-
-def chmod_as_umask(path: str | os.PathLike) -> None:
-    """Give a file made by ``tempfile.mkstemp`` (always mode 0600) the mode a new file made by ``open()`` gets,
-    ``0o666 & ~umask``, so atomically written outputs are readable by whom the user intends."""
-    os.chmod(path, 0o666 & ~current_umask())
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    # Temp file in the same directory so os.replace is a same-filesystem rename.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        chmod_as_umask(tmp)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 # --------------------------------------------------------------------------- dataset level
@@ -546,6 +624,15 @@ def attach_reports(
     target = reports_path(dataset_folder, split)
     table = ReportTable.read(source, id_column, text_column, sheet, prefixes, mapping)
     ids = dataset_case_ids(dataset_folder, split)
+    table, twins = _match_unicode_forms(table, ids)
+    if twins:
+        warnings.warn(
+            f"{source}: {len(twins)} report id(s) match a case in images{split} only after Unicode NFC "
+            f"normalisation: {_pair_listing(twins, f'images{split}')}; matched, and {target.name} uses the "
+            f"image names' spelling.",
+            ReportWarning,
+            stacklevel=2,
+        )
     if allow_extra:
         known = set(ids)
         extra = [c for c in table.case_ids if c not in known]
@@ -572,8 +659,27 @@ def attach_reports(
             raise ReportError(
                 f"{target}: exists with different content; pass --overwrite (overwrite=True) to replace it."
             )
-    _atomic_write_bytes(target, data)
+    _warn_formula_cells(out.reports, target)
+    atomic_write_bytes(target, data)
     return target
+
+
+def _match_unicode_forms(table: ReportTable, ids: Sequence[str]) -> tuple[ReportTable, list[tuple[str, str]]]:
+    """Rename table ids that equal an image case id only after NFC normalisation to that case id (the spelling
+    the image files, and so nnU-Net, use). Nothing is renamed onto an id the table already has."""
+    known = set(ids)
+    twins = dict(_unicode_twins([c for c in table.reports if c not in known], ids))
+    if not twins:
+        return table, []
+    reports: dict[str, str] = {}
+    done = []
+    for case, text in table.reports.items():
+        target = twins.get(case)
+        if target is not None and target not in table.reports and target not in reports:
+            done.append((case, target))
+            case = target
+        reports[case] = text
+    return ReportTable(reports, table.source), done
 
 
 def load_mapping(path: str | os.PathLike) -> dict[str, str]:

@@ -184,10 +184,10 @@ def _load_json(path: Path) -> object:
 
 
 def _write_json(path: Path, data: object) -> None:
+    from nnunetv2_textseg.atomic import atomic_write_text
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
-    tmp.replace(path)  # atomic, so a crash never leaves nnU-Net a truncated split file
+    atomic_write_text(path, json.dumps(data, indent=2))  # a crash never leaves nnU-Net a truncated split file
 
 
 def _protect_existing(folder: Path, output: Path, overwrite: bool) -> None:

@@ -35,6 +35,15 @@ def run(cmd: list[str], env: dict, check: bool = True, timeout: int = 900) -> su
     return r
 
 
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects
+def pytest_collection_modifyitems(items):
+    """A test that needs the session's trained model runs the real nnU-Net commands: it is ``integration``,
+    marked or not (``pytest -m "not integration"`` is the fast unit subset)."""
+    for item in items:
+        if "trained_model" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)
+
+
 @dataclass
 class TrainedModel:
     root: Path

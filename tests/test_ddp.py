@@ -17,6 +17,8 @@ from test_modules import NUM_CLASSES, TEXT_IN, make_net, trainer_style_loss, wit
 EXTRA = ("text_pool", "null_text", "image_encoder", "fusion", "generator", "image_to_text", "iac_head")
 WORLD = 2
 
+pytestmark = pytest.mark.integration  # starts 2 processes that each import torch, ~17 s CPU
+
 
 def _free_port() -> int:
     with socket.socket() as s:

@@ -62,6 +62,7 @@ def demo40(tmp_path_factory) -> Path:
 # --------------------------------------------------------------------------------------------
 # dataset format
 # --------------------------------------------------------------------------------------------
+@pytest.mark.integration  # nnU-Net's verify_dataset_integrity, ~5 s CPU
 def test_nnunet_format(tmp_path: Path) -> None:
     from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
 

@@ -161,6 +161,79 @@ def test_empty_input(minilm):
     assert len(enc) == 0 and enc.pooled.shape == (0, 384)
 
 
+def _texts_of_many_lengths() -> list[str]:
+    sites = ["left lung", "right lower lung", "both lungs, upper and middle zones"]
+    texts = [f"{'Bilateral' if i % 2 else 'Unilateral'} pulmonary infection, {i % 5 + 1} infected areas, "
+             f"{sites[i % 3]}." + " Patchy opacities." * (i % 4) for i in range(30)]
+    return texts + [CLOSE_A, FAR, CLOSE_A, "No.", " ".join(["bilateral ground glass opacities"] * 60), FAR]
+
+
+def test_encoding_does_not_depend_on_order(minilm):
+    """A text's embedding and mask are the same whatever order (and so batch) the texts come in."""
+    import random
+    import warnings
+    texts = _texts_of_many_lengths()
+    shuffled = list(range(len(texts)))
+    random.Random(3).shuffle(shuffled)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the long text is truncated (tested elsewhere)
+        ref = minilm.encode(texts, batch_size=8)
+        for order in (shuffled, list(reversed(range(len(texts))))):
+            enc = minilm.encode([texts[i] for i in order], batch_size=8)
+            for row, i in enumerate(order):
+                np.testing.assert_allclose(enc.pooled[row], ref.pooled[i], rtol=0, atol=1e-5)
+                np.testing.assert_array_equal(enc.mask[row], ref.mask[i])
+                np.testing.assert_allclose(enc.tokens[row].astype(np.float32), ref.tokens[i].astype(np.float32),
+                                           rtol=0, atol=1e-5)
+    assert ref.mask.sum(1).max() == 128 == ref.tokens.shape[1]
+
+
+def test_each_text_is_tokenised_once(minilm, monkeypatch):
+    """One tokenisation of all distinct texts; only a text longer than max_length is tokenised again (cut)."""
+    import warnings
+    calls: list[list[str]] = []
+    tokenizer = minilm.tokenizer
+
+    class Recording:
+        def __call__(self, batch, *a, **k):
+            calls.append(list(batch))
+            return tokenizer(batch, *a, **k)
+
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+    monkeypatch.setattr(minilm, "tokenizer", Recording())
+    texts = _texts_of_many_lengths()
+    long = texts[-2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        minilm.encode(texts, batch_size=4)
+    assert calls == [list(dict.fromkeys(texts)), [long]]
+
+
+def test_threads_are_restored_and_do_not_change_results(tiny, monkeypatch):
+    from nnunetv2_textseg import encoders
+    texts = list(_reports(20).values())
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        monkeypatch.setattr(encoders, "available_cpus", lambda: 2)
+        auto = tiny.encode(texts, batch_size=1)  # 20 batches: both 2 threads and 1 are measured
+        assert set(tiny.threads_used) == {1, 2} and sum(tiny.threads_used.values()) == 20
+        assert torch.get_num_threads() == 1
+        for n in (1, 2):
+            fixed = tiny.encode(texts, batch_size=1, num_threads=n)
+            assert tiny.threads_used == {n: 20} and torch.get_num_threads() == 1
+            np.testing.assert_allclose(fixed.pooled, auto.pooled, rtol=0, atol=1e-6)
+            np.testing.assert_array_equal(fixed.mask, auto.mask)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_available_cpus_is_positive():
+    from nnunetv2_textseg.encoders import available_cpus
+    assert 1 <= available_cpus() <= (os.cpu_count() or 1)
+
+
 def test_cls_pooling_differs_from_mean(minilm):
     cls_enc = copy.copy(minilm)  # same weights, other pooling: no second load
     cls_enc.spec = EncoderSpec(pooling="cls")
@@ -417,7 +490,7 @@ def test_atomic_write_keeps_old_file(tiny, tmp_path, monkeypatch):
     def crash(src, dst):
         assert Path(src).stat().st_size > 0  # the new content was fully written to the temp file
         raise OSError("simulated crash while replacing")
-    monkeypatch.setattr(cache_mod.os, "replace", crash)
+    monkeypatch.setattr(os, "replace", crash)  # what the one atomic write (nnunetv2_textseg.atomic) renames with
     with pytest.raises(OSError, match="simulated crash"):
         build_or_update_cache(dict(reports, case_01="Changed report."), path, tiny, progress=False)
     assert path.read_bytes() == before
@@ -535,3 +608,27 @@ def test_cli_encode_reports_user_errors(nnunet_dirs, tmp_path, capsys):
     rc = _run(encode_main, ["-d", "991", "--encoder", str(tmp_path / "missing_model")])
     assert rc == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_cached_encode_command_loads_no_model_and_no_torch(tiny_dir, nnunet_dirs):
+    """nnUNetv2_textseg_encode with every report cached: a fresh interpreter, the encoder's loader made to fail,
+    and neither torch nor transformers imported (they take seconds to import)."""
+    import subprocess
+    _raw_dataset(nnunet_dirs["nnUNet_raw"], _reports(6), {"test_0": CLOSE_B, "test_1": FAR})
+    out = encode_dataset(991, EncoderSpec(str(tiny_dir)), progress=False)
+    before = {split: path.read_bytes() for split, (path, _) in out.items()}
+    code = ("import sys\n"
+            "from nnunetv2_textseg import encoders\n"
+            "def boom(self, *a, **k):\n"
+            "    raise AssertionError('the text encoder was loaded although everything is cached')\n"
+            "encoders.TextEncoder.__init__ = boom\n"
+            "from nnunetv2_textseg.cli import encode_main\n"
+            "encode_main(['-d', '991', '--encoder', sys.argv[1]])\n"
+            "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
+            "assert not heavy, f'imported {heavy}'\n")
+    env = dict(os.environ, **{k: str(v) for k, v in nnunet_dirs.items()})
+    r = subprocess.run([sys.executable, "-c", code, str(tiny_dir)], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("(0 report(s) encoded now)") == 2, r.stdout
+    assert {split: path.read_bytes() for split, (path, _) in out.items()} == before

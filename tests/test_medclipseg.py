@@ -327,6 +327,7 @@ def test_network_ds_shapes_and_identity_at_init(patch):
     assert out.shape == (2, NUM_CLASSES, *patch)
 
 
+@pytest.mark.integration  # full network backward pass, ~3 s CPU
 def test_network_all_parameters_get_gradients():
     net = make_net(2)
     net.train()
@@ -351,6 +352,7 @@ def test_network_all_parameters_get_gradients():
     assert all(p.grad is not None for p in net.parameters())
 
 
+@pytest.mark.integration  # many full forward passes, ~4.5 s CPU
 def test_network_mean_path_deterministic_sampling_stochastic():
     net = make_net()
     x = torch.randn(2, 1, 64, 64)

@@ -12,6 +12,8 @@ from conftest import BIN, DATASET_ID, run
 
 TRAINER = "nnUNetTrainerMedCLIPSeg_debug"
 
+pytestmark = pytest.mark.integration  # trains with the real nnUNetv2_train (the session's model and one MedCLIPSeg model)
+
 
 @pytest.fixture(scope="module")
 def medclipseg_model(trained_model):

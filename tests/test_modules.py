@@ -158,6 +158,7 @@ def test_deep_supervision_toggle():
     assert torch.is_tensor(seg) and seg.shape == (1, NUM_CLASSES, 64, 64)
 
 
+@pytest.mark.integration  # builds and runs every variant, ~8 s CPU
 def test_variants():
     x, xs, (tokens, mask) = with_pos(torch.randn(2, 1, 64, 96)), torch.randn(2, 1, 64, 96), report(2)
     uni = make_net(bidirectional=False)
@@ -205,6 +206,7 @@ def _grads(net, x, xs, text, target, drop):
 ZERO_AT_INIT = ("fusion.mlp.0.", "image_encoder.")
 
 
+@pytest.mark.integration  # full network backward pass, ~4 s CPU each
 @pytest.mark.parametrize("drop_mode", ["none", "some", "all"])
 def test_every_parameter_gets_a_gradient(drop_mode):
     net = make_net().train()
@@ -241,6 +243,7 @@ def test_every_parameter_gets_a_gradient(drop_mode):
     assert grads["image_encoder.head.weight"].abs().sum() > 0
 
 
+@pytest.mark.integration  # backward pass of every variant, ~16 s CPU
 def test_variants_every_parameter_gets_a_gradient():
     x, xs = with_pos(torch.randn(2, 1, 48, 48)), torch.randn(2, 1, 48, 48)
     target = (torch.rand(2, 48, 48) * NUM_CLASSES).long()
@@ -254,6 +257,7 @@ def test_variants_every_parameter_gets_a_gradient():
     assert all(g is not None for g in grads.values())
 
 
+@pytest.mark.integration  # full network backward passes, ~6 s CPU
 def test_pseudo_image_channel_gets_a_comparable_gradient():
     """The sigmoid pseudo-image enters at the image's scale ((p - 0.5) / 0.25): at initialisation the first
     convolution's gradient on its channel is several times larger, relative to the image channel's, than with
@@ -339,7 +343,7 @@ def test_coarse_frame_cannot_draw_an_outline():
 def test_generation_target_is_the_report_alone():
     """generation_source="text": the map the generation loss trains is G(t) — the same for any image, so only
     the report can lower that loss — while the U-Net gets the BMF-refined G(t'); "fused" trains G(t')."""
-    net = make_net()
+    net = make_net(generation_source="text")
     with torch.no_grad():  # a trained BMF: its zero-initialised last layer has moved
         net.fusion.mlp[-1].weight.normal_(0, 0.5)
     tokens, mask = report(1, seed=1)
@@ -351,7 +355,7 @@ def test_generation_target_is_the_report_alone():
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in net.image_encoder.parameters())
     assert net.text_pool.out[-1].weight.grad.abs().sum() > 0
 
-    fused = make_net(generation_source="fused")
+    fused = make_net()  # the default: the paper's
     o = fused(x1, tokens, mask, return_aux=True)
     assert o.generated is o.pseudo_logits
     with pytest.raises(ValueError, match="generation_source"):

@@ -14,6 +14,8 @@ import torch
 
 from conftest import BIN, DATASET_ID, TRAINER, run
 
+pytestmark = pytest.mark.integration  # predicts with the session's model, trained by the real nnUNetv2_train
+
 
 def predict_cmd(tm, out: Path, *extra: str, inp: Path | None = None) -> list[str]:
     return [str(BIN / "nnUNetv2_textseg_predict"), "-i", str(inp or tm.raw / "imagesTs"), "-o", str(out),

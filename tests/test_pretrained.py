@@ -12,6 +12,8 @@ from conftest import BIN, DATASET_ID, run
 
 PLAIN = "nnUNetTrainer_debug"
 
+pytestmark = pytest.mark.integration  # trains plain and text models with the real nnUNetv2_train
+
 
 @pytest.fixture(scope="module")
 def plain_model(trained_model, tmp_path_factory):

@@ -11,6 +11,8 @@ import torch
 
 from conftest import BIN, DATASET_ID, TRAINER, nnunet_env, run
 
+pytestmark = pytest.mark.integration  # checks and resumes the session's model, trained by the real nnUNetv2_train
+
 
 def test_training_writes_nnunet_outputs(trained_model):
     fold = trained_model.fold0

@@ -16,6 +16,7 @@ from torch._dynamo import OptimizedModule
 from nnunetv2_textseg.cache import (CacheError, TextEmbeddingCache, build_or_update_cache, cache_folder, cache_path,
                                     load_checked_cache)
 from nnunetv2_textseg.encoders import EncoderSpec, spec_to_dict
+from nnunetv2_textseg.errors import TextSegError
 from nnunetv2_textseg.reports import ReportError, load_dataset_reports, reports_path
 
 PLANS_KEY = "textseg"  # our entry in the plans.json the trainer writes to its results folder
@@ -25,78 +26,8 @@ ENCODER_ENV = "nnUNet_textseg_encoder"
 TRUST_ENV = "nnUNet_textseg_trust_remote_code"
 
 
-class TextTrainingError(RuntimeError):
+class TextTrainingError(TextSegError, RuntimeError):
     """A text trainer cannot start (missing reports, foreign model, ...); the message says the fix."""
-
-
-def _install_clean_error_hook() -> None:
-    """``nnUNetv2_train`` is nnU-Net's script, so our input errors would end in a long traceback through
-    nnU-Net. Print them as one clear message instead; every other exception keeps Python's hook."""
-    import sys
-    from nnunetv2_textseg.cache import CacheError
-    from nnunetv2_textseg.encoders import EncoderError
-
-    previous = sys.excepthook
-    if getattr(previous, "_textseg", False):
-        return
-
-    def hook(exc_type, exc, tb):
-        from nnunetv2_textseg.paths import DatasetConfigError
-        if os.environ.get("NNUNET_TEXTSEG_DEBUG"):
-            previous(exc_type, exc, tb)
-        elif issubclass(exc_type, (TextTrainingError, ReportError, CacheError, EncoderError, DatasetConfigError)):
-            print(f"ERROR: {exc}", file=sys.stderr)
-        elif (issubclass(exc_type, AssertionError) and _raised_in(tb, "load_pretrained_weights")
-              and _plain_weights_for_text_trainer(sys.argv)):
-            print(f"ERROR: -pretrained_weights does not fit this text trainer's network ({exc}).\n"
-                  f"A plain nnU-Net model has no text modules (and BiCLIP's U-Net takes one more input channel). "
-                  f"Convert its checkpoint first, then pass the converted file:\n  {_convert_hint(sys.argv)}",
-                  file=sys.stderr)
-        else:
-            previous(exc_type, exc, tb)
-
-    hook._textseg = True
-    sys.excepthook = hook
-
-
-def _raised_in(tb, function: str) -> bool:
-    while tb is not None:
-        if tb.tb_frame.f_code.co_name == function:
-            return True
-        tb = tb.tb_next
-    return False
-
-
-def _argv_option(argv: list[str], name: str, default: str | None = None) -> str | None:
-    return argv[argv.index(name) + 1] if name in argv[:-1] else default
-
-
-def _plain_weights_for_text_trainer(argv: list[str]) -> bool:
-    """nnUNetv2_train -tr <one of our trainers> -pretrained_weights <a checkpoint without our unet.* names>."""
-    from nnunetv2_textseg.pretrained import _strip_wrappers
-    from nnunetv2_textseg.training.variants import text_trainer_class
-    trainer, path = _argv_option(argv, "-tr"), _argv_option(argv, "-pretrained_weights")
-    if not trainer or not path:
-        return False
-    try:
-        text_trainer_class(trainer)
-        from nnunetv2_textseg.pretrained import load_checkpoint_safely
-        weights = load_checkpoint_safely(path)["network_weights"]
-    except Exception:  # not ours, or not a readable checkpoint: nnU-Net's own message stands
-        return False
-    return not any(_strip_wrappers(k).startswith("unet.") for k in weights)
-
-
-def _convert_hint(argv: list[str]) -> str:
-    """The conversion command for this nnUNetv2_train command line (placeholders where it lacks a value)."""
-    positional = [a for i, a in enumerate(argv[1:], 1) if not a.startswith("-") and not argv[i - 1].startswith("-")]
-    dataset = positional[0] if positional else "DATASET"
-    return (f"nnUNetv2_textseg_convert_pretrained -i {_argv_option(argv, '-pretrained_weights', 'PLAIN.pth')} "
-            f"-d {dataset} -tr {_argv_option(argv, '-tr', 'TRAINER')} -p {_argv_option(argv, '-p', 'nnUNetPlans')} "
-            f"-o converted.pth")
-
-
-_install_clean_error_hook()
 
 
 def _spec_from_dict(d: dict, trust: bool = False) -> EncoderSpec:
