@@ -102,6 +102,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from a checkout without installing
     sys.path.insert(0, str(REPO))
 
+from nnunetv2_textseg.atomic import atomic_write_text  # noqa: E402
 from nnunetv2_textseg.errors import TextSegError  # noqa: E402
 from nnunetv2_textseg.robustness import (DEGRADATION_FILE, REPORTS_FILE, case_identifiers,  # noqa: E402
                                          default_splits, degrade_folder, parse_fraction, resolve_level,
@@ -166,16 +167,9 @@ def default_baseline(trainers: list[str]) -> str | None:
 
 
 def write_json_atomic(path: Path, data) -> None:
+    """The package's one atomic write (stale temp files of killed runs are cleaned up there)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, default=str))
 
 
 def sha256_json(data) -> str:
@@ -1042,7 +1036,7 @@ def main(argv: list[str] | None = None) -> int:
     state.run["trained"] = [s["step"] for s in state.run["steps"] if s["step"].startswith("train_") and s["status"] == "ran"]
     state.save()
     table = markdown(state.data)
-    write_text_atomic(out / "results.md", table)
+    atomic_write_text(out / "results.md", table)
     plot(state.data, out / "results.png")
     print("\n" + table)
     if cfg.dataset is not None:
