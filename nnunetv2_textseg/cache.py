@@ -109,6 +109,21 @@ class TextEmbeddingCache:
         self.path = path
         return path
 
+    @staticmethod
+    def read_spec(path: str | Path) -> dict:
+        """Only the encoder settings a cache (of any format) was written with: enough to choose the encoder, also
+        for a cache of an older format that training will re-encode. Plain arrays, ``allow_pickle=False``."""
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                spec = json.loads(str(z["spec"]))
+        except Exception as e:  # noqa: BLE001 - whatever is wrong with the file, the message is the same
+            raise CacheError(f"{path} is not a readable text embedding cache ({type(e).__name__}: {e}); delete it "
+                             f"and run nnUNetv2_textseg_encode (or train again: training re-encodes).") from e
+        if not isinstance(spec, dict):
+            raise CacheError(f"{path} records no encoder settings; delete it and run nnUNetv2_textseg_encode.")
+        return spec
+
     @classmethod
     def load(cls, path: str | Path) -> "TextEmbeddingCache":
         """Read a cache (plain arrays, ``allow_pickle=False``) and check it is whole: one row of ``pooled``,

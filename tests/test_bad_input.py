@@ -376,10 +376,11 @@ def test_cache_written_by_something_else_is_refused(tmp_path, changes, detail):
     assert _sha(path) == before
 
 
-def _old_format_cache(path: Path, reports: dict[str, str], dim: int = 32) -> Path:
+def _old_format_cache(path: Path, reports: dict[str, str], dim: int = 32, spec: EncoderSpec | None = None) -> Path:
     """A cache as the previous version wrote it: format 1, identity by name and a config hash that included the
     encoder's folder path."""
     n = len(reports)
+    spec = spec or EncoderSpec("enc", max_length=8)
     with open(path, "wb") as f:
         np.savez(f, format=np.array(1), case_ids=np.array(list(reports), dtype=str),
                  text_sha=np.array([text_sha(t) for t in reports.values()], dtype=str),
@@ -387,7 +388,7 @@ def _old_format_cache(path: Path, reports: dict[str, str], dim: int = 32) -> Pat
                  mask=np.ones((n, 2), bool),
                  identity=np.array(json.dumps({"name_or_path": "enc", "revision": None, "config_sha": "0" * 16,
                                                "pooling": "mean", "max_length": 8, "dim": dim})),
-                 spec=np.array(json.dumps(spec_to_dict(EncoderSpec("enc", max_length=8)))))
+                 spec=np.array(json.dumps(spec_to_dict(spec))))
     return path
 
 
@@ -653,12 +654,16 @@ def test_training_with_a_cache_of_the_previous_format(trainer):
     _write(reports_path(trainer.raw), "case_id,report\na,left lung\nb,right lung\n")
     path = cache_path(trainer.preprocessed_dataset_folder_base, trainer.text_encoder, "Tr")
     path.parent.mkdir(parents=True)
-    _old_format_cache(path, reports)
-    before = _sha(path)
-    with pytest.raises(OutdatedCacheError, match=re.escape(f"The text embedding cache {path} was written by an older "
-                                                           f"version") + ".*Re-encode: run nnUNetv2_textseg_encode"):
+    _old_format_cache(path, reports, spec=trainer.text_encoder)
+    table = _sha(reports_path(trainer.raw))
+    # the cache is our own derived file: training re-encodes it (with a warning) instead of stopping
+    with pytest.warns(UserWarning, match=re.escape(f"{path} was written by an older version")):
         trainer.prepare_text()
-    assert _sha(path) == before
+    assert TextEmbeddingCache.load(path).case_ids == ["a", "b"] and trainer.text_table.shape[0] == 2
+    assert _sha(reports_path(trainer.raw)) == table
+    with pytest.raises(OutdatedCacheError, match="Re-encode: run nnUNetv2_textseg_encode"):
+        _old_format_cache(path, reports)
+        TextEmbeddingCache.load(path)  # read anywhere else (prediction, tools), an old cache is refused
 
 
 def test_continued_training_refuses_reports_encoded_by_other_weights(trainer):

@@ -16,9 +16,8 @@ explained in :func:`~nnunetv2_textseg.modules.biclip.lesion_generation_loss`.
 from __future__ import annotations
 
 import torch
-from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
-from torch import autocast, nn
+from torch import nn
 
 from nnunetv2_textseg.augmentation import split_into_two_views
 from nnunetv2_textseg.modules.biclip import (blur_mask, consistency_loss, cycle_loss, generation_loss,
@@ -149,24 +148,12 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
         return {"wnorm_image": float(norms[:c].mean()), "wnorm_pseudo": float(norms[c]),
                 "wnorm_position": float(norms[c + 1:].mean()) if norms.numel() > c + 1 else float("nan")}
 
-    def train_step(self, batch: dict) -> dict:
-        data = batch["data"].to(self.device, non_blocking=True)
-        target = batch["target"]
-        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
-            else target.to(self.device, non_blocking=True)
+    def compute_step(self, data, target, tokens, mask, drop) -> tuple[torch.Tensor, dict]:
         # channels: [weak view C | strong view C (IAC only) | position 3]
         c = self.num_input_channels
         position = data[:, -POSITION_CHANNELS:]
         weak = data[:, :c]
         strong = data[:, c:2 * c] if data.shape[1] == 2 * c + POSITION_CHANNELS else None
-        tokens, mask = self.tokens_for(batch["keys"])
-        drop = torch.rand(tokens.shape[0], device=self.device) < self.report_dropout
-
-        self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            out = self.network(torch.cat([weak, position], 1), tokens=tokens, mask=mask, drop=drop,
-                               x_strong=strong, return_aux=True)
-            loss, terms = self.compute_loss(out, weak, target)
-
-        self.optimizer_step(loss)
-        return {"loss": loss.detach().cpu().numpy(), **terms}
+        out = self.network(torch.cat([weak, position], 1), tokens=tokens, mask=mask, drop=drop,
+                           x_strong=strong, return_aux=True)
+        return self.compute_loss(out, weak, target)

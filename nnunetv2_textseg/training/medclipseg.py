@@ -7,11 +7,9 @@ Reports enter as token embeddings + masks from the same embedding cache as BiCLI
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
-from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
-from torch import autocast, nn
+from torch import nn
 
 from nnunetv2_textseg.medclipseg_network import MedCLIPSegNetwork
 from nnunetv2_textseg.modules.medclipseg import soft_contrastive_loss
@@ -46,21 +44,9 @@ class nnUNetTrainerMedCLIPSeg(nnUNetTrainerText):
                                  cls.beta, cls.deterministic, cls.ignore_text,
                                  position_channels=int(text.get("position_channels", 0)))
 
-    def train_step(self, batch: dict) -> dict:
-        data = batch["data"].to(self.device, non_blocking=True)
-        target = batch["target"]
-        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
-            else target.to(self.device, non_blocking=True)
-        tokens, mask = self.tokens_for(batch["keys"])
-        drop = torch.rand(tokens.shape[0], device=self.device) < self.report_dropout
-
-        self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            out = self.network(data, tokens=tokens, mask=mask, drop=drop, return_aux=True)
-            seg = self.loss(out.seg, target)
-            con = soft_contrastive_loss(out.img_emb.float(), out.txt_emb.float(), self.tau,
-                                        target_emb=out.report_emb.float())
-            loss = seg + self.lambda_contrastive * con
-
-        self.optimizer_step(loss)
-        return {"loss": loss.detach().cpu().numpy(), "seg": float(seg.detach()), "contrastive": float(con.detach())}
+    def compute_step(self, data, target, tokens, mask, drop) -> tuple[torch.Tensor, dict]:
+        out = self.network(data, tokens=tokens, mask=mask, drop=drop, return_aux=True)
+        seg = self.loss(out.seg, target)
+        con = soft_contrastive_loss(out.img_emb.float(), out.txt_emb.float(), self.tau,
+                                    target_emb=out.report_emb.float())
+        return seg + self.lambda_contrastive * con, {"seg": float(seg.detach()), "contrastive": float(con.detach())}

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch._dynamo import OptimizedModule
 
@@ -60,20 +61,22 @@ def choose_encoder_spec(preprocessed_folder: Path, default: EncoderSpec, recorde
                                     f"{ENCODER_ENV}={wanted!r}. A model keeps its encoder: unset {ENCODER_ENV} or "
                                     f"train into another trainer/plans folder.")
         return spec
-    caches = [TextEmbeddingCache.load(c) for c in sorted(cache_folder(preprocessed_folder).glob("*__Tr.npz"))]
+    # only the settings are needed to choose; the chosen cache is checked in full (and an outdated one
+    # re-encoded) when it is loaded for training
+    caches = {c: TextEmbeddingCache.read_spec(c) for c in sorted(cache_folder(preprocessed_folder).glob("*__Tr.npz"))}
     if wanted:
-        matching = [c for c in caches if c.spec.get("name_or_path") == wanted]
+        matching = [c for c, spec in caches.items() if spec.get("name_or_path") == wanted]
         if len(matching) == 1:
-            return _spec_from_dict(matching[0].spec, trust)
+            return _spec_from_dict(caches[matching[0]], trust)
         if len(matching) > 1:
-            raise TextTrainingError(f"Several caches of {wanted!r} exist ({[str(c.path) for c in matching]}); "
+            raise TextTrainingError(f"Several caches of {wanted!r} exist ({[str(c) for c in matching]}); "
                                     f"delete the ones you do not want to train with.")
         return EncoderSpec(wanted, default.pooling, default.max_length, trust)
     if len(caches) == 1:
-        return _spec_from_dict(caches[0].spec, trust)
+        return _spec_from_dict(next(iter(caches.values())), trust)
     if len(caches) > 1:
         raise TextTrainingError(f"Several report embedding caches exist in {cache_folder(preprocessed_folder)} "
-                                f"({[c.path.name for c in caches]}). Choose one with {ENCODER_ENV}=NAME_OR_PATH.")
+                                f"({[c.name for c in caches]}). Choose one with {ENCODER_ENV}=NAME_OR_PATH.")
     return default
 
 
@@ -101,6 +104,8 @@ class nnUNetTrainerText(nnUNetTrainer):
     patient_frame = True  # position channels with every sample and tile (recorded in the plans)
     text_lr = 1e-3  # AdamW for the text modules; nnU-Net's SGD (its lr, momentum, PolyLR) keeps the U-Net
     text_weight_decay = 1e-4
+    # probability of training a sample with the learned null report (cases without one, unseen reports)
+    report_dropout = 0.0
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -330,6 +335,31 @@ class nnUNetTrainerText(nnUNetTrainer):
         fig.tight_layout()
         fig.savefig(f"{self.output_folder}/progress_text.png")
         plt.close(fig)
+
+    # ---- training step ---------------------------------------------------------------------------
+    def train_step(self, batch: dict) -> dict:
+        """nnU-Net's train step for every text trainer: device moves, the batch's reports (rows drawn for report
+        dropout), CUDA autocast and nnU-Net's optimizer step. The method's forward pass and loss come from
+        :meth:`compute_step`; its terms are logged per epoch (``aux_losses``/``aux_stats``)."""
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
+            else target.to(self.device, non_blocking=True)
+        tokens, mask = self.tokens_for(batch["keys"])
+        drop = torch.rand(tokens.shape[0], device=self.device) < self.report_dropout
+
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            loss, terms = self.compute_step(data, target, tokens, mask, drop)
+        self.optimizer_step(loss)
+        return {"loss": loss.detach().cpu().numpy(), **terms}
+
+    def compute_step(self, data: torch.Tensor, target: torch.Tensor | list[torch.Tensor], tokens: torch.Tensor,
+                     mask: torch.Tensor, drop: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """One method's forward pass and loss: data (B, C', H, W) as the loader gives it, the reports' tokens
+        (B, L, D_in) and mask (B, L), drop (B,) True where the null report is used. Returns the total loss and
+        the logged terms (floats)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement compute_step")
 
     def optimizer_step(self, loss: torch.Tensor) -> None:
         """nnU-Net's backward/clip/step, with its grad scaler under CUDA AMP."""
