@@ -198,7 +198,7 @@ def predict_main(argv=None) -> None:
                                     mc_samples=a.mc_samples, mc_batch_size=a.mc_batch_size)
     predictor.initialize_from_trained_model_folder(model_folder, folds, checkpoint_name=a.chk)
     net = predictor._net()
-    if a.mc_samples > 1 and (not hasattr(net, "sample_at_inference") or getattr(net, "deterministic", False)):
+    if a.mc_samples > 1 and not net.can_sample:
         # checked here, before nnU-Net starts its preprocessing workers (the same check in the predictor would
         # only fire in the first case, after their start-up)
         raise TextPredictionError(f"--mc_samples needs a stochastic model (nnUNetTrainerMedCLIPSeg); {a.tr} is "

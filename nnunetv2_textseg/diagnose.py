@@ -150,7 +150,7 @@ def diagnose(model: Path, fold: int, images: Path, labels: Path, reports_file: P
                                     allow_missing_reports=True)
     predictor.initialize_from_trained_model_folder(str(model), (fold,), checkpoint)
     net = predictor._net()
-    has_pseudo = hasattr(net, "pseudo_image")
+    has_pseudo = net.has_pseudo_image
     texts = sorted({t for v in variants.values() for t in v.values() if t is not None})
     predictor.set_reports({str(i): t for i, t in enumerate(texts)})
     index = {t: str(i) for i, t in enumerate(texts)}
@@ -181,8 +181,7 @@ def diagnose(model: Path, fold: int, images: Path, labels: Path, reports_file: P
                 with torch.inference_mode():
                     predictor.set_network_text(None)
                     x = with_position_channels(data_t).to(predictor.device).float().transpose(0, 1)
-                    t = net.text_embedding(net._tokens, net._mask, x.shape[0])
-                    pseudo = net.pseudo_image(x, t)[0][0, 0].float().cpu().numpy()
+                    pseudo = net.current_pseudo_image(x)[0, 0].float().cpu().numpy()
                     net.set_text(None)
                 per_variant[v]["pseudo"].append(pseudo.ravel())
                 per_variant[v]["ref"].append(ref[0].ravel())

@@ -23,7 +23,7 @@ from torch._dynamo import OptimizedModule
 from nnunetv2_textseg.cache import CacheError
 from nnunetv2_textseg.encoders import EncoderSpec, TextEncoder, identity_diff
 from nnunetv2_textseg.errors import TextSegError
-from nnunetv2_textseg.modules.medclipseg import UncertaintyAccumulator
+from nnunetv2_textseg.uncertainty import UncertaintyAccumulator
 from nnunetv2_textseg.reports import ReportTable
 from nnunetv2_textseg.training.text_trainer import PLANS_KEY
 
@@ -134,7 +134,7 @@ class nnUNetTextPredictor(nnUNetPredictor):
         net, text = self._net(), self._text_of(case)
         if text is None:
             net.set_text(None)
-        elif getattr(net, "text_input", "pooled") == "tokens":  # moved to the device once per case, not per tile
+        elif net.text_input == "tokens":  # moved to the device once per case, not per tile
             net.set_text(text[1][None].float().to(self.device), text[2][None].to(self.device))
         else:
             net.set_text(text[0].to(self.device))
@@ -215,7 +215,7 @@ class nnUNetTextPredictor(nnUNetPredictor):
         data = self.with_position(data)
         # Monte-Carlo: the samples are computed as a batch per tile (mc_batch_size at a time), so N samples
         # cost ceil(N / mc_batch_size) sliding-window passes instead of N.
-        if self.mc_samples > 1 and (not hasattr(net, "sample_at_inference") or getattr(net, "deterministic", False)):
+        if self.mc_samples > 1 and not net.can_sample:
             raise TextPredictionError(f"--mc_samples needs a stochastic model (nnUNetTrainerMedCLIPSeg); "
                                       f"{self.trainer_name} is deterministic (all samples would be equal): drop "
                                       f"--mc_samples.")
@@ -226,7 +226,7 @@ class nnUNetTextPredictor(nnUNetPredictor):
             for params in self.list_of_parameters:
                 net.load_state_dict(params)
                 if samples > 1:
-                    net.sample_at_inference = True
+                    net.set_sampling(True)
                 done = 0
                 while done < samples:
                     k = min(self.mc_batch_size, samples - done)
@@ -241,8 +241,8 @@ class nnUNetTextPredictor(nnUNetPredictor):
             return prediction
         finally:
             net.set_text(None)
-            if hasattr(net, "sample_at_inference"):
-                net.sample_at_inference = False
+            if net.can_sample:
+                net.set_sampling(False)
 
     def with_position(self, data: torch.Tensor) -> torch.Tensor:
         """The preprocessed case (C, *spatial) with the patient-frame position channels appended, for models
@@ -258,7 +258,7 @@ class nnUNetTextPredictor(nnUNetPredictor):
         """k predictions of ``data`` (C, *spatial) in ONE sliding-window pass: every tile is repeated k times
         and run as one batch; nnU-Net's window then accumulates the k outputs side by side on the class
         axis (its label manager is told there are k times as many heads). Returns (k, K, *spatial) on the
-        CPU. Only useful when the network samples (``sample_at_inference``); k = 1 is nnU-Net's pass."""
+        CPU. Only useful when the network samples (``can_sample``); k = 1 is nnU-Net's pass."""
         if k == 1:
             return self.predict_sliding_window_return_logits(data).to("cpu")[None]
         labels, self._mc_rows = self.label_manager, k
@@ -308,14 +308,13 @@ class nnUNetTextPredictor(nnUNetPredictor):
                 maps["mutual_information"] = u["mutual_information"]
         if self.save_pseudo_images:
             net = self._net()
-            if hasattr(net, "pseudo_image"):  # BiCLIP only
+            if net.has_pseudo_image:  # BiCLIP only
                 self.set_network_text(self._current_case)
                 try:
                     with torch.inference_mode():
                         # preprocessed 2D data are (C, Z=1, Y, X); the network works on slices (Z, C, Y, X)
                         x = self.with_position(data).to(self.device).float().transpose(0, 1)
-                        t = net.text_embedding(net._tokens, net._mask, x.shape[0])
-                        maps["pseudo"] = net.pseudo_image(x, t)[0][:, 0].cpu()
+                        maps["pseudo"] = net.current_pseudo_image(x)[:, 0].cpu()
                 finally:
                     net.set_text(None)
         save_case_maps(maps, data[0], props, ofile, self.plans_manager, self.configuration_manager)

@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 from torch import nn
 
-from nnunetv2_textseg.medclipseg_network import MedCLIPSegNetwork, MedCLIPSegOutput
-from nnunetv2_textseg.modules.medclipseg import (CrossModalAdapter, ProbabilisticCrossAttention, TwoWayLayer,
-                                                 mc_uncertainty, soft_contrastive_loss)
+from nnunetv2_textseg.architectures.medclipseg import MedCLIPSegNetwork, MedCLIPSegOutput
+from nnunetv2_textseg.building_blocks.medclipseg import CrossModalAdapter, ProbabilisticCrossAttention, TwoWayLayer
+from nnunetv2_textseg.losses import soft_contrastive_loss
+from nnunetv2_textseg.uncertainty import mc_uncertainty
 
 torch.set_num_threads(2)
 
@@ -285,7 +286,7 @@ def test_mc_uncertainty_known_answers():
 
 def test_uncertainty_accumulator_matches_stacked_formulas():
     """Streaming sums give the textbook stacked statistics (mean, entropy of the mean, mean entropy, variance)."""
-    from nnunetv2_textseg.modules.medclipseg import UncertaintyAccumulator
+    from nnunetv2_textseg.uncertainty import UncertaintyAccumulator
     probs = torch.softmax(3 * torch.randn(7, 3, 5, 6), dim=1)  # (N, K, H, W)
     acc = UncertaintyAccumulator(class_dim=0)
     for p in probs:

@@ -13,11 +13,12 @@ import torch.nn.functional as F
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from torch import nn
 
-from nnunetv2_textseg.modules.biclip import (AttentionPoolText, BidirectionalFusion, GlobalImageEncoder,
-                                             ImageToTextHead, MeanPoolText, ProjectionHead, PseudoImageGenerator,
-                                             TextProjection, consistency_loss, cycle_loss, generation_loss,
-                                             blur_mask, lesion_generation_loss, masked_mean)
-from nnunetv2_textseg.networks import BiCLIPNetwork, BiCLIPOutput
+from nnunetv2_textseg.architectures.biclip import BiCLIPNetwork, BiCLIPOutput
+from nnunetv2_textseg.building_blocks.biclip import (AttentionPoolText, BidirectionalFusion, GlobalImageEncoder,
+                                                     ImageToTextHead, MeanPoolText, ProjectionHead,
+                                                     PseudoImageGenerator, TextProjection, masked_mean)
+from nnunetv2_textseg.losses import (blur_mask, consistency_loss, cycle_loss, generation_loss,
+                                     lesion_generation_loss)
 from nnunetv2_textseg.patient_frame import POSITION_CHANNELS, with_position_channels
 
 torch.set_num_threads(2)

@@ -19,8 +19,8 @@ from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch import nn
 
-from nnunetv2_textseg.modules.biclip import blur_mask, lesion_generation_loss
-from nnunetv2_textseg.networks import BiCLIPNetwork
+from nnunetv2_textseg.losses import blur_mask, lesion_generation_loss
+from nnunetv2_textseg.architectures.biclip import BiCLIPNetwork
 from nnunetv2_textseg.patient_frame import POSITION_CHANNELS, protect_position_channels, with_position_channels
 
 pytestmark = pytest.mark.integration  # trains a small network (~30 s on 2 CPU cores)

@@ -11,7 +11,7 @@ mask, in the sample's frame (the pseudo-image is read onto the sample, so target
 it); λgen = 1 because this term is what teaches the text modules where the report points.
 ``generation = "masked_image"`` is EF-UNet's literal choice (L1 to image × lesion, λ 0.1, a linear
 pseudo-image, mean-pooled text): the ``_efunet`` variant keeps it reachable. Why the default differs is
-explained in :func:`~nnunetv2_textseg.modules.biclip.lesion_generation_loss`.
+explained in :func:`~nnunetv2_textseg.losses.lesion_generation_loss`.
 """
 from __future__ import annotations
 
@@ -19,10 +19,9 @@ import torch
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
+from nnunetv2_textseg.architectures.biclip import BiCLIPNetwork
 from nnunetv2_textseg.augmentation import split_into_two_views
-from nnunetv2_textseg.modules.biclip import (blur_mask, consistency_loss, cycle_loss, generation_loss,
-                                             lesion_generation_loss)
-from nnunetv2_textseg.networks import BiCLIPNetwork
+from nnunetv2_textseg.losses import blur_mask, consistency_loss, cycle_loss, generation_loss, lesion_generation_loss
 from nnunetv2_textseg.patient_frame import POSITION_CHANNELS
 from nnunetv2_textseg.training.text_trainer import NETWORK_VERSION, TextTrainingError, nnUNetTrainerText
 

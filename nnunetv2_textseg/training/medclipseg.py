@@ -11,8 +11,8 @@ import torch
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
-from nnunetv2_textseg.medclipseg_network import MedCLIPSegNetwork
-from nnunetv2_textseg.modules.medclipseg import soft_contrastive_loss
+from nnunetv2_textseg.architectures.medclipseg import MedCLIPSegNetwork
+from nnunetv2_textseg.losses import soft_contrastive_loss
 from nnunetv2_textseg.training.text_trainer import nnUNetTrainerText
 
 AUX_LOSSES = ("seg", "contrastive")

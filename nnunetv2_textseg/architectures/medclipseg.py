@@ -1,7 +1,7 @@
 """MedCLIPSegNetwork: nnU-Net's planned U-Net with MedCLIPSeg cross-modal adapters in its encoder.
 
 The U-Net keeps its planned input channels (no extra channel). Its encoder is run stage by stage;
-after each chosen stage a :class:`~nnunetv2_textseg.modules.medclipseg.CrossModalAdapter` lets the
+after each chosen stage a :class:`~nnunetv2_textseg.building_blocks.medclipseg.CrossModalAdapter` lets the
 stage's feature map and the report's token embeddings attend to each other (probabilistic
 cross-attention), and the updated map is both the skip and the next stage's input. The text tokens
 are carried from adapter to adapter (width ``width`` after the first one).
@@ -20,7 +20,7 @@ fresh network computes exactly the planned U-Net.
 nnU-Net's predictor calls ``network(x)`` per sliding-window tile with no side input; set the case's
 report with :meth:`MedCLIPSegNetwork.set_text` first (without one, the learned null report is used).
 In eval the mean path (V = V_μ) runs, so tiles are deterministic; :meth:`MedCLIPSegNetwork.mc_forward`
-samples for uncertainty (:func:`~nnunetv2_textseg.modules.medclipseg.mc_uncertainty`).
+samples for uncertainty (:func:`~nnunetv2_textseg.uncertainty.mc_uncertainty`).
 """
 from __future__ import annotations
 
@@ -31,10 +31,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from nnunetv2_textseg.networks import PlannedUNetWrapper
+from nnunetv2_textseg.architectures.base import TextConditionedNetwork
 from nnunetv2_textseg.patient_frame import ensure_position_channels
-from nnunetv2_textseg.modules.biclip import masked_mean
-from nnunetv2_textseg.modules.medclipseg import CrossModalAdapter
+from nnunetv2_textseg.building_blocks.biclip import masked_mean
+from nnunetv2_textseg.building_blocks.medclipseg import CrossModalAdapter
 
 
 @dataclass
@@ -49,7 +49,7 @@ class MedCLIPSegOutput:
     report_emb: torch.Tensor  # (B, D): mean of the input report tokens (null report where dropped); no grad
 
 
-class MedCLIPSegNetwork(PlannedUNetWrapper):
+class MedCLIPSegNetwork(TextConditionedNetwork):
     """Text-conditioned U-Net after MedCLIPSeg.
 
     Args:
@@ -103,6 +103,14 @@ class MedCLIPSegNetwork(PlannedUNetWrapper):
         self._tokens: torch.Tensor | None = None  # set per case at inference; not in the state dict
         self._mask: torch.Tensor | None = None
         self._warned_null = False
+
+    @property
+    def can_sample(self) -> bool:
+        return not self.deterministic
+
+    def set_sampling(self, on: bool) -> None:
+        super().set_sampling(on)
+        self.sample_at_inference = bool(on)
 
     def set_text(self, tokens: torch.Tensor | None, mask: torch.Tensor | None = None) -> None:
         """Report used by the next ``forward(x)`` calls without tokens: tokens (L, D) or (1, L, D) (broadcast

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunetv2_textseg.modules.biclip import (AttentionPoolText, BidirectionalFusion, GlobalImageEncoder,
+from nnunetv2_textseg.architectures.base import TextConditionedNetwork
+from nnunetv2_textseg.building_blocks.biclip import (AttentionPoolText, BidirectionalFusion, GlobalImageEncoder,
                                              ImageToTextHead, MeanPoolText, ProjectionHead, PseudoImageGenerator)
 from nnunetv2_textseg.patient_frame import (POSITION_CHANNELS, ensure_position_channels, sample_patient_frame,
                                             split_position)
@@ -37,20 +38,7 @@ class BiCLIPOutput:
     p_strong: torch.Tensor | None
 
 
-class PlannedUNetWrapper(nn.Module):
-    """A module around nnU-Net's planned U-Net (``self.unet``). nnU-Net toggles deep supervision through
-    ``network.decoder.deep_supervision``, so the wrapper exposes the U-Net's decoder (and encoder)."""
-
-    @property
-    def decoder(self) -> nn.Module:
-        return self.unet.decoder
-
-    @property
-    def encoder(self) -> nn.Module:
-        return self.unet.encoder
-
-
-class BiCLIPNetwork(PlannedUNetWrapper):
+class BiCLIPNetwork(TextConditionedNetwork):
     """Text-conditioned U-Net.
 
     Input ``x``: (B, C + 3, H, W) — the image's C channels, then the 3 patient-frame position channels
@@ -83,7 +71,8 @@ class BiCLIPNetwork(PlannedUNetWrapper):
             segmentation loss alone (measured: it drifted away from a lesion map).
     """
 
-    text_input = "tokens"  # what set_text expects: token embeddings + mask (the predictor checks this)
+    text_input = "tokens"  # what set_text expects: token embeddings + mask
+    has_pseudo_image = True
 
     def __init__(self, unet: nn.Module, image_channels: int, text_in_dim: int, text_dim: int = 784,
                  image_dim: int = 128, bidirectional: bool = True, cycle: bool = True, iac: bool = True,
@@ -128,6 +117,14 @@ class BiCLIPNetwork(PlannedUNetWrapper):
         if tokens is not None and mask is None:
             mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         self._tokens, self._mask = tokens, (mask[None] if mask is not None and mask.ndim == 1 else mask)
+
+    def current_pseudo_image(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C + 3, H, W) -> the pseudo-image (B, 1, H, W) of the report set with :meth:`set_text` (the null
+        report if none), as the U-Net sees it before input normalisation."""
+        tokens, mask = self._tokens, self._mask
+        if tokens is not None:
+            tokens, mask = tokens.to(x.device), mask.to(x.device)
+        return self.pseudo_image(x, self.text_embedding(tokens, mask, x.shape[0]))[0]
 
     def text_embedding(self, tokens: torch.Tensor | None, mask: torch.Tensor | None, batch: int,
                        drop: torch.Tensor | None = None) -> torch.Tensor:

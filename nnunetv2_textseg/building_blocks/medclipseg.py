@@ -1,5 +1,6 @@
 """MedCLIPSeg building blocks (Koleilat et al. 2026): probabilistic cross-attention, the two-way
-image/text layer, the cross-modal adapter, the soft contrastive loss and Monte-Carlo uncertainty.
+image/text layer and the cross-modal adapter (its soft contrastive loss: :mod:`nnunetv2_textseg.losses`;
+Monte-Carlo uncertainty: :mod:`nnunetv2_textseg.uncertainty`).
 
 All modules are plain ``nn.Module``s configured by constructor arguments and work for 2D and 3D
 feature maps (spatial positions are flattened to tokens). Shapes: B = batch, N = image tokens,
@@ -168,80 +169,3 @@ class CrossModalAdapter(nn.Module):
         v_new, t_new = self.two_way(v, self.txt_down(txt), txt_mask, sample)
         delta = self.img_up(v_new - v).transpose(1, 2).reshape(feat.shape)
         return feat + delta.to(feat.dtype), t_new
-
-
-def soft_contrastive_loss(img_emb: torch.Tensor, txt_emb: torch.Tensor, tau: float = 0.2,
-                          target_emb: torch.Tensor | None = None) -> torch.Tensor:
-    """Soft-target CLIP loss.
-
-    img_emb (B, E), txt_emb (B, E): L2-normalised here; logits ``img·txtᵀ/τ``. Soft targets
-    ``softmax(cos(r_i, r_j)/τ)`` over the batch from ``target_emb`` (B, D) (default ``txt_emb``),
-    without gradient. Loss = mean of the image->text and text->image soft cross-entropies.
-
-    With mutually very different reports the targets are one-hot and this is InfoNCE; identical
-    reports give identical target rows (no false negatives). The reference implementation
-    additionally divides the similarity rows by their norm before the softmax; this follows the paper.
-    """
-    img = F.normalize(img_emb, dim=-1)
-    txt = F.normalize(txt_emb, dim=-1)
-    logits = img @ txt.t() / tau  # (B, B), row i: image i vs all texts
-    with torch.no_grad():
-        r = F.normalize((txt_emb if target_emb is None else target_emb).detach().to(logits.dtype), dim=-1)
-        targets = torch.softmax(r @ r.t() / tau, dim=-1)
-    loss_i2t = -(targets * F.log_softmax(logits, dim=1)).sum(1).mean()
-    loss_t2i = -(targets.t() * F.log_softmax(logits.t(), dim=1)).sum(1).mean()
-    return (loss_i2t + loss_t2i) / 2
-
-
-class UncertaintyAccumulator:
-    """Running uncertainty statistics over members (MC samples and/or folds) of a softmax prediction.
-
-    Memory stays that of three maps however many members are added (sum of p, sum of p², sum of entropies).
-    ``add(probs)`` takes one member's probabilities with the classes at ``class_dim`` (e.g. (K, ...));
-    :meth:`result` returns the keys of :func:`mc_uncertainty`. Natural logarithms.
-    """
-
-    def __init__(self, class_dim: int = 0):
-        self.class_dim, self.n = class_dim, 0
-        self._sum = self._sum_sq = self._sum_entropy = None
-
-    def add(self, probs: torch.Tensor) -> None:
-        probs = probs.float()
-        entropy = -torch.xlogy(probs, probs).sum(self.class_dim)
-        if self.n == 0:
-            self._sum, self._sum_sq, self._sum_entropy = probs.clone(), probs.square(), entropy
-        else:
-            self._sum += probs
-            self._sum_sq += probs.square()
-            self._sum_entropy += entropy
-        self.n += 1
-
-    def result(self) -> dict[str, torch.Tensor]:
-        if self.n == 0:
-            raise ValueError("UncertaintyAccumulator: no member was added")
-        mean = self._sum / self.n
-        entropy = -torch.xlogy(mean, mean).sum(self.class_dim)
-        expected_entropy = self._sum_entropy / self.n
-        return {"mean": mean, "entropy": entropy, "expected_entropy": expected_entropy,
-                "mutual_information": (entropy - expected_entropy).clamp_min(0),
-                "variance": (self._sum_sq / self.n - mean.square()).clamp_min(0)}
-
-
-def mc_uncertainty(probs: torch.Tensor, class_dim: int = 1) -> dict[str, torch.Tensor]:
-    """Uncertainty from N stochastic softmax outputs.
-
-    probs: (N, K, ...) (or any shape with samples first and the classes at ``class_dim``, e.g.
-    (N, B, K, H, W) with ``class_dim=2``). Natural logarithms. Returns (sample axis removed):
-
-    * ``mean`` (K, ...): mean probability (the prediction);
-    * ``entropy`` (...): predictive entropy H[mean] (total uncertainty);
-    * ``expected_entropy`` (...): mean of the samples' entropies (aleatoric part);
-    * ``mutual_information`` (...): entropy − expected_entropy ≥ 0 (epistemic part);
-    * ``variance`` (K, ...): per-class variance over the samples (population, divides by N).
-    """
-    if class_dim < 0:
-        class_dim += probs.ndim
-    acc = UncertaintyAccumulator(class_dim - 1)
-    for member in probs:
-        acc.add(member)
-    return acc.result()

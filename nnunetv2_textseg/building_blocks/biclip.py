@@ -1,5 +1,5 @@
 """BiCLIP building blocks: text pooling and projection, image encoder, bidirectional fusion (BMF),
-pseudo-image generator, image-to-text head, the IAC projection head, and BiCLIP's losses.
+pseudo-image generator, image-to-text head and the IAC projection head (its losses: :mod:`nnunetv2_textseg.losses`).
 
 All modules are plain ``nn.Module``s configured by constructor arguments; 2D only (the dimension
 of nnU-Net's ``2d`` configuration). Shapes use B = batch, D = text width, H×W = patch size.
@@ -174,51 +174,3 @@ class ProjectionHead(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.net(features)
-
-
-def cycle_loss(t: torch.Tensor, t_hat: torch.Tensor) -> torch.Tensor:
-    """‖t − t̂‖², averaged over batch and dimensions (0 iff identical)."""
-    return F.mse_loss(t_hat, t)
-
-
-def consistency_loss(p_weak: torch.Tensor, p_strong: torch.Tensor) -> torch.Tensor:
-    """IAC: 1 − cos(p_w, p_s), averaged over the batch (0 for identical directions)."""
-    return (1 - F.cosine_similarity(p_weak, p_strong, dim=1, eps=1e-6)).mean()
-
-
-def generation_loss(pseudo: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """L1 between the pseudo-image and its reference (EF-UNet's: the image masked by the lesion)."""
-    return F.l1_loss(pseudo, reference)
-
-
-def blur_mask(mask: torch.Tensor, sigma: float) -> torch.Tensor:
-    """(B, 1, H, W) mask -> Gaussian-blurred (σ in pixels), rescaled so each sample's maximum stays at its
-    mask's maximum: a zone-scale soft target ("the lesion is around here")."""
-    if sigma <= 0:
-        return mask
-    radius = max(1, int(round(3 * sigma)))
-    x = torch.arange(-radius, radius + 1, dtype=mask.dtype, device=mask.device)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    k = k / k.sum()
-    out = F.conv2d(F.pad(mask, (radius, radius, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
-    out = F.conv2d(F.pad(out, (0, 0, radius, radius), mode="replicate"), k.view(1, 1, -1, 1))
-    peak = out.amax(dim=(2, 3), keepdim=True).clamp_min(1e-6)
-    return (out / peak * mask.amax(dim=(2, 3), keepdim=True)).clamp(0, 1)
-
-
-def lesion_generation_loss(logits: torch.Tensor, lesion: torch.Tensor, weight: torch.Tensor,
-                           smooth: float = 1.0) -> torch.Tensor:
-    """BCE + soft Dice of the pseudo-image (logits, (B, 1, H, W)) against the lesion mask (or a soft, blurred
-    version of it), over pixels with
-    ``weight`` > 0 (inside the image, not nnU-Net's ignore label).
-
-    Why not L1 to ``image × mask``: L1 is minimised by the per-pixel conditional *median*, which is ~0
-    wherever fewer than half of the cases with that report have a lesion — nearly everywhere — so the
-    pseudo-image learns to be empty. BCE is minimised by the conditional *mean* p(lesion | report,
-    position), a map of where the report says the lesion is; the Dice term keeps small lesions from
-    being swamped by background. Dice is computed over the batch (empty masks do not give 0/0)."""
-    lesion, weight = lesion.to(logits.dtype), weight.to(logits.dtype)
-    bce = (F.binary_cross_entropy_with_logits(logits, lesion, reduction="none") * weight).sum() / weight.sum().clamp_min(1)
-    p = torch.sigmoid(logits) * weight
-    dice = 1 - (2 * (p * lesion).sum() + smooth) / (p.sum() + (lesion * weight).sum() + smooth)
-    return bce + dice
