@@ -24,7 +24,7 @@ from nnunetv2_textseg.cache import CacheError
 from nnunetv2_textseg.encoders import EncoderSpec, TextEncoder, identity_diff
 from nnunetv2_textseg.errors import TextSegError
 from nnunetv2_textseg.uncertainty import UncertaintyAccumulator
-from nnunetv2_textseg.reports import ReportTable
+from nnunetv2_textseg.reports import ReportTable, pair_listing, unicode_twins
 from nnunetv2_textseg.training.text_trainer import PLANS_KEY
 
 
@@ -109,10 +109,14 @@ class nnUNetTextPredictor(nnUNetPredictor):
         """Cases without a report: an error, or (with allow_missing_reports) a warning and the null report."""
         missing = sorted(c for c in case_ids if c not in self.embeddings)
         if missing and not self.allow_missing_reports:
+            twins = unicode_twins(self.embeddings, missing)
+            hint = (f" Some differ from a table id only in Unicode normalisation (NFC vs NFD, e.g. file names from "
+                    f"macOS): {pair_listing(twins, 'image')}; write the table's ids as the image files spell them."
+                    if twins else "")
             raise TextPredictionError(
                 f"{len(missing)} case(s) in {source} have no report: {missing[:10]}"
                 f"{' ...' if len(missing) > 10 else ''}. Add them to the report table, or pass "
-                f"--allow_missing_reports to predict them with the learned null report.")
+                f"--allow_missing_reports to predict them with the learned null report.{hint}")
         if missing:
             warnings.warn(f"{len(missing)} case(s) have no report and are predicted with the learned null report: "
                           f"{missing[:10]}")

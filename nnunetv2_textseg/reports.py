@@ -341,7 +341,7 @@ def _nfc(case_id: str) -> str:
     return unicodedata.normalize("NFC", case_id)
 
 
-def _unicode_twins(table_ids: Iterable[str], image_ids: Iterable[str]) -> list[tuple[str, str]]:
+def unicode_twins(table_ids: Iterable[str], image_ids: Iterable[str]) -> list[tuple[str, str]]:
     """(table id, image id) pairs that are different strings but the same after NFC normalisation, e.g. an
     accent typed in a spreadsheet (NFC) and the same name in a file name from macOS (NFD). Only unambiguous
     pairs: an NFC form shared by two image ids matches neither."""
@@ -356,7 +356,7 @@ def _unicode_twins(table_ids: Iterable[str], image_ids: Iterable[str]) -> list[t
     return pairs
 
 
-def _pair_listing(pairs: Sequence[tuple[str, str]], what: str) -> str:
+def pair_listing(pairs: Sequence[tuple[str, str]], what: str) -> str:
     # ascii() shows the difference (NFC 'caf\xe9' vs NFD 'cafe\u0301'), which repr() would print identically
     shown = ", ".join(f"{ascii(t)} (table) vs {ascii(i)} ({what})" for t, i in pairs[:MAX_LISTED])
     return shown + (f", ... ({len(pairs) - MAX_LISTED} more)" if len(pairs) > MAX_LISTED else "")
@@ -473,13 +473,13 @@ class ReportTable:
         if not missing and not extra:
             return
         parts = [f"{self._name} does not match {what} ({len(wanted)} cases, {len(self)} reports)."]
-        twins = _unicode_twins([c for c in self.reports if c not in wanted_set],
+        twins = unicode_twins([c for c in self.reports if c not in wanted_set],
                                [c for c in wanted if c not in self.reports])
         if twins:
             parts.append(
                 f"{len(twins)} report id(s) differ from a case id in {what} only in Unicode normalisation (NFC vs "
                 f"NFD, e.g. an accent typed in a spreadsheet vs the same name from a macOS file name): "
-                f"{_pair_listing(twins, what)}. Fix: import the table with nnUNetv2_textseg_attach_reports, which "
+                f"{pair_listing(twins, what)}. Fix: import the table with nnUNetv2_textseg_attach_reports, which "
                 f"matches such ids to the image names, or write the ids exactly as the image file names."
             )
         if missing:
@@ -628,7 +628,7 @@ def attach_reports(
     if twins:
         warnings.warn(
             f"{source}: {len(twins)} report id(s) match a case in images{split} only after Unicode NFC "
-            f"normalisation: {_pair_listing(twins, f'images{split}')}; matched, and {target.name} uses the "
+            f"normalisation: {pair_listing(twins, f'images{split}')}; matched, and {target.name} uses the "
             f"image names' spelling.",
             ReportWarning,
             stacklevel=2,
@@ -668,7 +668,7 @@ def _match_unicode_forms(table: ReportTable, ids: Sequence[str]) -> tuple[Report
     """Rename table ids that equal an image case id only after NFC normalisation to that case id (the spelling
     the image files, and so nnU-Net, use). Nothing is renamed onto an id the table already has."""
     known = set(ids)
-    twins = dict(_unicode_twins([c for c in table.reports if c not in known], ids))
+    twins = dict(unicode_twins([c for c in table.reports if c not in known], ids))
     if not twins:
         return table, []
     reports: dict[str, str] = {}

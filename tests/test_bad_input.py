@@ -831,6 +831,27 @@ def test_predict_model_recorded_with_remote_code(predict, tmp_path):
     assert rc == 2 and "runs its own code; pass --trust_remote_code if you trust it" in line
     assert not predict.predicted
 
+def test_prediction_names_report_ids_that_differ_only_in_unicode_normalisation():
+    """The report table spells 'café_01' in NFC (typed in a spreadsheet), the image file in NFD (macOS)."""
+    import unicodedata
+
+    from nnunetv2_textseg.predictor import TextPredictionError, nnUNetTextPredictor
+
+    predictor = object.__new__(nnUNetTextPredictor)
+    predictor.allow_missing_reports = False
+    nfc, nfd = unicodedata.normalize("NFC", "café_01"), unicodedata.normalize("NFD", "café_01")
+    predictor.embeddings = {nfc: None, "plain_02": None}
+    with pytest.raises(TextPredictionError) as e:
+        predictor.check_cases([nfd, "plain_02"], source="imagesTs")
+    msg = str(e.value)
+    assert msg.startswith("1 case(s) in imagesTs have no report") and "NFC vs NFD" in msg
+    assert ascii(nfc) in msg and ascii(nfd) in msg and "as the image files spell them" in msg
+    predictor.embeddings = {"other": None}
+    with pytest.raises(TextPredictionError) as e:  # no twin: no hint
+        predictor.check_cases(["plain_02"])
+    assert "NFC" not in str(e.value)
+
+
 # =========================================================================================
 # Tools: degrade, convert_pretrained, encode, report variants, the one atomic write, file modes
 # =========================================================================================
