@@ -242,7 +242,8 @@ def test_diagnose_reports_every_variant_and_refuses_bad_input(trained_model, tmp
     assert main(["-d", str(DATASET_ID), "-tr", TRAINER, "-i", str(images), "-ref", str(labels), "-o", str(out),
                  "--max_cases", "2", "--n_figure", "1"]) == 0
     result = json.loads((out / "diagnosis.json").read_text())
-    assert set(result["dice"]) == set(result["pseudo_image_auc"]) == {"real", "shuffled", "contradictory", "null"}
+    assert set(result["dice"]) == set(result["pseudo_image_auc"]) == {"real", "shuffled", "contradictory",
+                                                                          "missing_location", "null"}
     assert result["cases"] == 2 and set(result["first_conv_weight_norm"]) == {"image", "pseudo_image", "position"}
     assert (out / "diagnosis.png").is_file()
     capsys.readouterr()
