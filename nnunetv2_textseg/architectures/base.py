@@ -2,6 +2,8 @@
 contract the trainers, the predictor and the diagnosis rely on (instead of probing attributes)."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -39,6 +41,20 @@ class TextConditionedNetwork(PlannedUNetWrapper):
 
     def set_text(self, tokens: torch.Tensor | None, mask: torch.Tensor | None = None) -> None:
         raise NotImplementedError(f"{type(self).__name__} must implement set_text")
+
+    def report_for_forward(self, tokens: torch.Tensor | None, mask: torch.Tensor | None
+                           ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The report a forward pass uses: the one passed, else the one set with :meth:`set_text` (subclasses keep
+        it in ``_tokens``/``_mask``); None means the learned null report, which is warned about once when
+        predicting (plain ``nnUNetv2_predict`` cannot give a report)."""
+        if tokens is not None:
+            return tokens, mask
+        tokens, mask = self._tokens, self._mask
+        if tokens is None and not self.training and not self._warned_null and not self.ignore_text:
+            warnings.warn(f"{type(self).__name__}: no report set, predicting with the learned null report. "
+                          f"Use nnUNetv2_textseg_predict to give each case its report.")
+            self._warned_null = True
+        return tokens, mask
 
     @property
     def can_sample(self) -> bool:

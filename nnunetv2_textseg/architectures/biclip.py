@@ -9,7 +9,6 @@ learned null report is used (the same one report dropout trains).
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -180,12 +179,7 @@ class BiCLIPNetwork(TextConditionedNetwork):
         list with deep supervision), or a :class:`BiCLIPOutput` with ``return_aux``. ``x_strong`` (B, C, H, W)
         is the strongly augmented image for IAC: it shares the pseudo-image and position and only passes
         the U-Net encoder (its decoder output is unused)."""
-        if tokens is None:
-            tokens, mask = self._tokens, self._mask
-            if tokens is None and not self.training and not self._warned_null and not self.ignore_text:
-                warnings.warn("BiCLIPNetwork: no report set, predicting with the learned null report. "
-                              "Use nnUNetv2_textseg_predict to give each case its report.")
-                self._warned_null = True
+        tokens, mask = self.report_for_forward(tokens, mask)
         if tokens is not None:
             tokens, mask = tokens.to(x.device), mask.to(x.device)
         x = ensure_position_channels(x, self.image_channels + POSITION_CHANNELS, type(self).__name__)

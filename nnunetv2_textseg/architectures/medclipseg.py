@@ -24,7 +24,6 @@ samples for uncertainty (:func:`~nnunetv2_textseg.uncertainty.mc_uncertainty`).
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -155,12 +154,7 @@ class MedCLIPSegNetwork(TextConditionedNetwork):
         bool: rows that use the null report (report dropout); sample: sample the attention values
         (default: in training only). Returns the U-Net output (a list with deep supervision), or a
         :class:`MedCLIPSegOutput` with ``return_aux``."""
-        if tokens is None:
-            tokens, mask = self._tokens, self._mask
-            if tokens is None and not self.training and not self._warned_null and not self.ignore_text:
-                warnings.warn("MedCLIPSegNetwork: no report set, predicting with the learned null report. "
-                              "Use nnUNetv2_textseg_predict to give each case its report.")
-                self._warned_null = True
+        tokens, mask = self.report_for_forward(tokens, mask)
         sample = (self.training or self.sample_at_inference) if sample is None else bool(sample)
         txt, txt_mask = self.prepare_text(tokens, mask, x.shape[0], drop)
         report_emb = masked_mean(txt.detach(), txt_mask) if return_aux else None
