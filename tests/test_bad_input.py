@@ -666,6 +666,19 @@ def test_training_with_a_cache_of_the_previous_format(trainer):
         TextEmbeddingCache.load(path)  # read anywhere else (prediction, tools), an old cache is refused
 
 
+def test_training_with_an_unreadable_cache_names_it(trainer):
+    """Choosing the encoder reads only the caches' recorded settings; a damaged file is named with the fix."""
+    _write(reports_path(trainer.raw), "case_id,report\na,left lung\nb,right lung\n")
+    path = cache_path(trainer.preprocessed_dataset_folder_base, trainer.text_encoder, "Tr")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not a numpy archive")
+    with pytest.raises(CacheError) as e:
+        trainer.prepare_text()
+    msg = str(e.value)
+    assert msg.startswith(f"{path} is not a readable text embedding cache") and "nnUNetv2_textseg_encode" in msg
+    assert path.read_bytes() == b"not a numpy archive"  # never replaced behind the user's back
+
+
 def test_continued_training_refuses_reports_encoded_by_other_weights(trainer):
     """--c on a model folder whose encoder (recorded in its plans.json) is not the one that made the cache."""
     from nnunetv2_textseg.training.text_trainer import PLANS_KEY, TextTrainingError
