@@ -2,15 +2,16 @@
 strong intensity augmentation; both views travel in one tensor (channels [weak | strong]).
 
 Built from batchgeneratorsv2 transforms; the two degradations batchgeneratorsv2 lacks (low-dose-like
-Poisson noise and linear motion blur) are small transforms here, with their randomness sampled in
-``get_parameters`` and applied deterministically, as batchgeneratorsv2 does.
+Poisson noise and linear motion blur) are small transforms here: their randomness is sampled in
+``get_parameters`` and applied deterministically, as batchgeneratorsv2 does, by the functions of
+:mod:`nnunetv2_textseg.degradations` that also make the degraded test sets — one implementation, one convention.
 """
 from __future__ import annotations
 
-import math
+from typing import Callable
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from batchgeneratorsv2.helpers.scalar_type import RandomScalar, sample_scalar
 from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform, ImageOnlyTransform
 from batchgeneratorsv2.transforms.intensity.brightness import MultiplicativeBrightnessTransform
@@ -23,6 +24,8 @@ from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from batchgeneratorsv2.transforms.utils.nnunet_masking import MaskImageTransform
 from batchgeneratorsv2.transforms.utils.random import RandomTransform
 
+from nnunetv2_textseg.degradations import lowdose_image, motion_blur
+
 # nnU-Net's intensity transforms: what the weak view keeps and the shared (spatial) part drops.
 INTENSITY_TRANSFORMS = (GaussianNoiseTransform, GaussianBlurTransform, MultiplicativeBrightnessTransform,
                         ContrastTransform, SimulateLowResolutionTransform, GammaTransform)
@@ -33,18 +36,23 @@ def is_intensity_transform(t: BasicTransform) -> bool:
     return isinstance(inner, INTENSITY_TRANSFORMS)
 
 
-def linear_motion_kernel(size: int, angle: float) -> torch.Tensor:
-    """(size, size) kernel: a normalised line through the centre at ``angle`` (radians)."""
-    k = torch.zeros(size, size)
-    c = (size - 1) / 2
-    for s in torch.linspace(-c, c, 4 * size):
-        x, y = round(c + float(s) * math.cos(angle)), round(c + float(s) * math.sin(angle))
-        k[y, x] = 1
-    return k / k.sum()
+def _degrade_channels(img: torch.Tensor, apply: list[bool],
+                      degrade: Callable[[np.ndarray], np.ndarray]) -> torch.Tensor:
+    """Apply a 2D degradation of :mod:`nnunetv2_textseg.degradations` to the channels marked in ``apply``.
+
+    The only torch/numpy conversion of the degradations: they are numpy (SciPy, scikit-image) functions, and
+    nnU-Net's data augmentation runs on CPU tensors, where ``.numpy()`` shares memory instead of copying.
+    """
+    out = img.clone()
+    for channel, selected in enumerate(apply):
+        if selected:
+            out[channel] = torch.from_numpy(degrade(img[channel].detach().cpu().numpy())).to(out)
+    return out
 
 
 class MotionBlurTransform(ImageOnlyTransform):
-    """Linear motion blur of odd kernel size k (K7 = 7) at a random angle, per channel (2D)."""
+    """Linear motion blur (:func:`~nnunetv2_textseg.degradations.motion_blur`) of a random odd kernel size
+    (``kernel_size`` k: smear length in pixels, as the test sets' "K7") in a random direction, per channel (2D)."""
 
     def __init__(self, kernel_size: RandomScalar = (3, 9), p_per_channel: float = 1.0):
         super().__init__()
@@ -54,23 +62,21 @@ class MotionBlurTransform(ImageOnlyTransform):
     def get_parameters(self, **data_dict) -> dict:
         img = data_dict["image"]
         apply = [bool(torch.rand(1) < self.p_per_channel) for _ in range(img.shape[0])]
-        size = int(round(sample_scalar(self.kernel_size, img))) // 2 * 2 + 1
-        return {"apply": apply, "kernel": linear_motion_kernel(max(size, 3), float(torch.rand(1)) * math.pi)}
+        # odd sizes only: the line then has a centre pixel, so blurring does not shift the image
+        size = max(3, int(round(sample_scalar(self.kernel_size, img))) // 2 * 2 + 1)
+        return {"apply": apply, "kernel_size": size, "angle_deg": float(torch.rand(1)) * 180.0}
 
     def _apply_to_image(self, img: torch.Tensor, **params) -> torch.Tensor:
         if img.ndim != 3:
             return img  # 2D only: nnU-Net's 3d configurations keep their own pipeline
-        k = params["kernel"].to(img)
-        out = img.clone()
-        for c, a in enumerate(params["apply"]):
-            if a:
-                out[c] = F.conv2d(img[c][None, None], k[None, None], padding=k.shape[-1] // 2)[0, 0]
-        return out
+        return _degrade_channels(img, params["apply"],
+                                 lambda channel: motion_blur(channel, params["kernel_size"], params["angle_deg"]))
 
 
 class LowDoseNoiseTransform(ImageOnlyTransform):
-    """Low-dose-like quantum noise: the image, rescaled to [0, 1], becomes Poisson counts at a sampled
-    photon level (fewer photons = noisier, as in a low-dose acquisition) and is mapped back.
+    """Low-dose-like quantum noise (:func:`~nnunetv2_textseg.degradations.lowdose_image`): each channel,
+    rescaled to [0, 1], becomes Poisson counts at a sampled photon level (the expected count of its brightest
+    pixel; fewer photons = noisier, as in a low-dose acquisition) and is mapped back.
 
     An image-domain approximation of projection-domain noise; it keeps the signal-dependent variance.
     """
@@ -88,17 +94,8 @@ class LowDoseNoiseTransform(ImageOnlyTransform):
                 "seed": int(torch.randint(0, 2 ** 62, (1,)))}
 
     def _apply_to_image(self, img: torch.Tensor, **params) -> torch.Tensor:
-        out = img.clone()
-        gen = torch.Generator(device=img.device)
-        gen.manual_seed(params["seed"])
-        for c, a in enumerate(params["apply"]):
-            if not a:
-                continue
-            lo, hi = img[c].min(), img[c].max()
-            scale = (hi - lo).clamp_min(1e-6)
-            counts = torch.poisson((img[c] - lo) / scale * params["photons"], generator=gen)
-            out[c] = counts / params["photons"] * scale + lo
-        return out
+        rng = np.random.default_rng(params["seed"])  # one stream over the channels, as the test sets use per file
+        return _degrade_channels(img, params["apply"], lambda channel: lowdose_image(channel, params["photons"], rng))
 
 
 def strong_intensity_transforms() -> ComposeTransforms:
