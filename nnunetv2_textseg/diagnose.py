@@ -16,8 +16,11 @@ Measured (written to OUT/diagnosis.json and printed as a table):
 - text sensitivity ``mean|P_real − P_contra| / mean|P_real|`` (P = foreground probability);
 - reliance: Dice(real) − Dice(null) (for BiCLIP the report reaches the U-Net only through the
   pseudo-image, so this is the Δ Dice of replacing the pseudo-image by the null report's);
-- BiCLIP only: the per-pixel AUC of the pseudo-image for lesion vs background with each variant, and
-  the U-Net's first-convolution weight norm per input group (image, pseudo-image, position);
+- BiCLIP only: the per-pixel AUC of the pseudo-image for lesion vs background with each variant — over
+  the whole image, and **within the lesion-prone region** (the pixels that are lesion in at least one test
+  case, when all cases share one grid): the whole-image AUC rewards knowing where lesions can be at all
+  (inside the lungs), the regional one only knowing where *this* case's lesion is, i.e. what a report can
+  add — and the U-Net's first-convolution weight norm per input group (image, pseudo-image, position);
 - OUT/diagnosis.png: for a few cases, image, reference, report and the pseudo-images / predictions.
 
 A model that reads its report shows real > shuffled/contradictory/null, in Dice and (BiCLIP) in AUC.
@@ -50,6 +53,15 @@ def pixel_auc(scores: np.ndarray, labels: np.ndarray) -> float:
         return float("nan")
     ranks = rankdata(scores.ravel().astype(np.float64))
     return float((ranks[labels].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def lesion_prone_region(refs: list[np.ndarray]) -> np.ndarray | None:
+    """Flattened reference masks of equally sized cases -> the pixels that are lesion in at least one case
+    (flattened bool), or None when the cases differ in size (no common grid) or the region is empty."""
+    if not refs or len({r.size for r in refs}) != 1:
+        return None
+    region = np.logical_or.reduce([r.astype(bool) for r in refs])
+    return region if region.any() else None
 
 
 def dice(pred: np.ndarray, ref: np.ndarray) -> float:
@@ -192,12 +204,21 @@ def diagnose(model: Path, fold: int, images: Path, labels: Path, reports_file: P
         print(f"[diagnose] {n + 1}/{len(cases)} {case}", flush=True)
 
     result = {"model": str(model), "fold": fold, "checkpoint": checkpoint, "cases": len(cases),
-              "reports": str(reports_file), "dice": {}, "pseudo_image_auc": {}}
+              "reports": str(reports_file), "dice": {}, "pseudo_image_auc": {}, "pseudo_image_auc_lesion_region": {}}
+    region = lesion_prone_region(per_variant["real"]["ref"]) if has_pseudo else None
     for v in VARIANTS:
         result["dice"][v] = float(np.nanmean(per_variant[v]["dice"]))
         if has_pseudo:
             result["pseudo_image_auc"][v] = pixel_auc(np.concatenate(per_variant[v]["pseudo"]),
                                                       np.concatenate(per_variant[v]["ref"]))
+            if region is not None:
+                inside = np.tile(region, len(cases))
+                result["pseudo_image_auc_lesion_region"][v] = pixel_auc(
+                    np.concatenate(per_variant[v]["pseudo"])[inside], np.concatenate(per_variant[v]["ref"])[inside])
+    if region is None:
+        result["pseudo_image_auc_lesion_region"] = None
+    else:
+        result["lesion_region_fraction"] = float(region.mean())
     p_real = np.concatenate([p.ravel() for p in per_variant["real"]["prob"]])
     p_contra = np.concatenate([p.ravel() for p in per_variant["contradictory"]["prob"]])
     result["text_sensitivity"] = float(np.abs(p_real - p_contra).mean() / max(np.abs(p_real).mean(), 1e-12))
@@ -205,7 +226,7 @@ def diagnose(model: Path, fold: int, images: Path, labels: Path, reports_file: P
     if has_pseudo:
         result["first_conv_weight_norm"] = first_conv_norms(net, net.image_channels)
     else:
-        result["pseudo_image_auc"] = None
+        result["pseudo_image_auc"] = result["pseudo_image_auc_lesion_region"] = None
         result["note"] = (f"{model.name}: no pseudo-image (not a BiCLIP model); its pseudo-image AUC and "
                           f"first-convolution rows are skipped.")
     out.mkdir(parents=True, exist_ok=True)
@@ -243,10 +264,11 @@ def _figure(rows: list[dict], has_pseudo: bool, path: Path) -> None:
 
 
 def format_table(result: dict) -> str:
-    lines = ["| variant | Dice | pseudo-image AUC |", "|---|---|---|"]
+    lines = ["| variant | Dice | pseudo-image AUC | AUC in the lesion-prone region |", "|---|---|---|---|"]
     for v in VARIANTS:
-        auc = result["pseudo_image_auc"][v] if result.get("pseudo_image_auc") else None
-        lines.append(f"| {v} | {result['dice'][v]:.4f} | {'—' if auc is None else f'{auc:.4f}'} |")
+        aucs = [(result.get(k) or {}).get(v) for k in ("pseudo_image_auc", "pseudo_image_auc_lesion_region")]
+        cells = " | ".join("—" if a is None else f"{a:.4f}" for a in aucs)
+        lines.append(f"| {v} | {result['dice'][v]:.4f} | {cells} |")
     lines.append(f"\ntext sensitivity |P_real − P_contra| / |P_real|: {result['text_sensitivity']:.4f}; "
                  f"reliance Dice(real) − Dice(null): {result['reliance']:+.4f}")
     if result.get("first_conv_weight_norm"):

@@ -244,6 +244,7 @@ def test_diagnose_reports_every_variant_and_refuses_bad_input(trained_model, tmp
     result = json.loads((out / "diagnosis.json").read_text())
     assert set(result["dice"]) == set(result["pseudo_image_auc"]) == {"real", "shuffled", "contradictory",
                                                                           "missing_location", "null"}
+    assert set(result["pseudo_image_auc_lesion_region"] or {}) <= set(result["dice"])
     assert result["cases"] == 2 and set(result["first_conv_weight_norm"]) == {"image", "pseudo_image", "position"}
     assert (out / "diagnosis.png").is_file()
     capsys.readouterr()

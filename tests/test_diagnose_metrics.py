@@ -1,0 +1,35 @@
+"""The diagnosis's numbers on hand-made inputs: pixel AUC and the lesion-prone region it can be restricted to."""
+import numpy as np
+
+from nnunetv2_textseg.diagnose import lesion_prone_region, pixel_auc
+
+
+def test_pixel_auc_perfect_chance_and_inverted():
+    labels = np.array([0, 0, 1, 1])
+    assert pixel_auc(np.array([0.1, 0.2, 0.8, 0.9]), labels) == 1.0
+    assert pixel_auc(np.array([0.9, 0.8, 0.2, 0.1]), labels) == 0.0
+    assert pixel_auc(np.full(4, 0.5), labels) == 0.5  # ties count half
+    assert np.isnan(pixel_auc(np.ones(3), np.zeros(3)))
+
+
+def test_lesion_prone_region_is_the_union_of_references_and_removes_the_location_prior():
+    # two 1x4 "cases": lesions at pixel 1 and pixel 2; pixels 0 and 3 never hold a lesion (outside the lungs)
+    refs = [np.array([0, 1, 0, 0], bool), np.array([0, 0, 1, 0], bool)]
+    region = lesion_prone_region(refs)
+    assert region.tolist() == [False, True, True, False]
+    # a pseudo-image that only knows where lesions can be (the same map for every case)
+    prior = [np.array([0.0, 1.0, 1.0, 0.0])] * 2
+    ref = np.concatenate(refs)
+    scores = np.concatenate(prior)
+    assert abs(pixel_auc(scores, ref) - 5 / 6) < 1e-12  # high over the whole image ...
+    inside = np.tile(region, 2)
+    assert pixel_auc(scores[inside], ref[inside]) == 0.5  # ... chance within the region
+    # one that knows which pixel this case's report names
+    knows = np.concatenate([np.array([0, 1.0, 0.2, 0]), np.array([0, 0.2, 1.0, 0])])
+    assert pixel_auc(knows[inside], ref[inside]) == 1.0
+
+
+def test_lesion_prone_region_needs_one_grid_and_a_lesion():
+    assert lesion_prone_region([np.zeros(4, bool), np.zeros(5, bool)]) is None
+    assert lesion_prone_region([np.zeros(4, bool)]) is None
+    assert lesion_prone_region([]) is None
