@@ -13,21 +13,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))  # one definition of which trainers read reports
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from nnunetv2_textseg.errors import TextSegError  # noqa: E402
+from nnunetv2_textseg.harness import (evaluate_folder, is_text_trainer, nnunet_env, prediction_command,  # noqa: E402
+                                      run_command)
+
+from benchmarks.runner.presets import DEFAULT_OUT, samples_at_inference  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    from text_vs_vision import DEFAULT_OUT, is_text_trainer, samples_at_inference
-
-    from nnunetv2_textseg.demo_run import evaluate, run  # one way to run a logged command and read its Dice
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--mc", type=int, default=8, help="Monte-Carlo samples for MedCLIPSeg trainers (0: none)")
@@ -41,12 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     if not full or full.get("fold") is None:
         sys.exit(f"{results} has no 100 % model (fraction 100 was not trained).")
     work = a.out / "work"
-    env = dict(os.environ, nnUNet_extTrainer=str(REPO / "trainers"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    if data["settings"].get("dataset") is None:  # the generated demo data live in OUT/work; --dataset used yours
-        env.update(nnUNet_raw=str(work / "nnUNet_raw"), nnUNet_preprocessed=str(work / "nnUNet_preprocessed"),
-                   nnUNet_results=str(work / "nnUNet_results"))
-    env.setdefault("nnUNet_n_proc_DA", "1")
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # this venv's commands
+    # the generated demo data live in OUT/work; --dataset used yours
+    env = nnunet_env(work if data["settings"].get("dataset") is None else None, n_proc_da=1)
     dataset_id, raw = data["dataset"]["id"], Path(data["dataset"]["raw"])
     fold = str(full["fold"])
     logs = work / "calibration" / "logs"
@@ -63,17 +60,15 @@ def main(argv: list[str] | None = None) -> int:
         if pred.exists():
             shutil.rmtree(pred)
         text = is_text_trainer(trainer)
-        cmd = ["nnUNetv2_textseg_predict" if text else "nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o",
+        cmd = [prediction_command(trainer), "-i", str(raw / "imagesTs"), "-o",
                str(pred), "-d", str(dataset_id), "-c", "2d", "-f", fold, "-tr", trainer, "-device", a.device,
                "--disable_progress_bar", "-npp", "1", "-nps", "1", "--save_probabilities"]
         if text:
             cmd += ["-reports", str(raw / "reportsTs.csv"), "--save_uncertainty"] + (["--mc_samples", str(mc)] if mc else [])
-        t = time.time()
-        run(cmd, env, logs / f"predict_{pred.name}.log")
-        seconds = time.time() - t
-        dice = evaluate(raw / "labelsTs", pred, env, logs, pred.name)["Dice"]
-        run(["nnUNetv2_textseg_calibration", "-ref", str(raw / "labelsTs"), "-pred", str(pred)], env,
-            logs / f"calibration_{pred.name}.log")
+        seconds = run_command(cmd, env, logs / f"predict_{pred.name}.log").seconds
+        dice = evaluate_folder(raw / "labelsTs", pred, env, logs / f"evaluate_{pred.name}.log").dice
+        run_command(["nnUNetv2_textseg_calibration", "-ref", str(raw / "labelsTs"), "-pred", str(pred)], env,
+                    logs / f"calibration_{pred.name}.log")
         cal = json.loads((pred / "calibration.json").read_text())
         rows.append({"row": label, "trainer": trainer, "mc_samples": mc, "dice": dice, "seconds": round(seconds, 1),
                      **{k: cal[k] for k in ("ece", "error_retrieval_auc", "best_possible_auc", "error_rate",
@@ -94,4 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except TextSegError as err:  # a failed command (its log's last lines) or unset nnU-Net folders
+        sys.exit(f"calibration: {err}")

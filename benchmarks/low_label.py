@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -40,25 +39,14 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 BENCH = Path(__file__).resolve().parent
-DEFAULT_OUT = BENCH / "results" / "low_label"
 
-PRESETS = {
-    "smoke": dict(seeds=[0, 1], trainers=["nnUNetTrainer_debug", "nnUNetTrainerBiCLIP_debug"], fractions=["100"],
-                  conditions=["clean"], n_train=40, n_test=6, size=64, device="cpu", batch_size=2),
-    "cpu": dict(seeds=[0, 1, 2], trainers=["nnUNetTrainer_demo", "nnUNetTrainerBiCLIP_demo",
-                                           "nnUNetTrainerMedCLIPSeg_demo"],
-                fractions=["5", "10"], conditions=["clean", "lowdose", "motion"], n_train=500, n_test=40, size=64,
-                device="cpu", batch_size=2),
-    "full": dict(seeds=[0, 1, 2], trainers=["nnUNetTrainer_100epochs", "nnUNetTrainer_safeAug",
-                                            "nnUNetTrainerBiCLIP_100epochs", "nnUNetTrainerBiCLIP_safeAug",
-                                            "nnUNetTrainerMedCLIPSeg_100epochs", "nnUNetTrainerMedCLIPSeg_safeAug"],
-                 fractions=["5", "10", "25", "100"], conditions=["clean", "lowdose", "motion"], n_train=500,
-                 n_test=100, size=128, device="cuda", batch_size=None),
-}
+from nnunetv2_textseg.atomic import atomic_write, atomic_write_text  # noqa: E402
+from nnunetv2_textseg.errors import TextSegError  # noqa: E402
+from nnunetv2_textseg.harness import CommandError, nnunet_env, run_command  # noqa: E402
 
-
-def is_text_trainer(trainer: str) -> bool:
-    return "BiCLIP" in trainer or "MedCLIPSeg" in trainer
+from benchmarks.runner.presets import LOW_LABEL_OUT as DEFAULT_OUT  # noqa: E402
+from benchmarks.runner.presets import LOW_LABEL_PRESETS as PRESETS  # noqa: E402
+from benchmarks.runner.presets import apply_preset, is_text_trainer  # noqa: E402
 
 
 def run_seed(cfg: argparse.Namespace, seed: int) -> dict:
@@ -70,18 +58,16 @@ def run_seed(cfg: argparse.Namespace, seed: int) -> dict:
     if cfg.batch_size:
         cmd += ["--batch_size", str(cfg.batch_size)]
     print(f"[low_label] seed {seed}: {' '.join(cmd[2:])}", flush=True)
-    subprocess.run(cmd, check=True)
+    run_command(cmd, dict(os.environ), echo=False)  # its progress on our console; a failure stops the run
     return json.loads((out / "results.json").read_text())
 
 
 def diagnose_seed(cfg: argparse.Namespace, seed: int, data: dict) -> list[dict]:
-    """nnUNetv2_textseg_diagnose on every text model of this seed (clean test images, their reports)."""
+    """nnUNetv2_textseg_diagnose on every text model of this seed (clean test images, their reports); a model whose
+    diagnosis fails is reported and left out."""
     out = cfg.out / f"seed_{seed}"
-    work = out / "work"
     raw = Path(data["dataset"]["raw"])
-    env = dict(os.environ, nnUNet_raw=str(work / "nnUNet_raw"),
-               nnUNet_preprocessed=str(work / "nnUNet_preprocessed"), nnUNet_results=str(work / "nnUNet_results"),
-               nnUNet_extTrainer=str(REPO / "trainers"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env = nnunet_env(out / "work")  # the seed's demo data and models, where text_vs_vision.py put them
     rows = []
     for key, m in data["fraction_folds"].items():
         if m.get("fold") is None:
@@ -90,13 +76,14 @@ def diagnose_seed(cfg: argparse.Namespace, seed: int, data: dict) -> list[dict]:
             target = out / "diagnosis" / trainer / f"fold_{m['fold']}"
             result_file = target / "diagnosis.json"
             if not result_file.is_file():
-                cmd = [str(Path(sys.executable).parent / "nnUNetv2_textseg_diagnose"), "-d", str(data["dataset"]["id"]),
+                cmd = ["nnUNetv2_textseg_diagnose", "-d", str(data["dataset"]["id"]),
                        "-c", "2d", "-f", str(m["fold"]), "-tr", trainer, "-i", str(raw / "imagesTs"),
                        "-ref", str(raw / "labelsTs"), "-o", str(target), "-device", cfg.device, "--seed", str(seed)]
                 print(f"[low_label] diagnose seed {seed} {trainer} {m['fraction']:.0%}", flush=True)
-                r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-                if r.returncode != 0:
-                    print(r.stdout[-2000:] + r.stderr[-2000:], flush=True)
+                try:
+                    run_command(cmd, env, out / "logs" / f"diagnose_{trainer}_fold{m['fold']}.log", echo=False)
+                except CommandError as err:
+                    print(err, flush=True)
                     continue
             res = json.loads(result_file.read_text())
             rows.append({"seed": seed, "trainer": trainer, "fraction": m["fraction"], **{
@@ -184,8 +171,10 @@ def plot(result: dict, path: Path) -> None:
     ax.set_ylabel("Dice (mean ± std over seeds)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    finally:
+        plt.close(fig)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -204,10 +193,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="planned 2d batch size of the demo data (cpu preset: 2, what nnU-Net plans for a few cases)")
     p.add_argument("--diagnose", action=argparse.BooleanOptionalAction, default=True)
     cfg = p.parse_args(argv)
-    for k, v in PRESETS[cfg.preset].items():
-        if getattr(cfg, k) is None:
-            setattr(cfg, k, v)
-    return cfg
+    return apply_preset(cfg, PRESETS[cfg.preset])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,12 +205,15 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.diagnose:
             diag += diagnose_seed(cfg, seed, per_seed[seed])
         result = aggregate(cfg, per_seed, diag)  # written after every seed: a partial run still reports
-        (cfg.out / "low_label.json").write_text(json.dumps(result, indent=2))
-        (cfg.out / "low_label.md").write_text(markdown(result))
+        atomic_write_text(cfg.out / "low_label.json", json.dumps(result, indent=2))
+        atomic_write_text(cfg.out / "low_label.md", markdown(result))
     plot(result, cfg.out / "low_label.png")
     print(markdown(result))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except TextSegError as err:  # a failed seed run or a bad option: the message, not a traceback
+        sys.exit(f"low_label: {err}")

@@ -13,13 +13,16 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from nnunetv2_textseg.harness import nnunet_env, run_command  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -32,10 +35,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "predict.json"))
     a = p.parse_args(argv)
     root = Path(a.root).resolve()
-    env = dict(os.environ, nnUNet_raw=str(root / "nnUNet_raw"), nnUNet_preprocessed=str(root / "nnUNet_preprocessed"),
-               nnUNet_results=str(root / "nnUNet_results"), nnUNet_extTrainer=str(REPO / "trainers"),
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    env = nnunet_env(root)  # the demo's folders under --root
     os.environ.update({k: v for k, v in env.items() if k.startswith("nnUNet") or k.endswith("OFFLINE")})
     ds = next((root / "nnUNet_raw").glob(f"Dataset{a.dataset_id:03d}_*"))
     images = ds / "imagesTs"
@@ -44,9 +44,7 @@ def main(argv=None) -> None:
     common = ["-i", str(images), "-d", str(a.dataset_id), "-c", "2d", "-f", "0", "-device", a.device]
 
     def cli(cmd: list[str]) -> float:
-        t = time.perf_counter()
-        subprocess.run(cmd, env=env, check=True, capture_output=True)
-        return time.perf_counter() - t
+        return run_command(cmd, env, capture=True, echo=False).seconds
 
     cli_plain = cli(["nnUNetv2_predict", *common, "-o", str(tmp / "plain"), "-tr", a.plain])
     # text models never mirror at test time (spatial words), plain nnU-Net does by default: also time it

@@ -12,11 +12,16 @@ import argparse
 import glob
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from nnunetv2_textseg.harness import nnunet_env  # noqa: E402
 
 
 def main() -> None:
@@ -30,9 +35,7 @@ def main() -> None:
     a = p.parse_args()
     if a.mc < 2 or a.mc_batch_size < 1:
         p.error("--mc must be >= 2 and --mc_batch_size >= 1")
-    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        os.environ[var] = str(Path(a.root) / var)
-    os.environ.update(nnUNet_extTrainer=str(REPO / "trainers"), HF_HUB_OFFLINE="1")
+    os.environ.update(nnunet_env(a.root))  # the demo's folders under --root, for nnU-Net in this process
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.file_path_utilities import get_output_folder

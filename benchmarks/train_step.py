@@ -14,24 +14,26 @@ import json
 import os
 import platform
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from nnunetv2_textseg.errors import TextSegError  # noqa: E402
+from nnunetv2_textseg.harness import SHORT_FOLDERS, nnunet_env, run_command  # noqa: E402
 
 
 def ensure_dataset(root: Path, dataset_id: int, size: int) -> dict:
-    env = dict(os.environ, nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "pre"),
-               nnUNet_results=str(root / "res"), nnUNet_extTrainer=str(REPO / "trainers"), HF_HUB_OFFLINE="1")
-    bindir = Path(sys.executable).parent
-    if not list((root / "pre").glob(f"Dataset{dataset_id:03d}_*/nnUNetPlans_2d")):
-        subprocess.run([str(bindir / "nnUNetv2_textseg_make_demo"), "-d", str(dataset_id), "--n_train", "40",
-                        "--n_test", "4", "--size", str(size), "--raw", str(root / "raw"), "--overwrite"],
-                       env=env, check=True, capture_output=True)
-        subprocess.run([str(bindir / "nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-c", "2d", "-np", "2"],
-                       env=env, check=True, capture_output=True)
+    # root/raw, root/pre, root/res: gpu_check.sh trains and predicts in the same folders afterwards
+    env = nnunet_env(root, names=SHORT_FOLDERS)
+    if not list(Path(env["nnUNet_preprocessed"]).glob(f"Dataset{dataset_id:03d}_*/nnUNetPlans_2d")):
+        run_command(["nnUNetv2_textseg_make_demo", "-d", str(dataset_id), "--n_train", "40", "--n_test", "4",
+                     "--size", str(size), "--raw", env["nnUNet_raw"], "--overwrite"], env, capture=True, echo=False)
+        run_command(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", "2d", "-np", "2"], env,
+                    capture=True, echo=False)
     return env
 
 
@@ -85,11 +87,9 @@ def main(argv=None) -> None:
     # Each trainer in its own process: peak memory (ru_maxrss) is per process.
     rows = []
     for name in a.trainers:
-        out = subprocess.run([sys.executable, __file__, "--_one", name, "-d", str(a.dataset_id), "--iters",
-                              str(a.iters), "--warmup", str(a.warmup), "--device", a.device],
-                             env=dict(os.environ), capture_output=True, text=True)
-        if out.returncode != 0:
-            sys.exit(out.stderr[-3000:])
+        out = run_command([sys.executable, __file__, "--_one", name, "-d", str(a.dataset_id), "--iters",
+                           str(a.iters), "--warmup", str(a.warmup), "--device", a.device], os.environ, capture=True,
+                          echo=False)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     base = rows[0]
     import torch
@@ -126,4 +126,7 @@ if __name__ == "__main__":
             res = time_trainer(name, b.d, b.device, b.iters, b.warmup)
         print(json.dumps(res))
     else:
-        main()
+        try:
+            main()
+        except TextSegError as err:  # a failed command: its output's last lines, not a traceback
+            sys.exit(f"train_step: {err}")

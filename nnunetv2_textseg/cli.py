@@ -12,6 +12,8 @@ from pathlib import Path
 
 from nnunetv2_textseg.encoders import DEFAULT_ENCODER, EncoderSpec, ReportTruncationWarning
 from nnunetv2_textseg.errors import run_cli
+from nnunetv2_textseg.harness import FOLDER_VARS, nnunet_folders, trainer_search_path
+from nnunetv2_textseg.harness import trainers_folder  # noqa: F401 - its public home before the harness existed
 from nnunetv2_textseg.reports import read_report_table
 
 # Input problems a user can fix: one message, exit code 2 (NNUNET_TEXTSEG_DEBUG=1 shows the traceback). Our own are
@@ -295,25 +297,12 @@ def env_main(argv=None) -> None:
         print(line)
 
 
-def trainers_folder() -> Path:
-    """The folder to put in nnUNet_extTrainer: ``nnunetv2_textseg/nnunet_trainers`` inside the installed
-    package (works for wheel and editable installs alike)."""
-    from nnunetv2_textseg.nnunet_trainers import FOLDER
-    return FOLDER
-
-
 def env_exports(root: Path) -> list[str]:
-    root = root.resolve()
-    lines = []
-    for var, sub in (("nnUNet_raw", "nnUNet_raw"), ("nnUNet_preprocessed", "nnUNet_preprocessed"),
-                     ("nnUNet_results", "nnUNet_results")):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-        value = os.environ.get(var) or str(root / sub)
-        lines.append(f"export {var}={shlex.quote(value)}")
-    ext = [p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
-    if str(trainers_folder()) not in ext:
-        ext.append(str(trainers_folder()))
-    lines.append(f"export nnUNet_extTrainer={shlex.quote(os.pathsep.join(ext))}")
+    """Shell exports of the experiment environment (:mod:`nnunetv2_textseg.harness`) for a user's own shell: nnU-Net
+    folders under ``root`` (created) unless already set, and our trainers added to their ``nnUNet_extTrainer``."""
+    folders = nnunet_folders(root)
+    lines = [f"export {var}={shlex.quote(os.environ.get(var) or str(folders[var]))}" for var in FOLDER_VARS]
+    lines.append(f"export nnUNet_extTrainer={shlex.quote(trainer_search_path(os.environ.get('nnUNet_extTrainer')))}")
     return lines
 
 

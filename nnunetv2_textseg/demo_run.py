@@ -12,31 +12,13 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-from nnunetv2_textseg.cli import trainers_folder
+from nnunetv2_textseg.atomic import atomic_write_text
 from nnunetv2_textseg.errors import run_cli
-
-
-def run(cmd: list[str], env: dict, log: Path) -> None:
-    """Run one real command; its output goes to a log file, a failure shows the log's tail."""
-    t = time.time()
-    print(f"$ {' '.join(cmd)}", flush=True)
-    with open(log, "w") as f:
-        r = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
-    if r.returncode != 0:
-        tail = log.read_text(errors="replace").splitlines()[-30:]
-        sys.exit(f"Command failed ({r.returncode}): {' '.join(cmd)}\n" + "\n".join(tail) + f"\n(full log: {log})")
-    print(f"  done in {time.time() - t:.0f} s (log: {log})", flush=True)
-
-
-def evaluate(ref: Path, pred: Path, env: dict, logs: Path, name: str) -> dict:
-    run(["nnUNetv2_evaluate_folder", str(ref), str(pred), "-djfile", str(pred / "dataset.json"),
-         "-pfile", str(pred / "plans.json")], env, logs / f"evaluate_{name}.log")
-    return json.loads((pred / "summary.json").read_text())["foreground_mean"]
+from nnunetv2_textseg.harness import (FOLDER_VARS, evaluate_folder, is_text_trainer, nnunet_env, prediction_command,
+                                      run_command)
 
 
 def _main(argv=None) -> None:
@@ -56,47 +38,41 @@ def _main(argv=None) -> None:
 
     root = Path(a.root).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    # Offline, and the commands of the Python running this (its venv's bin) first on PATH.
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):  # the demo's own folders only
-        env[var] = str(root / var)
-        Path(env[var]).mkdir(exist_ok=True)
-    env["nnUNet_extTrainer"] = str(trainers_folder())
-    # nnU-Net starts up to 12 augmentation workers by default; on a small CPU machine they only compete
-    # with training for the same cores.
-    env.setdefault("nnUNet_n_proc_DA", str(max(1, min(4, (os.cpu_count() or 2) // 2))))
-    env.setdefault("nnUNet_def_n_proc", str(max(1, min(8, os.cpu_count() or 2))))  # validation/export workers
+    cpus = os.cpu_count() or 2
+    # nnU-Net starts up to 12 augmentation workers and 8 validation/export workers by default; on a small CPU
+    # machine they only compete with training for the same cores.
+    env = nnunet_env(root, n_proc_da=max(1, min(4, cpus // 2)), def_n_proc=max(1, min(8, cpus)))
     logs = root / "logs"
     logs.mkdir(exist_ok=True)
     d = str(a.dataset_id)
     raw = Path(env["nnUNet_raw"])
     # The demo rebuilds its own dataset under --root each time (results of earlier runs are replaced).
-    for base in (env["nnUNet_raw"], env["nnUNet_preprocessed"], env["nnUNet_results"]):
+    for base in (env[var] for var in FOLDER_VARS):
         for old in Path(base).glob(f"Dataset{a.dataset_id:03d}_*"):
             shutil.rmtree(old)
-    run(["nnUNetv2_textseg_make_demo", "-d", d, "--n_train", str(a.n_train), "--n_test", str(a.n_test),
-         "--size", str(a.size), "--seed", str(a.seed), "--raw", str(raw)], env, logs / "make_demo.log")
+    run_command(["nnUNetv2_textseg_make_demo", "-d", d, "--n_train", str(a.n_train), "--n_test", str(a.n_test),
+                 "--size", str(a.size), "--seed", str(a.seed), "--raw", str(raw)], env, logs / "make_demo.log")
     ds = next(raw.glob(f"Dataset{a.dataset_id:03d}_*"))
-    run(["nnUNetv2_plan_and_preprocess", "-d", d, "-c", "2d", "-np", "2", "--verify_dataset_integrity"], env,
-        logs / "plan_and_preprocess.log")
-    run(["nnUNetv2_textseg_encode", "-d", d], env, logs / "encode.log")
+    run_command(["nnUNetv2_plan_and_preprocess", "-d", d, "-c", "2d", "-np", "2", "--verify_dataset_integrity"], env,
+                logs / "plan_and_preprocess.log")
+    run_command(["nnUNetv2_textseg_encode", "-d", d], env, logs / "encode.log")
     scores = {}
     for trainer in dict.fromkeys([*a.trainers, a.baseline]):  # each trained once
-        run(["nnUNetv2_train", d, "2d", "0", "-tr", trainer, "-device", a.device], env, logs / f"train_{trainer}.log")
+        run_command(["nnUNetv2_train", d, "2d", "0", "-tr", trainer, "-device", a.device], env,
+                    logs / f"train_{trainer}.log")
         out = root / "predictions" / trainer
         if out.exists():
             shutil.rmtree(out)
-        text = "BiCLIP" in trainer or "MedCLIPSeg" in trainer
-        cmd = ["nnUNetv2_textseg_predict" if text else "nnUNetv2_predict", "-i", str(ds / "imagesTs"), "-o", str(out),
-               "-d", d, "-c", "2d", "-f", "0", "-tr", trainer, "-device", a.device]
+        text = is_text_trainer(trainer)
+        cmd = [prediction_command(trainer), "-i", str(ds / "imagesTs"), "-o", str(out), "-d", d, "-c", "2d", "-f", "0",
+               "-tr", trainer, "-device", a.device]
         if "MedCLIPSeg" in trainer:
             cmd += ["-reports", str(ds / "reportsTs.csv"), "--save_uncertainty"] + (
                 ["--mc_samples", str(a.mc_samples)] if a.mc_samples > 1 else [])
         elif text:
             cmd += ["-reports", str(ds / "reportsTs.csv"), "--save_uncertainty", "--save_pseudo_images"]
-        run(cmd, env, logs / f"predict_{trainer}.log")
-        scores[trainer] = evaluate(ds / "labelsTs", out, env, logs, trainer)
+        run_command(cmd, env, logs / f"predict_{trainer}.log")
+        scores[trainer] = evaluate_folder(ds / "labelsTs", out, env, logs / f"evaluate_{trainer}.log").foreground_mean
 
     print("\nTest-set scores (nnUNetv2_evaluate_folder, foreground mean over "
           f"{a.n_test} cases, fold 0, {a.device}):")
@@ -109,12 +85,12 @@ def _main(argv=None) -> None:
         print(f"| {trainer:{width}s} | {s['Dice']:.4f} | {s['IoU']:.4f} | {diff:>7s} |")
     print(f"\nΔ Dice: text trainer minus {a.baseline}. Uncertainty maps (.nii.gz + .png overlays): "
           f"{root / 'predictions'}/<trainer>/uncertainty; BiCLIP's pseudo-images: .../pseudo_images")
-    (root / "demo_scores.json").write_text(json.dumps(scores, indent=2))
+    atomic_write_text(root / "demo_scores.json", json.dumps(scores, indent=2))
 
 
 def main(argv=None) -> int:
-    """``nnUNetv2_textseg_demo``: exit code 0, or 2 with one ``ERROR:`` line for a problem the user can fix (a failed
-    nnU-Net command exits with its log's tail)."""
+    """``nnUNetv2_textseg_demo``: exit code 0, or 2 with one ``ERROR:`` message for a problem the user can fix (a failed
+    nnU-Net command: the command, its exit code and its log's last lines)."""
     return run_cli(_main, argv)
 
 

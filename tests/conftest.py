@@ -2,14 +2,13 @@
 commands once per session (``nnUNetTrainerBiCLIP_debug``: 2 epochs of 4 iterations, CPU)."""
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from nnunetv2_textseg import harness
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -18,21 +17,16 @@ TRAINER = "nnUNetTrainerBiCLIP_debug"
 
 
 def nnunet_env(root: Path, raw: Path | None = None) -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               nnUNet_raw=str(raw or root / "raw"), nnUNet_preprocessed=str(root / "pre"),
-               nnUNet_results=str(root / "res"), nnUNet_extTrainer=str(REPO / "trainers"),
-               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    env.pop("nnUNet_compile", None)
-    env.setdefault("nnUNet_n_proc_DA", "1")  # nnU-Net's default (12 workers) only fights for 2 cores
-    env.setdefault("nnUNet_def_n_proc", "1")  # its final validation would start 8 export workers
+    """The tests' experiment environment: folders root/raw, root/pre, root/res (``raw`` overrides the first)."""
+    # nnU-Net's defaults (12 augmentation workers, 8 export workers for the final validation) only fight for 2 cores
+    env = harness.nnunet_env(root, names=harness.SHORT_FOLDERS, raw=raw, n_proc_da=1, def_n_proc=1)
+    env.pop("nnUNet_compile", None)  # nnU-Net's own choice per device, whatever the calling shell set
     return env
 
 
-def run(cmd: list[str], env: dict, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if check and r.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-    return r
+def run(cmd: list[str], env: dict, check: bool = True, timeout: int = 900) -> harness.CommandRun:
+    """Run a command quietly, output captured (``.stdout``/``.stderr``); a failure shows both output tails."""
+    return harness.run_command(cmd, env, capture=True, check=check, timeout=timeout, echo=False)
 
 
 @pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects
