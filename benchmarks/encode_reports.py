@@ -26,9 +26,7 @@ import inspect
 import json
 import os
 import platform
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +36,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from nnunetv2_textseg.errors import TextSegError  # noqa: E402
+from nnunetv2_textseg.harness import SHORT_FOLDERS, CommandRun, nnunet_env, run_command  # noqa: E402
+
 RESULTS = REPO / "benchmarks" / "results" / "encode_reports.json"
 TARGET_RPS = 300.0
 TARGET_CACHED_S = 1.0  # build_or_update_cache in-process
@@ -110,39 +114,28 @@ def best_of(fn, repeats: int) -> tuple[float, float]:
     return best
 
 
-def console_script(name: str) -> str:
-    here = Path(sys.executable).parent / name
-    return str(here) if here.exists() else (shutil.which(name) or name)
-
-
 def cached_command(tmp: Path, folder: Path, repeats: int, n_train: int, n_test: int) -> dict:
     """Wall seconds of ``nnUNetv2_textseg_encode -d D``: the first run (encodes) and cached re-runs."""
-    env = dict(os.environ, nnUNet_raw=str(tmp / "raw"), nnUNet_preprocessed=str(tmp / "pre"),
-               nnUNet_results=str(tmp / "res"), NNUNET_TEXTSEG_SHARED_REPORTS=str(folder),
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    for k in ("raw", "pre", "res"):
-        (tmp / k).mkdir(parents=True, exist_ok=True)
+    # the experiment harness's environment: nnU-Net folders under tmp, this interpreter's commands first on PATH,
+    # offline text encoders; plus the real report tables the demo's reports are drawn from
+    env = nnunet_env(tmp, names=SHORT_FOLDERS)
+    env["NNUNET_TEXTSEG_SHARED_REPORTS"] = str(folder)
 
-    def run(cmd: list[str]) -> tuple[float, subprocess.CompletedProcess]:
-        t = time.perf_counter()
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
-        seconds = time.perf_counter() - t
-        if r.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
-        return seconds, r
+    def run(cmd: list[str]) -> CommandRun:  # a failure raises CommandError with the output's last lines
+        return run_command(cmd, env, capture=True, timeout=1800, echo=False)
 
-    run([console_script("nnUNetv2_textseg_make_demo"), "-d", str(DEMO_ID), "--n_train", str(n_train),
-         "--n_test", str(n_test), "--size", "32", "--raw", str(tmp / "raw")])
-    encode = [console_script("nnUNetv2_textseg_encode"), "-d", str(DEMO_ID)]
-    first_s, r = run(encode)
+    run(["nnUNetv2_textseg_make_demo", "-d", str(DEMO_ID), "--n_train", str(n_train), "--n_test", str(n_test),
+         "--size", "32", "--raw", env["nnUNet_raw"]])
+    encode = ["nnUNetv2_textseg_encode", "-d", str(DEMO_ID)]
+    first_s = run(encode).seconds
     cached = []
     for _ in range(repeats):
-        seconds, r = run(encode)
+        r = run(encode)
         if "(0 report(s) encoded now)" not in r.stdout or "report(s) encoded now)" in r.stdout.replace(
                 "(0 report(s) encoded now)", ""):
             raise RuntimeError(f"the re-run encoded something:\n{r.stdout}")
-        cached.append(seconds)
-    return {"command": " ".join(["nnUNetv2_textseg_encode"] + encode[1:]), "n_train": n_train, "n_test": n_test,
+        cached.append(r.seconds)
+    return {"command": " ".join(encode), "n_train": n_train, "n_test": n_test,
             "first_run_s": round(first_s, 3), "cached_runs_s": [round(s, 3) for s in cached],
             "cached_best_s": round(min(cached), 3), "cached_median_s": round(statistics.median(cached), 3),
             "meets_target": min(cached) < TARGET_COMMAND_S}
@@ -279,4 +272,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except TextSegError as err:  # a failed command (the harness's message: its output's last lines), not a traceback
+        sys.exit(f"encode_reports: {err}")

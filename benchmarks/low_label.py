@@ -2,14 +2,19 @@
 
     python benchmarks/low_label.py [--preset cpu|full|smoke] [--seeds 0 1 2] [--out benchmarks/results/low_label]
         [--trainers T ...] [--fractions 5 10 ...] [--conditions clean lowdose motion] [--n_train N] [--n_test N]
-        [--no-diagnose]
+        [--control] [--no-diagnose]
 
 For every seed, ``text_vs_vision.py`` (the one experiment runner: real nnU-Net commands, same splits for
 every trainer, degraded test copies) runs into OUT/seed_S with ``--seed S`` — a fresh demo dataset, label
 subsets and degradations per seed — so every cell of the final table is a mean ± std over seeds. Then
 ``nnUNetv2_textseg_diagnose`` runs on every text model (real / shuffled / contradictory / null test
-reports: Dice, pseudo-image AUC, text sensitivity, reliance). Outputs: OUT/low_label.json,
-OUT/low_label.md (also printed) and OUT/low_label.png.
+reports: Dice, pseudo-image AUC over the image and within the lesion-prone region, text sensitivity,
+reliance). Outputs: OUT/low_label.json, OUT/low_label.md (also printed) and OUT/low_label.png.
+
+``--control`` (off by default) also trains every text trainer on control reports (a demo dataset whose reports
+belong to other cases; 100 % of its labels), per seed: rows "<trainer> (control reports)" at 100 % / clean, with
+their paired Δ to the baseline at 100 % (add 100 to --fractions for it). If the report helps, that row falls to
+(or below) the baseline.
 
 "Few labels" means enough to learn from: with the cpu preset's 500 demo training cases, nnU-Net's fold 0
 trains on 400, so 5 % is 20 labelled cases and 10 % is 40. nnU-Net plans the batch size from the number of
@@ -43,10 +48,11 @@ BENCH = Path(__file__).resolve().parent
 from nnunetv2_textseg.atomic import atomic_write, atomic_write_text  # noqa: E402
 from nnunetv2_textseg.errors import TextSegError  # noqa: E402
 from nnunetv2_textseg.harness import CommandError, nnunet_env, run_command  # noqa: E402
+from nnunetv2_textseg.robustness import parse_fraction  # noqa: E402
 
 from benchmarks.runner.presets import LOW_LABEL_OUT as DEFAULT_OUT  # noqa: E402
 from benchmarks.runner.presets import LOW_LABEL_PRESETS as PRESETS  # noqa: E402
-from benchmarks.runner.presets import apply_preset, is_text_trainer  # noqa: E402
+from benchmarks.runner.presets import CONTROL_SUFFIX, apply_preset, is_text_trainer  # noqa: E402
 
 
 def run_seed(cfg: argparse.Namespace, seed: int) -> dict:
@@ -54,7 +60,8 @@ def run_seed(cfg: argparse.Namespace, seed: int) -> dict:
     cmd = [sys.executable, str(BENCH / "text_vs_vision.py"), "--preset", "smoke", "--out", str(out),
            "--seed", str(seed), "--trainers", *cfg.trainers, "--fractions", *cfg.fractions,
            "--conditions", *cfg.conditions, "--n_train", str(cfg.n_train), "--n_test", str(cfg.n_test),
-           "--size", str(cfg.size), "--device", cfg.device, "--no-control", "--no-report_variants"]
+           "--size", str(cfg.size), "--device", cfg.device, "--control" if cfg.control else "--no-control",
+           "--no-report_variants"]
     if cfg.batch_size:
         cmd += ["--batch_size", str(cfg.batch_size)]
     print(f"[low_label] seed {seed}: {' '.join(cmd[2:])}", flush=True)
@@ -85,12 +92,23 @@ def diagnose_seed(cfg: argparse.Namespace, seed: int, data: dict) -> list[dict]:
                 except CommandError as err:
                     print(err, flush=True)
                     continue
-            res = json.loads(result_file.read_text())
-            rows.append({"seed": seed, "trainer": trainer, "fraction": m["fraction"], **{
-                f"dice_{v}": res["dice"][v] for v in res["dice"]},
-                **({f"auc_{v}": a for v, a in res["pseudo_image_auc"].items()} if res.get("pseudo_image_auc") else {}),
-                "text_sensitivity": res["text_sensitivity"], "reliance": res["reliance"]})
+            rows.append(diagnosis_row(seed, trainer, m["fraction"], json.loads(result_file.read_text())))
     return rows
+
+
+def diagnosis_row(seed: int, trainer: str, fraction: float, res: dict) -> dict:
+    """One model's diagnosis.json as a flat row: ``dice_<variant>``, ``auc_<variant>`` (pseudo-image AUC over all
+    pixels) and ``region_auc_<variant>`` (within the pixels that are lesion in at least one test case). The AUCs
+    are null for a model without a pseudo-image (MedCLIPSeg) and the region AUC absent in diagnoses of earlier
+    versions: those keys are then left out."""
+    row = {"seed": seed, "trainer": trainer, "fraction": fraction,
+           **{f"dice_{v}": d for v, d in res["dice"].items()}}
+    for key, prefix in (("pseudo_image_auc", "auc"), ("pseudo_image_auc_lesion_region", "region_auc")):
+        row.update({f"{prefix}_{v}": a for v, a in (res.get(key) or {}).items()})
+    if res.get("lesion_region_fraction") is not None:
+        row["lesion_region_fraction"] = res["lesion_region_fraction"]
+    row.update(text_sensitivity=res["text_sensitivity"], reliance=res["reliance"])
+    return row
 
 
 def _ms(values: list[float]) -> str:
@@ -132,19 +150,28 @@ def markdown(result: dict) -> str:
     for r in result["rows"]:
         lines.append(f"| {100 * r['fraction']:g}% | {r['condition']} | {r['trainer']} | {r['n_train']} | "
                      f"{_ms(r['dice'])} | {_ms(r['delta_vs_baseline']) if r['delta_vs_baseline'] else '–'} |")
+    if any(r["trainer"].endswith(CONTROL_SUFFIX) for r in result["rows"]):
+        lines += ["", f"\"{CONTROL_SUFFIX.strip()}\": the text trainer trained and tested on the same images with "
+                      f"every case's report taken from another case (100 % of labels; Δ to `{result['baseline']}` "
+                      f"at 100 %, – without that row). If the report helps, this row falls to (or below) the "
+                      f"baseline."]
     if result["diagnosis"]:
         lines += ["", "Does it read the report? `nnUNetv2_textseg_diagnose` on the clean test set (mean ± std over "
-                      "seeds): Dice with the real, shuffled (another case's), contradictory and no report; pixel "
-                      "AUC of BiCLIP's pseudo-image for lesion vs background.", "",
-                  "| fraction | trainer | Dice real | shuffled | contradictory | null | AUC real | AUC shuffled | "
-                  "AUC contradictory | text sensitivity |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                      "seeds): Dice with the real, shuffled (another case's), contradictory, location-free and no "
+                      "report; pixel AUC of BiCLIP's pseudo-image for lesion vs background, over the whole image and "
+                      "within the lesion region (pixels that are lesion in at least one test case: what a report "
+                      "can add beyond where lesions can be at all; – for models without a pseudo-image).", "",
+                  "| fraction | trainer | Dice real | shuffled | contradictory | missing location | null | "
+                  "AUC real | AUC shuffled | AUC contradictory | AUC in lesion region real | shuffled | null | "
+                  "text sensitivity |", "|---:|---|" + "---:|" * 12]
         keys = sorted({(d["fraction"], d["trainer"]) for d in result["diagnosis"]})
         for f, t in keys:
             ds = [d for d in result["diagnosis"] if d["fraction"] == f and d["trainer"] == t]
-            col = lambda k: _ms([d.get(k) for d in ds])  # noqa: E731
-            lines.append(f"| {100 * f:g}% | {t} | {col('dice_real')} | {col('dice_shuffled')} | "
-                         f"{col('dice_contradictory')} | {col('dice_null')} | {col('auc_real')} | "
-                         f"{col('auc_shuffled')} | {col('auc_contradictory')} | {col('text_sensitivity')} |")
+            cols = " | ".join(_ms([d.get(k) for d in ds]) for k in (
+                "dice_real", "dice_shuffled", "dice_contradictory", "dice_missing_location", "dice_null",
+                "auc_real", "auc_shuffled", "auc_contradictory", "region_auc_real", "region_auc_shuffled",
+                "region_auc_null", "text_sensitivity"))
+            lines.append(f"| {100 * f:g}% | {t} | {cols} |")
     return "\n".join(lines) + "\n"
 
 
@@ -191,13 +218,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default=None)
     p.add_argument("--batch_size", type=int, default=None,
                    help="planned 2d batch size of the demo data (cpu preset: 2, what nnU-Net plans for a few cases)")
+    p.add_argument("--control", action=argparse.BooleanOptionalAction, default=False,
+                   help="also train every text trainer on control (shuffled) reports, 100 %% of a control demo "
+                        "dataset, per seed (rows '<trainer> (control reports)'; default off)")
     p.add_argument("--diagnose", action=argparse.BooleanOptionalAction, default=True)
     cfg = p.parse_args(argv)
     return apply_preset(cfg, PRESETS[cfg.preset])
 
 
+def _is_full(fraction: str) -> bool:
+    try:
+        return parse_fraction(fraction) == 1.0
+    except ValueError:  # text_vs_vision.py says what is wrong with it
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
+    if cfg.control and not any(_is_full(f) for f in cfg.fractions):
+        print("Note: the control rows are trained on 100 % of the labels; add 100 to --fractions for their Δ to the "
+              "baseline.", flush=True)
     cfg.out.mkdir(parents=True, exist_ok=True)
     per_seed, diag = {}, []
     for seed in cfg.seeds:

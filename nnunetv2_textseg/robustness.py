@@ -25,8 +25,6 @@ from nnunetv2_textseg.degraded_test_sets import (DEGRADATION_FILE, DOSE_LEVELS, 
 from nnunetv2_textseg.label_fraction_splits import (BACKUP_FILE, SPLITS_FILE, case_identifiers, default_splits,
                                                     find_configuration_folder, fraction_size,
                                                     make_label_fraction_splits, parse_fraction, subsample_split)
-# the atomic JSON write of split files, for tests/test_bad_input.py, which checks every writer's temp-file cleanup
-from nnunetv2_textseg.label_fraction_splits import _write_json  # noqa: F401
 
 __all__ = [
     # label-fraction splits

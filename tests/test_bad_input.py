@@ -1132,7 +1132,7 @@ def _write_with(writer: str, target: Path) -> None:
     elif writer == "cache":
         _cache().save(target)
     else:
-        from nnunetv2_textseg.robustness import _write_json
+        from nnunetv2_textseg.label_fraction_splits import _write_json
         _write_json(target, [{"train": ["a"], "val": ["b"]}])
 
 

@@ -141,3 +141,69 @@ def test_low_label_aggregates_seeds_with_spread_and_paired_deltas():
     assert [round(d, 6) for d in row["delta_vs_baseline"]] == [0.1, 0.0]  # paired by seed
     md = low_label.markdown(result)
     assert "0.6500 ± 0.0707" in md and "0.0500 ± 0.0707" in md and "AUC real" in md
+
+
+def test_low_label_control_rows_and_lesion_region_auc(tmp_path, monkeypatch):
+    """benchmarks/low_label.py --control: text_vs_vision.py gets --control, its "(control reports)" entries become
+    rows with their paired Δ to the baseline at 100 %; the diagnosis table gains the missing-location Dice and the
+    AUC within the lesion region, null (MedCLIPSeg: no pseudo-image) shown as –."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import low_label
+
+    base, text, mcs = "nnUNetTrainer_debug", "nnUNetTrainerBiCLIP_debug", "nnUNetTrainerMedCLIPSeg_debug"
+    control = text + " (control reports)"
+    cfg = low_label.parse_args(["--preset", "smoke", "--trainers", base, text, mcs, "--fractions", "10", "100",
+                                "--out", str(tmp_path), "--control"])
+    assert cfg.control and not low_label.parse_args(["--preset", "smoke"]).control  # off by default
+
+    # the seed run: what low_label passes to text_vs_vision.py (the runner's control rows: label + suffix, 100 %)
+    calls = []
+
+    def fake_run(cmd, env, log=None, **kw):
+        calls.append(list(cmd))
+        (tmp_path / "seed_0").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "seed_0" / "results.json").write_text(json.dumps({"entries": []}))
+    monkeypatch.setattr(low_label, "run_command", fake_run)
+    low_label.run_seed(cfg, 0)
+    assert "--control" in calls[0] and "--no-control" not in calls[0]
+    cfg_off = low_label.parse_args(["--preset", "smoke", "--out", str(tmp_path)])
+    low_label.run_seed(cfg_off, 0)
+    assert "--no-control" in calls[1] and "--control" not in calls[1]
+
+    def entry(label, fraction, dice):
+        return {"label": label, "fraction": fraction, "condition": "clean", "dice": dice, "n_train": 40}
+    per_seed = {s: {"commit": "abc", "entries": [entry(base, 0.1, 0.4 + d), entry(text, 0.1, 0.5 + d),
+                                                 entry(base, 1.0, 0.6 + d), entry(text, 1.0, 0.7 + d),
+                                                 entry(control, 1.0, 0.55 + d)]}
+                for s, d in ((0, 0.0), (1, 0.1))}
+    diag = [low_label.diagnosis_row(s, text, 0.1, {
+                "dice": {"real": 0.5, "shuffled": 0.4, "contradictory": 0.45, "missing_location": 0.47, "null": 0.3},
+                "pseudo_image_auc": {v: 0.9 for v in ("real", "shuffled", "contradictory", "missing_location",
+                                                       "null")},
+                "pseudo_image_auc_lesion_region": {"real": 0.7 + s / 10, "shuffled": 0.6, "contradictory": 0.55,
+                                                   "missing_location": 0.65, "null": 0.5},
+                "lesion_region_fraction": 0.3, "text_sensitivity": 0.2, "reliance": 0.2}) for s in (0, 1)]
+    diag += [low_label.diagnosis_row(s, mcs, 0.1, {  # MedCLIPSeg: both AUCs null
+                "dice": {"real": 0.5, "shuffled": 0.5, "contradictory": 0.5, "missing_location": 0.5, "null": 0.5},
+                "pseudo_image_auc": None, "pseudo_image_auc_lesion_region": None,
+                "text_sensitivity": 0.01, "reliance": 0.0}) for s in (0, 1)]
+    assert diag[0]["region_auc_real"] == 0.7 and diag[0]["dice_missing_location"] == 0.47
+    assert not any(k.startswith(("auc_", "region_auc_")) for k in diag[2])
+
+    result = low_label.aggregate(cfg, per_seed, diag)
+    rows = {(r["trainer"], r["fraction"]): r for r in result["rows"]}
+    assert result["baseline"] == base and (control, 1.0) in rows
+    assert [round(d, 6) for d in rows[(control, 1.0)]["delta_vs_baseline"]] == [-0.05, -0.05]  # paired by seed
+    assert [round(d, 6) for d in rows[(text, 0.1)]["delta_vs_baseline"]] == [0.1, 0.1]
+    assert rows[(base, 1.0)]["delta_vs_baseline"] == []
+
+    md = low_label.markdown(result)
+    assert f"| 100% | clean | {control} | 40 | 0.6000 ± 0.0707 | -0.0500 ± 0.0000 |" in md
+    assert "(control reports)\": the text trainer trained" in md
+    header = next(line for line in md.splitlines() if line.startswith("| fraction | trainer | Dice real"))
+    assert "missing location" in header and "AUC in lesion region real | shuffled | null" in header
+    text_line = next(line for line in md.splitlines() if line.startswith(f"| 10% | {text} |"))
+    mcs_line = next(line for line in md.splitlines() if line.startswith(f"| 10% | {mcs} |"))
+    assert text_line.count("|") == header.count("|") == mcs_line.count("|")
+    assert "0.4700 ± 0.0000 | 0.3000" in text_line and "0.7500 ± 0.0707 | 0.6000 ± 0.0000 | 0.5000" in text_line
+    assert mcs_line.count("–") == 6  # AUC real/shuffled/contradictory and the three lesion-region AUCs
