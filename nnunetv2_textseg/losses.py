@@ -6,8 +6,16 @@ import torch
 import torch.nn.functional as F
 
 
-def cycle_loss(t: torch.Tensor, t_hat: torch.Tensor) -> torch.Tensor:
-    """‖t − t̂‖², averaged over batch and dimensions (0 iff identical)."""
+def cycle_loss(t: torch.Tensor, t_hat: torch.Tensor, normalized: bool = False) -> torch.Tensor:
+    """‖t − t̂‖², averaged over batch and dimensions (0 iff identical).
+
+    ``normalized``: both (B, D) vectors are layer-normalised first (zero mean, unit variance over D, no
+    learned scale), so the loss compares their patterns, not their sizes. The raw form grows with ‖t‖, which
+    nothing bounds (t is the cycle's detached target); measured on development data, its gradient through the
+    pseudo-image then outweighs the generation loss and the text pathway stops learning where reports put
+    lesions."""
+    if normalized:
+        t, t_hat = F.layer_norm(t, t.shape[-1:]), F.layer_norm(t_hat, t_hat.shape[-1:])
     return F.mse_loss(t_hat, t)
 
 

@@ -286,6 +286,11 @@ def test_cycle_and_consistency_losses():
     assert cycle_loss(a, a.clone()).item() == 0
     assert cycle_loss(a, b).item() > 0
     assert math.isclose(cycle_loss(a, b).item(), ((a - b) ** 2).mean().item(), rel_tol=1e-6)
+    # normalized: the same for any scale and offset of either vector, unlike the raw form
+    n = cycle_loss(a, b, normalized=True)
+    assert torch.isclose(cycle_loss(10 * a + 3, 0.5 * b - 2, normalized=True), n, rtol=1e-3)  # up to LayerNorm eps
+    assert not torch.isclose(cycle_loss(10 * a, b), cycle_loss(a, b))
+    assert cycle_loss(a, 5 * a + 1, normalized=True).item() < 1e-6
     assert abs(consistency_loss(a, a.clone()).item()) < 1e-6
     assert consistency_loss(a, b).item() > 0
     # scale invariant (cosine): positive rescaling of either side changes nothing
@@ -469,3 +474,25 @@ def test_global_encoder_small_inputs(size):
     enc = GlobalImageEncoder(1, out_dim=8, width=4).train()
     assert enc(torch.randn(2, 1, *size)).shape == (2, 8)
     assert ImageToTextHead(TEXT_DIM, width=4).train()(torch.randn(2, 1, *size)).shape == (2, TEXT_DIM)
+
+
+@pytest.mark.parametrize("through", [True, False])
+def test_segmentation_gradient_reaches_the_text_modules_only_when_asked(through):
+    """seg_gradient_to_text=False: the segmentation loss trains the U-Net (its pseudo-image input channel
+    included) but not the modules that draw the pseudo-image; the generation loss still trains them."""
+    torch.set_num_threads(1)
+    net = make_net(seg_gradient_to_text=through, iac=False, cycle=False).train()
+    torch.manual_seed(2)
+    x = with_pos(torch.randn(2, 1, 32, 32))
+    tokens, mask = report(2)
+    out = net(x, tokens=tokens, mask=mask, return_aux=True)
+    seg = out.seg[0] if isinstance(out.seg, list) else out.seg
+    seg.square().mean().backward(retain_graph=True)
+    text_grad = sum(p.grad.abs().sum() for n, p in net.named_parameters()
+                    if n.startswith(("text_pool.", "generator.")) and p.grad is not None)
+    assert (text_grad > 0) == through
+    first_conv = next(m for m in net.unet.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first_conv.weight.grad[:, 1].abs().sum() > 0  # the U-Net still learns to read the pseudo-image
+    net.zero_grad()
+    out.generated.square().mean().backward()
+    assert net.generator.decoder[-1].weight.grad.abs().sum() > 0

@@ -68,6 +68,10 @@ class BiCLIPNetwork(TextConditionedNetwork):
             U-Net sees. "text": the generator's map of the report alone, G(t), so the image embedding cannot
             stand in for the report in that loss; the U-Net still gets G(t'), which BMF then moves by the
             segmentation loss alone (measured: it drifted away from a lesion map).
+        seg_gradient_to_text: let the segmentation loss's gradient flow through the pseudo-image into the text
+            modules (end to end, the paper's). False: the pseudo-image is what the generation (and cycle) losses
+            make of the report — a map of where it puts the lesion — and the U-Net learns to read that map,
+            but cannot reshape it into whatever fits its few training images.
     """
 
     text_input = "tokens"  # what set_text expects: token embeddings + mask
@@ -76,7 +80,8 @@ class BiCLIPNetwork(TextConditionedNetwork):
     def __init__(self, unet: nn.Module, image_channels: int, text_in_dim: int, text_dim: int = 784,
                  image_dim: int = 128, bidirectional: bool = True, cycle: bool = True, iac: bool = True,
                  ignore_text: bool = False, text_pooling: str = "attention", pseudo_activation: str = "sigmoid",
-                 frame_resolution: int | None = 16, position_to_unet: bool = True, generation_source: str = "fused"):
+                 frame_resolution: int | None = 16, position_to_unet: bool = True, generation_source: str = "fused",
+                 seg_gradient_to_text: bool = True):
         super().__init__()
         if not (hasattr(unet, "encoder") and hasattr(unet, "decoder")):
             raise TypeError(f"{type(unet).__name__} has no encoder/decoder; BiCLIP needs a "
@@ -99,6 +104,7 @@ class BiCLIPNetwork(TextConditionedNetwork):
         self.frame_resolution = frame_resolution
         self.position_to_unet = position_to_unet
         self.generation_source = generation_source
+        self.seg_gradient_to_text = seg_gradient_to_text
         # lesions are rare: start the probability map low (sigmoid(-2) ~ 0.12) rather than at 0.5
         self.generator = PseudoImageGenerator(text_dim, out_bias=-2.0 if self.sigmoid else 0.0)
         self.image_to_text = ImageToTextHead(text_dim) if cycle else None
@@ -186,7 +192,8 @@ class BiCLIPNetwork(TextConditionedNetwork):
         image, position = split_position(x)
         t = self.text_embedding(tokens, mask, x.shape[0], drop)
         pseudo, raw, frame = self.pseudo_image(x, t)
-        skips = self.unet.encoder(self.unet_input(image, pseudo, position))
+        seen = pseudo if self.seg_gradient_to_text else pseudo.detach()
+        skips = self.unet.encoder(self.unet_input(image, seen, position))
         seg = self.unet.decoder(skips)
         if not return_aux:
             return seg
@@ -197,7 +204,7 @@ class BiCLIPNetwork(TextConditionedNetwork):
             generated = sample_patient_frame(self.decode_frame(t), position)
         p_weak = p_strong = None
         if self.iac_head is not None and x_strong is not None:
-            strong_bottleneck = self.unet.encoder(self.unet_input(x_strong, pseudo, position))[-1]
+            strong_bottleneck = self.unet.encoder(self.unet_input(x_strong, seen, position))[-1]
             p_weak = self.iac_head(skips[-1].mean(dim=(2, 3)))
             p_strong = self.iac_head(strong_bottleneck.mean(dim=(2, 3)))
         return BiCLIPOutput(seg, pseudo, raw if self.sigmoid else None, generated, position[:, 2:3], t, t_hat,

@@ -48,6 +48,11 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
     # the report's own map G(t) ("text", the _textGen variant): see BiCLIPNetwork. "text" was tried and
     # measured worse: the U-Net's G(t') then has no target of its own and drifted (pseudo-image AUC 0.56).
     generation_source = "fused"
+    # the segmentation loss's gradient reaches the text modules through the pseudo-image (the paper's, end to
+    # end) or not (the pseudo-image is trained by the generation and cycle losses alone): see BiCLIPNetwork
+    seg_gradient_to_text = True
+    # cycle loss on layer-normalised t and t̂ (see losses.cycle_loss) rather than the raw ‖t − t̂‖²
+    cycle_normalized = False
     text_pooling = "attention"  # or "mean" (the paper's)
     pseudo_activation = "sigmoid"  # or "linear" (the paper's)
     text_dim = 784  # 28 x 28, as EF-UNet's pseudo-image seed
@@ -80,7 +85,8 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
                              bidirectional=cls.bidirectional, cycle=cls.lambda_cycle > 0, iac=cls.lambda_iac > 0,
                              ignore_text=cls.ignore_text, text_pooling=cls.text_pooling,
                              pseudo_activation=cls.pseudo_activation, frame_resolution=cls.frame_resolution,
-                             position_to_unet=cls.position_to_unet, generation_source=cls.generation_source)
+                             position_to_unet=cls.position_to_unet, generation_source=cls.generation_source,
+                             seg_gradient_to_text=cls.seg_gradient_to_text)
 
     # ---- data: two intensity views for IAC -----------------------------------------------------
     def get_training_transforms(self, *args, **kwargs):
@@ -125,7 +131,7 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
         terms = {"seg": seg, "gen": gen}
         if out.t_hat is not None:
             # t is detached as the cycle's target: the projection must not collapse t to make h's job easy.
-            terms["cycle"] = cycle_loss(out.t.detach().float(), out.t_hat.float())
+            terms["cycle"] = cycle_loss(out.t.detach().float(), out.t_hat.float(), normalized=self.cycle_normalized)
         if out.p_weak is not None:
             terms["iac"] = consistency_loss(out.p_weak.float(), out.p_strong.float())
         weights = {"seg": 1.0, "gen": self.lambda_gen, "cycle": self.lambda_cycle, "iac": self.lambda_iac}
