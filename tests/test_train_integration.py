@@ -125,7 +125,8 @@ def test_paper_batch_of_16_is_global_under_ddp(trained_model, monkeypatch):
 @pytest.mark.parametrize("variant", ["nnUNetTrainerBiCLIP_noIAC", "nnUNetTrainerBiCLIP_unidirectional",
                                      "nnUNetTrainerBiCLIP_noText", "nnUNetTrainerBiCLIP_noCycle",
                                      "nnUNetTrainerBiCLIP_paper", "nnUNetTrainerBiCLIP_efunet",
-                                     "nnUNetTrainerBiCLIP_safeAug", "nnUNetTrainerBiCLIP_noPosition"])
+                                     "nnUNetTrainerBiCLIP_safeAug", "nnUNetTrainerBiCLIP_noPosition",
+                                     "nnUNetTrainerBiCLIP_noSegGrad"])
 def test_ablation_builds_and_trains_one_step(trained_model, variant, monkeypatch):
     """Each ablation builds its network from the plans and runs a real train_step on real batches."""
     from nnunetv2.run.run_training import get_trainer_from_args
@@ -166,5 +167,7 @@ def test_ablation_builds_and_trains_one_step(trained_model, variant, monkeypatch
         assert isinstance(trainer.optimizer, torch.optim.AdamW) and trainer.batch_size == 16
     if variant.endswith("noPosition"):
         assert not net.position_to_unet and "wnorm_position" in trainer.epoch_statistics()
+    if variant.endswith("noSegGrad"):
+        assert not net.seg_gradient_to_text and trainer.cycle_normalized and "cycle" in out
     if variant.endswith("efunet"):
         assert not net.sigmoid and type(net.text_pool).__name__ == "MeanPoolText" and out["gen"] >= 0
