@@ -1,0 +1,167 @@
+"""Can BiCLIP's text pathway learn where reports put lesions from the labelled cases alone? Not a test.
+
+    python benchmarks/text_pathway_probe.py -d Dataset990_TextSegDemo [--runs "" "cycle=0.1" "mirror=0.5"]
+        [--heldout 150] [--out benchmarks/results/text_pathway_probe.json]
+
+The report's pathway of nnUNetTrainerBiCLIP — the real attention pooling, generator, zone-scale map and
+generation loss (and, per run, the real image-to-text head and cycle loss) — is trained in isolation: no image,
+no U-Net, no augmentation, on the cases of nnU-Net's fold-0 training split (``splits_final.json``; the few-labels
+benchmark writes its label subset there) with the cached token embeddings of their reports and their label
+masks, 750 steps of batch 2 like the ``_demo`` trainers. It is scored on *other* training cases of the dataset
+(never the test set): pixel AUC of the map for lesion vs background over the whole image and within the
+lesion-prone region (pixels that are lesion in at least one scored case), with the real, shuffled (another
+case's) and the learned null report. Runs are ``key=value`` settings: ``lr``, ``steps``, ``drop`` (report
+dropout), ``cycle`` (λ of the cycle loss), ``normalized`` (layer-normalised cycle), ``mirror`` (probability of
+training on the left↔right-swapped report with the mirrored mask), ``seed``. Needs 2D images of one size.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+DEFAULTS = dict(lr=1e-3, steps=750, drop=0.25, batch=2, cycle=0.0, normalized=False, mirror=0.0, seed=0)
+
+
+def load_cases(pre: Path, raw: Path, heldout: int) -> dict:
+    from PIL import Image
+
+    from nnunetv2_textseg.cache import TextEmbeddingCache
+    cache = TextEmbeddingCache.load(sorted((pre / "text_embeddings").glob("*Tr.npz"))[0])
+    train_ids = json.loads((pre / "splits_final.json").read_text())[0]["train"]
+    others = [c for c in cache.case_ids if c not in set(train_ids)][:heldout]
+    ending = json.loads((raw / "dataset.json").read_text())["file_ending"]
+
+    def part(ids):
+        rows = cache.rows(ids)
+        masks = np.stack([np.asarray(Image.open(raw / "labelsTr" / f"{c}{ending}")) > 0 for c in ids])
+        return (torch.from_numpy(cache.tokens[rows].astype(np.float32)), torch.from_numpy(cache.mask[rows]),
+                torch.from_numpy(masks.astype(np.float32))[:, None])
+
+    with open(raw / "reportsTr.csv", newline="", encoding="utf-8") as f:
+        reports = {r["case_id"]: r["report"] for r in csv.DictReader(f)}
+    return {"train": part(train_ids), "heldout": part(others), "train_ids": train_ids,
+            "train_reports": [reports[c] for c in train_ids]}
+
+
+def mirrored_reports(data: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token embeddings of the left↔right-swapped training reports (padded to the cache's length), masks mirrored."""
+    from nnunetv2_textseg.encoders import load_encoder
+    from nnunetv2_textseg.report_parsing import swap_laterality
+    enc = load_encoder(None).encode([swap_laterality(t) for t in data["train_reports"]])
+    tokens, mask, masks = data["train"]
+    length = tokens.shape[1]
+    tok = torch.zeros_like(tokens)
+    msk = torch.zeros_like(mask)
+    n = min(length, enc.tokens.shape[1])
+    tok[:, :n] = torch.from_numpy(np.asarray(enc.tokens, dtype=np.float32)[:, :n])
+    msk[:, :n] = torch.from_numpy(np.asarray(enc.mask, dtype=bool)[:, :n])
+    return tok, msk, masks.flip(-1)
+
+
+def run(data: dict, settings: dict) -> dict:
+    from nnunetv2_textseg.building_blocks.biclip import AttentionPoolText, ImageToTextHead, PseudoImageGenerator
+    from nnunetv2_textseg.diagnose import lesion_prone_region, pixel_auc
+    from nnunetv2_textseg.losses import blur_mask, cycle_loss, lesion_generation_loss
+    s = {**DEFAULTS, **settings}
+    torch.manual_seed(s["seed"])
+    tokens, mask, masks = data["train"]
+    size, dim, zone = masks.shape[-1], 784, 16
+    pool, generator, head = AttentionPoolText(tokens.shape[-1], dim), PseudoImageGenerator(dim, out_bias=-2.0), \
+        ImageToTextHead(dim)
+    null = torch.nn.Parameter(0.02 * torch.randn(dim))
+    params = [*pool.parameters(), *generator.parameters(), null] + (list(head.parameters()) if s["cycle"] else [])
+    opt = torch.optim.AdamW(params, lr=s["lr"], weight_decay=1e-4)
+    target = blur_mask(masks, size / zone)
+    mirror = None
+    if s["mirror"]:
+        m_tok, m_mask, m_masks = mirrored_reports(data)
+        mirror = (m_tok, m_mask, blur_mask(m_masks, size / zone))
+
+    def frame(t):  # zone-scale map, read back at full size
+        return F.interpolate(F.adaptive_avg_pool2d(generator(t), zone), size=size, mode="bilinear", align_corners=False)
+
+    for step in range(s["steps"]):
+        for g in opt.param_groups:
+            g["lr"] = s["lr"] * (1 - step / s["steps"]) ** 0.9
+        i = torch.randint(0, len(tokens), (s["batch"],))
+        tok, msk, tgt = tokens[i], mask[i], target[i]
+        if mirror is not None:
+            use = torch.rand(len(i)) < s["mirror"]
+            tok = torch.where(use[:, None, None], mirror[0][i], tok)
+            msk = torch.where(use[:, None], mirror[1][i], msk)
+            tgt = torch.where(use[:, None, None, None], mirror[2][i], tgt)
+        t = pool(tok, msk)
+        t = torch.where((torch.rand(len(i)) < s["drop"])[:, None], null.expand(len(i), -1), t)
+        logits = frame(t)
+        loss = lesion_generation_loss(logits, tgt, torch.ones_like(tgt, dtype=torch.bool))
+        if s["cycle"]:
+            zone_map = torch.sigmoid(F.adaptive_avg_pool2d(generator(t), zone))
+            loss = loss + s["cycle"] * cycle_loss(t.detach(), head(zone_map), normalized=bool(s["normalized"]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    result = {}
+    with torch.no_grad():
+        for split in ("heldout", "train"):
+            tok, msk, ref = data[split]
+            ref = ref.bool().numpy()
+            region = lesion_prone_region([r.ravel() for r in ref])
+            inside = np.tile(region, len(ref)) if region is not None else None
+            perm = torch.roll(torch.arange(len(tok)), 1)
+            variants = {"real": frame(pool(tok, msk)), "shuffled": frame(pool(tok[perm], msk[perm])),
+                        "null": frame(null[None]).expand(len(tok), -1, -1, -1)}
+            for v, logits in variants.items():
+                if split == "train" and v != "real":
+                    continue
+                scores = torch.sigmoid(logits).numpy().ravel()
+                result[f"{split}_{v}"] = {"auc": pixel_auc(scores, ref.ravel()),
+                                          "auc_region": pixel_auc(scores[inside], ref.ravel()[inside])
+                                          if inside is not None else None}
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    from nnunetv2_textseg.paths import preprocessed_dataset_folder, raw_dataset_folder
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("-d", required=True, help="dataset id or name (in $nnUNet_raw / $nnUNet_preprocessed)")
+    p.add_argument("--runs", nargs="+", default=["", "cycle=0.1", "cycle=0.1,normalized=1", "mirror=0.5"])
+    p.add_argument("--heldout", type=int, default=150, help="other training cases to score on")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "text_pathway_probe.json")
+    a = p.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("TEXTSEG_PROBE_THREADS", "1")))
+    data = load_cases(preprocessed_dataset_folder(a.d), raw_dataset_folder(a.d), a.heldout)
+    rows = []
+    print(f"{len(data['train_ids'])} labelled cases, {len(data['heldout'][0])} other training cases scored\n")
+    print("| run | train AUC region (real) | held-out AUC real | shuffled | null | region real | shuffled | null |\n"
+          "|---|---:|---:|---:|---:|---:|---:|---:|")
+    for spec in a.runs:
+        settings = {k: float(v) for k, v in (kv.split("=") for kv in spec.split(",") if kv)}
+        settings = {k: int(v) if k in ("steps", "batch", "seed") else v for k, v in settings.items()}
+        t0 = time.time()
+        r = run(data, settings)
+        rows.append({"run": spec or "default", "settings": settings, "seconds": time.time() - t0, **r})
+        f = lambda k, m: "–" if r[k][m] is None else f"{r[k][m]:.3f}"  # noqa: E731
+        print(f"| {spec or 'default'} | {f('train_real', 'auc_region')} | {f('heldout_real', 'auc')} | "
+              f"{f('heldout_shuffled', 'auc')} | {f('heldout_null', 'auc')} | {f('heldout_real', 'auc_region')} | "
+              f"{f('heldout_shuffled', 'auc_region')} | {f('heldout_null', 'auc_region')} |", flush=True)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps({"dataset": str(a.d), "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
