@@ -35,18 +35,42 @@ if str(REPO) not in sys.path:
 DEFAULTS = dict(lr=1e-3, steps=750, drop=0.25, batch=2, cycle=0.0, normalized=False, mirror=0.0, seed=0)
 
 
+class ProbeInputError(SystemExit):
+    """The dataset lacks what the probe reads; the message names the file and the fix."""
+
+
+def check_inputs(pre: Path, raw: Path) -> Path:
+    """The training-report cache of ``pre`` (the newest), after checking that every file the probe reads exists."""
+    caches = sorted((pre / "text_embeddings").glob("*Tr.npz"), key=lambda p: p.stat().st_mtime)
+    if not caches:
+        raise ProbeInputError(f"text_pathway_probe: no training-report cache in {pre / 'text_embeddings'}. "
+                              f"Run nnUNetv2_textseg_encode -d {pre.name} (or train a text trainer once) first.")
+    for path, fix in ((pre / "splits_final.json", "run nnUNetv2_train once (it writes the splits), or the "
+                                                   "few-labels benchmark, which writes its label subset there"),
+                      (raw / "reportsTr.csv", "attach reports with nnUNetv2_textseg_attach_reports"),
+                      (raw / "dataset.json", "it is an nnU-Net raw dataset folder"), (raw / "labelsTr", "")):
+        if not path.exists():
+            raise ProbeInputError(f"text_pathway_probe: {path} is missing" + (f"; {fix}." if fix else "."))
+    return caches[-1]
+
+
 def load_cases(pre: Path, raw: Path, heldout: int) -> dict:
     from PIL import Image
 
     from nnunetv2_textseg.cache import TextEmbeddingCache
-    cache = TextEmbeddingCache.load(sorted((pre / "text_embeddings").glob("*Tr.npz"))[0])
+    cache = TextEmbeddingCache.load(check_inputs(pre, raw))
     train_ids = json.loads((pre / "splits_final.json").read_text())[0]["train"]
     others = [c for c in cache.case_ids if c not in set(train_ids)][:heldout]
     ending = json.loads((raw / "dataset.json").read_text())["file_ending"]
 
     def part(ids):
         rows = cache.rows(ids)
-        masks = np.stack([np.asarray(Image.open(raw / "labelsTr" / f"{c}{ending}")) > 0 for c in ids])
+        masks = [np.asarray(Image.open(raw / "labelsTr" / f"{c}{ending}")) > 0 for c in ids]
+        shapes = {m.shape for m in masks}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+            raise ProbeInputError(f"text_pathway_probe: the label maps in {raw / 'labelsTr'} must be 2D and of one "
+                                  f"size (found {sorted(shapes)[:3]}); the probe compares maps pixel by pixel.")
+        masks = np.stack(masks)
         return (torch.from_numpy(cache.tokens[rows].astype(np.float32)), torch.from_numpy(cache.mask[rows]),
                 torch.from_numpy(masks.astype(np.float32))[:, None])
 

@@ -207,3 +207,22 @@ def test_low_label_control_rows_and_lesion_region_auc(tmp_path, monkeypatch):
     assert text_line.count("|") == header.count("|") == mcs_line.count("|")
     assert "0.4700 ± 0.0000 | 0.3000" in text_line and "0.7500 ± 0.0707 | 0.6000 ± 0.0000 | 0.5000" in text_line
     assert mcs_line.count("–") == 6  # AUC real/shuffled/contradictory and the three lesion-region AUCs
+
+
+def test_text_pathway_probe_names_what_is_missing(tmp_path):
+    """The probe on a dataset without a report cache, splits or reports: one message naming the file and the fix."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("text_pathway_probe", REPO / "benchmarks" / "text_pathway_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    pre, raw = tmp_path / "pre" / "Dataset990_X", tmp_path / "raw" / "Dataset990_X"
+    (pre / "text_embeddings").mkdir(parents=True)
+    raw.mkdir(parents=True)
+    with pytest.raises(SystemExit, match="no training-report cache .* nnUNetv2_textseg_encode"):
+        probe.check_inputs(pre, raw)
+    (pre / "text_embeddings" / "enc__Tr.npz").write_bytes(b"")
+    with pytest.raises(SystemExit, match="splits_final.json is missing; run nnUNetv2_train once"):
+        probe.check_inputs(pre, raw)
+    (pre / "splits_final.json").write_text("[]")
+    with pytest.raises(SystemExit, match="reportsTr.csv is missing; attach reports"):
+        probe.check_inputs(pre, raw)
