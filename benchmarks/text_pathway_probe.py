@@ -35,7 +35,10 @@ if str(REPO) not in sys.path:
 DEFAULTS = dict(lr=1e-3, steps=750, drop=0.25, batch=2, cycle=0.0, normalized=False, mirror=0.0, seed=0)
 
 
-class ProbeInputError(SystemExit):
+from nnunetv2_textseg.errors import TextSegError, run_cli  # noqa: E402  (after the path line above)
+
+
+class ProbeInputError(TextSegError):
     """The dataset lacks what the probe reads; the message names the file and the fix."""
 
 
@@ -188,4 +191,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

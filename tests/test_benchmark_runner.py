@@ -218,11 +218,11 @@ def test_text_pathway_probe_names_what_is_missing(tmp_path):
     pre, raw = tmp_path / "pre" / "Dataset990_X", tmp_path / "raw" / "Dataset990_X"
     (pre / "text_embeddings").mkdir(parents=True)
     raw.mkdir(parents=True)
-    with pytest.raises(SystemExit, match="no training-report cache .* nnUNetv2_textseg_encode"):
+    with pytest.raises(probe.ProbeInputError, match="no training-report cache .* nnUNetv2_textseg_encode"):
         probe.check_inputs(pre, raw)
     (pre / "text_embeddings" / "enc__Tr.npz").write_bytes(b"")
-    with pytest.raises(SystemExit, match="splits_final.json is missing; run nnUNetv2_train once"):
+    with pytest.raises(probe.ProbeInputError, match="splits_final.json is missing; run nnUNetv2_train once"):
         probe.check_inputs(pre, raw)
     (pre / "splits_final.json").write_text("[]")
-    with pytest.raises(SystemExit, match="reportsTr.csv is missing; attach reports"):
+    with pytest.raises(probe.ProbeInputError, match="reportsTr.csv is missing; attach reports"):
         probe.check_inputs(pre, raw)
