@@ -72,6 +72,10 @@ class BiCLIPNetwork(TextConditionedNetwork):
             modules (end to end, the paper's). False: the pseudo-image is what the generation (and cycle) losses
             make of the report — a map of where it puts the lesion — and the U-Net learns to read that map,
             but cannot reshape it into whatever fits its few training images.
+        cross_fit: 1, or 2 report pathways (text pooling, null report, BMF, generator, image-to-text head each),
+            cross-fitted: each training case is fitted by one pathway while the U-Net reads the other's map of
+            it (see :meth:`forward`), so the U-Net learns to trust a map as much as a new report's map deserves
+            instead of one drawn by a generator that has fitted that very case.
     """
 
     text_input = "tokens"  # what set_text expects: token embeddings + mask
@@ -81,7 +85,7 @@ class BiCLIPNetwork(TextConditionedNetwork):
                  image_dim: int = 128, bidirectional: bool = True, cycle: bool = True, iac: bool = True,
                  ignore_text: bool = False, text_pooling: str = "attention", pseudo_activation: str = "sigmoid",
                  frame_resolution: int | None = 16, position_to_unet: bool = True, generation_source: str = "fused",
-                 seg_gradient_to_text: bool = True):
+                 seg_gradient_to_text: bool = True, cross_fit: int = 1):
         super().__init__()
         if not (hasattr(unet, "encoder") and hasattr(unet, "decoder")):
             raise TypeError(f"{type(unet).__name__} has no encoder/decoder; BiCLIP needs a "
@@ -93,26 +97,45 @@ class BiCLIPNetwork(TextConditionedNetwork):
                              f"{generation_source!r}")
         self.unet = unet
         self.image_channels = image_channels
-        self.text_pool = AttentionPoolText(text_in_dim, text_dim) if text_pooling == "attention" \
-            else MeanPoolText(text_in_dim, text_dim)
-        # The learned "no report" text, used for dropped reports and cases without one (small, not zero:
-        # a zero text would give the generator's first convolution no gradient while every report is dropped)
-        self.null_text = nn.Parameter(0.02 * torch.randn(text_dim))
-        self.image_encoder = GlobalImageEncoder(image_channels, image_dim) if bidirectional else None
-        self.fusion = BidirectionalFusion(text_dim, image_dim) if bidirectional else None
+        if cross_fit not in (1, 2):
+            raise ValueError(f"cross_fit must be 1 (one report pathway) or 2 (two, cross-fitted), got {cross_fit!r}")
         self.sigmoid = pseudo_activation == "sigmoid"
         self.frame_resolution = frame_resolution
         self.position_to_unet = position_to_unet
         self.generation_source = generation_source
         self.seg_gradient_to_text = seg_gradient_to_text
-        # lesions are rare: start the probability map low (sigmoid(-2) ~ 0.12) rather than at 0.5
-        self.generator = PseudoImageGenerator(text_dim, out_bias=-2.0 if self.sigmoid else 0.0)
-        self.image_to_text = ImageToTextHead(text_dim) if cycle else None
+        pathway = dict(image_channels=image_channels, text_in_dim=text_in_dim, text_dim=text_dim,
+                       image_dim=image_dim, bidirectional=bidirectional, cycle=cycle, text_pooling=text_pooling)
+        # the report pathway's modules live on the network itself (pathway 0; the state-dict names of every
+        # model trained so far), the cross-fitted twin's in ``cross_fit_twin`` (pathway 1)
+        self._add_report_pathway(self, **pathway)
+        self.cross_fit_twin = self._add_report_pathway(nn.Module(), **pathway) if cross_fit == 2 else None
         self.iac_head = ProjectionHead(unet.encoder.output_channels[-1]) if iac else None
         self.ignore_text = ignore_text
         self._tokens: torch.Tensor | None = None  # set per case at inference; not part of the state dict
         self._mask: torch.Tensor | None = None
         self._warned_null = False
+
+    def _add_report_pathway(self, owner: nn.Module, image_channels: int, text_in_dim: int, text_dim: int,
+                            image_dim: int, bidirectional: bool, cycle: bool, text_pooling: str) -> nn.Module:
+        """Put one report pathway's modules on ``owner``: text pooling, null report, BMF (image encoder and
+        fusion), generator and image-to-text head."""
+        owner.text_pool = AttentionPoolText(text_in_dim, text_dim) if text_pooling == "attention" \
+            else MeanPoolText(text_in_dim, text_dim)
+        # The learned "no report" text, used for dropped reports and cases without one (small, not zero:
+        # a zero text would give the generator's first convolution no gradient while every report is dropped)
+        owner.null_text = nn.Parameter(0.02 * torch.randn(text_dim))
+        owner.image_encoder = GlobalImageEncoder(image_channels, image_dim) if bidirectional else None
+        owner.fusion = BidirectionalFusion(text_dim, image_dim) if bidirectional else None
+        # lesions are rare: start the probability map low (sigmoid(-2) ~ 0.12) rather than at 0.5
+        owner.generator = PseudoImageGenerator(text_dim, out_bias=-2.0 if self.sigmoid else 0.0)
+        owner.image_to_text = ImageToTextHead(text_dim) if cycle else None
+        return owner
+
+    @property
+    def pathways(self) -> list[nn.Module]:
+        """The report pathways: [self] or, cross-fitted, [self, cross_fit_twin]."""
+        return [self] if self.cross_fit_twin is None else [self, self.cross_fit_twin]
 
     def set_text(self, tokens: torch.Tensor | None, mask: torch.Tensor | None = None) -> None:
         """Report used by the next plain ``forward(x)`` calls: token embeddings (1, L, D_in) (or (L, D_in))
@@ -125,19 +148,22 @@ class BiCLIPNetwork(TextConditionedNetwork):
 
     def current_pseudo_image(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, C + 3, H, W) -> the pseudo-image (B, 1, H, W) of the report set with :meth:`set_text` (the null
-        report if none), as the U-Net sees it before input normalisation."""
+        report if none), as the U-Net sees it before input normalisation (cross-fitted: the pathways' mean)."""
         tokens, mask = self._tokens, self._mask
         if tokens is not None:
             tokens, mask = tokens.to(x.device), mask.to(x.device)
-        return self.pseudo_image(x, self.text_embedding(tokens, mask, x.shape[0]))[0]
+        maps = [self.pseudo_image(x, self.text_embedding(tokens, mask, x.shape[0], pathway=k), pathway=k)[0]
+                for k in range(len(self.pathways))]
+        return maps[0] if len(maps) == 1 else torch.stack(maps).mean(0)
 
     def text_embedding(self, tokens: torch.Tensor | None, mask: torch.Tensor | None, batch: int,
-                       drop: torch.Tensor | None = None) -> torch.Tensor:
+                       drop: torch.Tensor | None = None, pathway: int = 0) -> torch.Tensor:
         """Projected text t (B, D); rows with ``drop`` True (or all, if tokens is None) use the null report."""
-        null = self.null_text.unsqueeze(0).expand(batch, -1)
+        path = self.pathways[pathway]
+        null = path.null_text.unsqueeze(0).expand(batch, -1)
         if tokens is None:
             return null
-        t = self.text_pool(tokens.to(null.dtype), mask)
+        t = path.text_pool(tokens.to(null.dtype), mask)
         t = t.expand(batch, -1) if t.shape[0] == 1 else t
         if self.ignore_text:
             drop = torch.ones(batch, dtype=torch.bool, device=null.device)
@@ -146,27 +172,29 @@ class BiCLIPNetwork(TextConditionedNetwork):
         # torch.where keeps both branches in the graph: every parameter gets a gradient each step
         return torch.where(drop[:, None], null, t)
 
-    def frame_pseudo_image(self, image: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def frame_pseudo_image(self, image: torch.Tensor, t: torch.Tensor, pathway: int = 0) -> torch.Tensor:
         """BMF: refine t with the image's global embedding and decode it to the whole-image pseudo-image
         (B, 1, S, S) (logits for a sigmoid pseudo-image)."""
-        if self.fusion is not None:
-            t = self.fusion(t, self.image_encoder(image))
-        return self.decode_frame(t)
+        path = self.pathways[pathway]
+        if path.fusion is not None:
+            t = path.fusion(t, path.image_encoder(image))
+        return self.decode_frame(t, pathway)
 
-    def decode_frame(self, t: torch.Tensor) -> torch.Tensor:
+    def decode_frame(self, t: torch.Tensor, pathway: int = 0) -> torch.Tensor:
         """t (B, D) -> whole-image map (B, 1, S, S) at zone scale."""
-        frame = self.generator(t)
+        frame = self.pathways[pathway].generator(t)
         if self.frame_resolution and frame.shape[-1] > self.frame_resolution:
             # zone scale: a report says where (which lung, which third), not the lesion's outline; a coarse map
             # cannot memorise training masks, so the U-Net keeps taking the outline from the image
             frame = F.adaptive_avg_pool2d(frame, self.frame_resolution)
         return frame
 
-    def pseudo_image(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def pseudo_image(self, x: torch.Tensor, t: torch.Tensor, pathway: int = 0
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, C + 3, H, W) -> (pseudo-image on the sample (B, 1, H, W), its logits (or the linear map),
         whole-image map (B, 1, S, S))."""
         image, position = split_position(x)
-        frame = self.frame_pseudo_image(image, t)
+        frame = self.frame_pseudo_image(image, t, pathway)
         raw = sample_patient_frame(frame, position)
         pseudo = torch.sigmoid(raw) * (position[:, 2:3] > 0.5).to(raw.dtype) if self.sigmoid else raw
         return pseudo, raw, frame
@@ -179,29 +207,46 @@ class BiCLIPNetwork(TextConditionedNetwork):
         return torch.cat(parts, dim=1)
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                drop: torch.Tensor | None = None, x_strong: torch.Tensor | None = None, return_aux: bool = False):
+                drop: torch.Tensor | None = None, x_strong: torch.Tensor | None = None, return_aux: bool = False,
+                fit_half: torch.Tensor | None = None):
         """x: (B, C + 3, H, W) image + position channels; tokens (B or 1, L, D_in), mask (B or 1, L): the
         report (default: the one set with ``set_text``, else the null report). Returns the U-Net output (a
         list with deep supervision), or a :class:`BiCLIPOutput` with ``return_aux``. ``x_strong`` (B, C, H, W)
         is the strongly augmented image for IAC: it shares the pseudo-image and position and only passes
-        the U-Net encoder (its decoder output is unused)."""
+        the U-Net encoder (its decoder output is unused).
+
+        Cross-fitted (two pathways), ``fit_half`` (B,) in {0, 1} says which pathway each training case belongs to:
+        that pathway's map is what the generation and cycle losses train, and the U-Net sees the *other*
+        pathway's map, drawn by a generator that never fitted this case — as uncertain as a new report's. Without
+        ``fit_half`` (prediction, validation) the U-Net sees the pathways' mean."""
         tokens, mask = self.report_for_forward(tokens, mask)
         if tokens is not None:
             tokens, mask = tokens.to(x.device), mask.to(x.device)
         x = ensure_position_channels(x, self.image_channels + POSITION_CHANNELS, type(self).__name__)
         image, position = split_position(x)
-        t = self.text_embedding(tokens, mask, x.shape[0], drop)
-        pseudo, raw, frame = self.pseudo_image(x, t)
+        n = len(self.pathways)
+        if n > 1 and return_aux and fit_half is None:
+            raise ValueError("a cross-fitted BiCLIPNetwork trains with fit_half: which pathway fits each case")
+        ts = [self.text_embedding(tokens, mask, x.shape[0], drop, pathway=k) for k in range(n)]
+        maps = [self.pseudo_image(x, ts[k], pathway=k) for k in range(n)]  # (pseudo, raw, frame) per pathway
+        own = (lambda values: values[0]) if n == 1 else (lambda values: _per_sample(fit_half, values))
+        if n == 1:
+            pseudo = maps[0][0]
+        elif fit_half is None:
+            pseudo = torch.stack([m[0] for m in maps]).mean(0)
+        else:
+            pseudo = _per_sample(1 - fit_half, [m[0] for m in maps])
         seen = pseudo if self.seg_gradient_to_text else pseudo.detach()
         skips = self.unet.encoder(self.unet_input(image, seen, position))
         seg = self.unet.decoder(skips)
         if not return_aux:
             return seg
-        t_hat = self.image_to_text(torch.sigmoid(frame) if self.sigmoid else frame) \
-            if self.image_to_text is not None else None
+        raw, t = own([m[1] for m in maps]), own(ts)
+        t_hat = own([path.image_to_text(torch.sigmoid(m[2]) if self.sigmoid else m[2])
+                     for path, m in zip(self.pathways, maps)]) if self.image_to_text is not None else None
         generated = raw
         if self.generation_source == "text" and self.fusion is not None:
-            generated = sample_patient_frame(self.decode_frame(t), position)
+            generated = sample_patient_frame(own([self.decode_frame(ts[k], k) for k in range(n)]), position)
         p_weak = p_strong = None
         if self.iac_head is not None and x_strong is not None:
             strong_bottleneck = self.unet.encoder(self.unet_input(x_strong, seen, position))[-1]
@@ -209,3 +254,10 @@ class BiCLIPNetwork(TextConditionedNetwork):
             p_strong = self.iac_head(strong_bottleneck.mean(dim=(2, 3)))
         return BiCLIPOutput(seg, pseudo, raw if self.sigmoid else None, generated, position[:, 2:3], t, t_hat,
                             p_weak, p_strong)
+
+
+def _per_sample(index: torch.Tensor, values: list[torch.Tensor]) -> torch.Tensor:
+    """values[index[b]][b] for each sample b: (B, ...) from K tensors of (B, ...)."""
+    stacked = torch.stack(values)  # (K, B, ...)
+    picked = index.long().view(1, -1, *([1] * (stacked.ndim - 2))).expand(1, *stacked.shape[1:])
+    return stacked.gather(0, picked)[0]

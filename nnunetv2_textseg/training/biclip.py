@@ -15,6 +15,8 @@ explained in :func:`~nnunetv2_textseg.losses.lesion_generation_loss`.
 """
 from __future__ import annotations
 
+import zlib
+
 import torch
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
@@ -53,6 +55,9 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
     seg_gradient_to_text = True
     # cycle loss on layer-normalised t and t̂ (see losses.cycle_loss) rather than the raw ‖t − t̂‖²
     cycle_normalized = False
+    # 1 report pathway, or 2 cross-fitted ones (see BiCLIPNetwork): the U-Net then trains on maps of reports the
+    # map's generator has not fitted, as at test time
+    cross_fit = 1
     text_pooling = "attention"  # or "mean" (the paper's)
     pseudo_activation = "sigmoid"  # or "linear" (the paper's)
     text_dim = 784  # 28 x 28, as EF-UNet's pseudo-image seed
@@ -86,7 +91,7 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
                              ignore_text=cls.ignore_text, text_pooling=cls.text_pooling,
                              pseudo_activation=cls.pseudo_activation, frame_resolution=cls.frame_resolution,
                              position_to_unet=cls.position_to_unet, generation_source=cls.generation_source,
-                             seg_gradient_to_text=cls.seg_gradient_to_text)
+                             seg_gradient_to_text=cls.seg_gradient_to_text, cross_fit=cls.cross_fit)
 
     # ---- data: two intensity views for IAC -----------------------------------------------------
     def get_training_transforms(self, *args, **kwargs):
@@ -153,12 +158,26 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
         return {"wnorm_image": float(norms[:c].mean()), "wnorm_pseudo": float(norms[c]),
                 "wnorm_position": float(norms[c + 1:].mean()) if norms.numel() > c + 1 else float("nan")}
 
-    def compute_step(self, data, target, tokens, mask, drop) -> tuple[torch.Tensor, dict]:
+    def fit_halves(self, keys: list[str] | None) -> torch.Tensor | None:
+        """Cross-fitting: which report pathway (0/1) fits each case — the training cases of this fold, sorted by
+        id, alternately (a fixed, balanced split); None with one pathway."""
+        if self.cross_fit == 1:
+            return None
+        if keys is None:
+            raise TextTrainingError(f"{type(self).__name__} is cross-fitted: its training step needs the case ids")
+        if not hasattr(self, "_fit_half_of"):
+            self._fit_half_of = {k: i % 2 for i, k in enumerate(self.training_case_ids)}
+        # a case outside the split (not expected) still gets a fixed pathway
+        return torch.tensor([self._fit_half_of.get(str(k), zlib.crc32(str(k).encode()) % 2) for k in keys],
+                            device=self.device)
+
+    def compute_step(self, data, target, tokens, mask, drop, keys=None) -> tuple[torch.Tensor, dict]:
         # channels: [weak view C | strong view C (IAC only) | position 3]
         c = self.num_input_channels
         position = data[:, -POSITION_CHANNELS:]
         weak = data[:, :c]
         strong = data[:, c:2 * c] if data.shape[1] == 2 * c + POSITION_CHANNELS else None
+        half = self.fit_halves(keys)
         out = self.network(torch.cat([weak, position], 1), tokens=tokens, mask=mask, drop=drop,
-                           x_strong=strong, return_aux=True)
+                           x_strong=strong, return_aux=True, **({} if half is None else {"fit_half": half}))
         return self.compute_loss(out, weak, target)

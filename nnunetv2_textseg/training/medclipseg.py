@@ -44,7 +44,7 @@ class nnUNetTrainerMedCLIPSeg(nnUNetTrainerText):
                                  cls.beta, cls.deterministic, cls.ignore_text,
                                  position_channels=int(text.get("position_channels", 0)))
 
-    def compute_step(self, data, target, tokens, mask, drop) -> tuple[torch.Tensor, dict]:
+    def compute_step(self, data, target, tokens, mask, drop, keys=None) -> tuple[torch.Tensor, dict]:
         out = self.network(data, tokens=tokens, mask=mask, drop=drop, return_aux=True)
         seg = self.loss(out.seg, target)
         con = soft_contrastive_loss(out.img_emb.float(), out.txt_emb.float(), self.tau,

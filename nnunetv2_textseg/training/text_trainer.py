@@ -160,6 +160,7 @@ class nnUNetTrainerText(nnUNetTrainer):
                 raise TextTrainingError(f"The reports were encoded by another model than this model folder's "
                                         f"encoder. {e}") from e
         tr_keys, val_keys = self.do_split()
+        self.training_case_ids = sorted(str(k) for k in tr_keys)
         available = set(reports) if reports is not None else set(cache.case_ids)
         missing = sorted(k for k in list(tr_keys) + list(val_keys) if k not in available)
         if missing:
@@ -350,14 +351,16 @@ class nnUNetTrainerText(nnUNetTrainer):
 
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            loss, terms = self.compute_step(data, target, tokens, mask, drop)
+            loss, terms = self.compute_step(data, target, tokens, mask, drop, keys=list(batch["keys"]))
         self.optimizer_step(loss)
         return {"loss": loss.detach().cpu().numpy(), **terms}
 
     def compute_step(self, data: torch.Tensor, target: torch.Tensor | list[torch.Tensor], tokens: torch.Tensor,
-                     mask: torch.Tensor, drop: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+                     mask: torch.Tensor, drop: torch.Tensor, keys: list[str] | None = None
+                     ) -> tuple[torch.Tensor, dict[str, float]]:
         """One method's forward pass and loss: data (B, C', H, W) as the loader gives it, the reports' tokens
-        (B, L, D_in) and mask (B, L), drop (B,) True where the null report is used. Returns the total loss and
+        (B, L, D_in) and mask (B, L), drop (B,) True where the null report is used, keys: the samples' case
+        ids. Returns the total loss and
         the logged terms (floats)."""
         raise NotImplementedError(f"{type(self).__name__} must implement compute_step")
 

@@ -66,6 +66,13 @@ class nnUNetTrainerBiCLIP_noSegGrad(nnUNetTrainerBiCLIP):
     cycle_normalized = True
 
 
+class nnUNetTrainerBiCLIP_crossFit(nnUNetTrainerBiCLIP_noSegGrad):
+    """Two report pathways, cross-fitted: each training case is fitted by one while the U-Net reads the other's
+    map of it, so the U-Net learns how far a map of a report its generator has not fitted can be trusted (as at
+    test time); prediction reads the pathways' mean. Segmentation gradient stopped, layer-normalised cycle."""
+    cross_fit = 2
+
+
 class nnUNetTrainerBiCLIP_noPosition(nnUNetTrainerBiCLIP):
     """The U-Net gets [image, pseudo-image] only: the patient frame reaches it through the pseudo-image."""
     position_to_unet = False
@@ -153,7 +160,8 @@ _LENGTHS = {"_1epoch": (1, None, None), "_5epochs": (5, None, None), "_10epochs"
             "_demo": (30, 25, 5), "_debug": (2, 4, 2)}
 _BASES = [nnUNetTrainerBiCLIP, nnUNetTrainerBiCLIP_noIAC, nnUNetTrainerBiCLIP_noCycle,
           nnUNetTrainerBiCLIP_unidirectional, nnUNetTrainerBiCLIP_noText, nnUNetTrainerBiCLIP_noBMF,
-          nnUNetTrainerBiCLIP_efunet, nnUNetTrainerBiCLIP_textGen, nnUNetTrainerBiCLIP_noSegGrad, nnUNetTrainerBiCLIP_safeAug, nnUNetTrainerBiCLIP_noPosition,
+          nnUNetTrainerBiCLIP_efunet, nnUNetTrainerBiCLIP_textGen, nnUNetTrainerBiCLIP_noSegGrad, nnUNetTrainerBiCLIP_crossFit,
+          nnUNetTrainerBiCLIP_safeAug, nnUNetTrainerBiCLIP_noPosition,
           nnUNetTrainerMedCLIPSeg, nnUNetTrainerMedCLIPSeg_noProb, nnUNetTrainerMedCLIPSeg_noContrastive,
           nnUNetTrainerMedCLIPSeg_noText, nnUNetTrainerMedCLIPSeg_safeAug]
 for _base in _BASES:
