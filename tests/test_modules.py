@@ -496,3 +496,39 @@ def test_segmentation_gradient_reaches_the_text_modules_only_when_asked(through)
     net.zero_grad()
     out.generated.square().mean().backward()
     assert net.generator.decoder[-1].weight.grad.abs().sum() > 0
+
+
+def test_cross_fitting_feeds_the_unet_the_other_pathways_map():
+    """cross_fit=2: a case fitted by pathway k trains only pathway k's modules through the generation and cycle
+    losses, while the U-Net sees pathway 1 - k's map of it (never fitted on that case); without ``fit_half``
+    (prediction) the U-Net sees the pathways' mean. One pathway keeps the state-dict names of every model so far."""
+    torch.set_num_threads(1)
+    net = make_net(cross_fit=2, seg_gradient_to_text=False, iac=False).train()
+    single = set(make_net(iac=False).state_dict())
+    assert single < set(net.state_dict()) and all(n.startswith("cross_fit_twin.") for n in set(net.state_dict()) - single)
+    x = with_pos(torch.randn(2, 1, 32, 32))
+    tokens, mask = report(2)
+    half = torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="fit_half"):
+        net(x, tokens=tokens, mask=mask, return_aux=True)
+    out = net(x, tokens=tokens, mask=mask, return_aux=True, fit_half=half)
+    maps = [net.pseudo_image(x, net.text_embedding(tokens, mask, 2, pathway=k), pathway=k) for k in (0, 1)]
+    assert not torch.allclose(maps[0][0], maps[1][0])  # two independently initialised pathways
+    torch.testing.assert_close(out.pseudo[0], maps[1][0][0])  # case 0 (fitted by 0): the U-Net reads pathway 1's
+    torch.testing.assert_close(out.pseudo[1], maps[0][0][1])
+    torch.testing.assert_close(out.generated[0], maps[0][1][0])  # ... and the generation loss trains pathway 0's
+    torch.testing.assert_close(out.generated[1], maps[1][1][1])
+    # case 0's generation and cycle losses reach pathway 0 only
+    (lesion_generation_loss(out.generated[:1], torch.ones_like(out.generated[:1]), out.inside[:1] > 0.5)
+     + cycle_loss(out.t[:1].detach(), out.t_hat[:1], normalized=True)).backward()
+    grads = {n: (p.grad is not None and p.grad.abs().sum() > 0) for n, p in net.named_parameters()}
+    assert grads["generator.decoder.0.0.weight"] and grads["text_pool.queries"] and grads["image_to_text.head.weight"]
+    assert not any(g for n, g in grads.items() if n.startswith("cross_fit_twin."))
+    net.eval()
+    net.set_text(tokens[:1], mask[:1])
+    with torch.no_grad():
+        both = [net.pseudo_image(x[:1], net.text_embedding(tokens[:1], mask[:1], 1, pathway=k), pathway=k)[0]
+                for k in (0, 1)]
+        torch.testing.assert_close(net.current_pseudo_image(x[:1]), (both[0] + both[1]) / 2)
+    with pytest.raises(ValueError, match="cross_fit"):
+        make_net(cross_fit=3)

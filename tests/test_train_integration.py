@@ -126,7 +126,7 @@ def test_paper_batch_of_16_is_global_under_ddp(trained_model, monkeypatch):
                                      "nnUNetTrainerBiCLIP_noText", "nnUNetTrainerBiCLIP_noCycle",
                                      "nnUNetTrainerBiCLIP_paper", "nnUNetTrainerBiCLIP_efunet",
                                      "nnUNetTrainerBiCLIP_safeAug", "nnUNetTrainerBiCLIP_noPosition",
-                                     "nnUNetTrainerBiCLIP_noSegGrad"])
+                                     "nnUNetTrainerBiCLIP_noSegGrad", "nnUNetTrainerBiCLIP_crossFit"])
 def test_ablation_builds_and_trains_one_step(trained_model, variant, monkeypatch):
     """Each ablation builds its network from the plans and runs a real train_step on real batches."""
     from nnunetv2.run.run_training import get_trainer_from_args
@@ -169,5 +169,10 @@ def test_ablation_builds_and_trains_one_step(trained_model, variant, monkeypatch
         assert not net.position_to_unet and "wnorm_position" in trainer.epoch_statistics()
     if variant.endswith("noSegGrad"):
         assert not net.seg_gradient_to_text and trainer.cycle_normalized and "cycle" in out
+    if variant.endswith("crossFit"):  # a fixed, balanced split of the fold's training cases over the 2 pathways
+        assert net.cross_fit_twin is not None and not net.seg_gradient_to_text
+        halves = trainer.fit_halves(trainer.training_case_ids).tolist()
+        assert sorted(set(halves)) == [0, 1] and abs(2 * sum(halves) - len(halves)) <= 1
+        assert trainer.fit_halves(trainer.training_case_ids).tolist() == halves
     if variant.endswith("efunet"):
         assert not net.sigmoid and type(net.text_pool).__name__ == "MeanPoolText" and out["gen"] >= 0
