@@ -1,12 +1,17 @@
 """Benchmark: report encoding speed of the default text encoder on CPU, and a cached re-run (not a test).
 
-With the offline default encoder (all-MiniLM-L6-v2), at each batch size:
+With the offline default encoder (all-MiniLM-L6-v2) on its default path (``EncoderSpec()``, bfloat16) and, side by
+side, its float32 path (``EncoderSpec(precision="fp32")``, the path of earlier versions), at each batch size:
 
 * (a) real reports: the first ``--n`` QaTa-COV19 (LViT) training reports, which repeat a lot (the encoder
   encodes each distinct text once);
 * (b) distinct reports: ``--n`` distinct texts, all different report texts of the real tables in
   ``shared/reports`` (about 990), topped up with real texts plus a case number if ``--n`` is larger. This is the
   figure of the target (>= 300 distinct reports/s on 2 CPU cores).
+
+The two paths run alternately (default, fp32, default, ...) so that both see the same load; each figure is the best
+of ``--repeats`` runs, with its CPU seconds per report. Their agreement on (b) is recorded too: token embeddings (as
+stored, float16) and pooled vectors of the default path against float32, and how far apart location words stay.
 
 Then the cached re-runs: ``build_or_update_cache`` in this process (nothing to encode; target < 1 s) and the
 whole console command ``nnUNetv2_textseg_encode -d D`` in a subprocess on a small demo dataset made with
@@ -141,6 +146,59 @@ def cached_command(tmp: Path, folder: Path, repeats: int, n_train: int, n_test: 
             "meets_target": min(cached) < TARGET_COMMAND_S}
 
 
+# pairs of reports that differ only in a location word: their embeddings must stay as far apart as in float32
+LOCATION_PAIRS = [
+    ("Unilateral pulmonary infection, one infected area, upper left lung.",
+     "Unilateral pulmonary infection, one infected area, upper right lung."),
+    ("Bilateral pulmonary infection, two infected areas, lower left lung and upper right lung.",
+     "Bilateral pulmonary infection, two infected areas, lower right lung and upper left lung."),
+    ("upper left lung", "upper right lung"),
+    ("lower left lung", "upper left lung"),
+]
+
+
+def _cosine(a, b, axis=-1):
+    import numpy as np
+    return (a * b).sum(axis) / (np.linalg.norm(a, axis=axis) * np.linalg.norm(b, axis=axis))
+
+
+def agreement(fast, ref) -> dict:
+    """How close encodings ``fast`` are to ``ref`` (float32) of the same texts: tokens as stored (float16)."""
+    import numpy as np
+    m = ref.mask
+    assert (fast.mask == m).all()
+    t, r = fast.tokens[m].astype(np.float32), ref.tokens[m].astype(np.float32)
+    rel = np.linalg.norm(t - r, axis=1) / np.linalg.norm(r, axis=1)
+    cos = _cosine(t, r)
+    pooled_cos = _cosine(fast.pooled, ref.pooled)
+    step = np.abs(np.spacing(r.astype(np.float16)).astype(np.float32))  # float16 resolution of each stored value
+    return {"tokens": int(m.sum()),
+            "token_max_abs_diff": float(np.abs(t - r).max()), "token_mean_abs_diff": float(np.abs(t - r).mean()),
+            "token_relative_error_median": float(np.median(rel)), "token_relative_error_max": float(rel.max()),
+            "token_cosine_min": float(cos.min()), "token_cosine_mean": float(cos.mean()),
+            "token_diff_in_float16_steps_median": float(np.median(np.abs(t - r) / step)),
+            "pooled_max_abs_diff": float(np.abs(fast.pooled - ref.pooled).max()),
+            "pooled_cosine_min": float(pooled_cos.min()), "pooled_cosine_mean": float(pooled_cos.mean())}
+
+
+def location_words(encoders: dict) -> list[dict]:
+    """Pooled cosine of each LOCATION_PAIRS pair, and of the tokens "left"/"right" at the same place, per path."""
+    rows = []
+    for a, b in LOCATION_PAIRS:
+        row = {"a": a, "b": b}
+        for name, encoder in encoders.items():
+            enc = encoder.encode([a, b])
+            row[f"pooled_cosine_{name}"] = round(float(_cosine(enc.pooled[0], enc.pooled[1])), 6)
+            ids = [encoder.tokenizer(t)["input_ids"] for t in (a, b)]
+            diff = [i for i, (x, y) in enumerate(zip(*ids)) if x != y]
+            if len(ids[0]) == len(ids[1]) and len(diff) == 1:  # one word differs: compare its token embeddings
+                i = diff[0]
+                row[f"token_cosine_{name}"] = round(float(_cosine(enc.tokens[0, i].astype("float32"),
+                                                                  enc.tokens[1, i].astype("float32"))), 6)
+        rows.append(row)
+    return rows
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=1000)
@@ -152,6 +210,7 @@ def main(argv=None) -> dict:
                    help="real report tables (default: $NNUNET_TEXTSEG_SHARED_REPORTS or ../shared/reports)")
     p.add_argument("--command_repeats", type=int, default=5, help="cached runs of nnUNetv2_textseg_encode")
     p.add_argument("--skip_command", action="store_true", help="do not time the console command")
+    p.add_argument("--skip_fp32", action="store_true", help="time only the default path")
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args(argv)
 
@@ -159,7 +218,7 @@ def main(argv=None) -> dict:
     import transformers
 
     from nnunetv2_textseg.cache import build_or_update_cache
-    from nnunetv2_textseg.encoders import TextEncoder
+    from nnunetv2_textseg.encoders import EncoderSpec, TextEncoder
 
     load_before = load_average()
     folder = reports_dir(a.reports_dir)
@@ -168,29 +227,64 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     encoder = TextEncoder()
     load_s = time.perf_counter() - t0
+    default_precision = getattr(encoder.spec, "precision", "fp32")
+    paths = {"default": encoder}
+    if not a.skip_fp32 and default_precision != "fp32":
+        paths["fp32"] = TextEncoder(EncoderSpec(precision="fp32"))
     takes_threads = "num_threads" in inspect.signature(encoder.encode).parameters
     if a.threads and not takes_threads:  # an older encoder: the process setting
         torch.set_num_threads(a.threads)
 
-    def encode(texts, bs):
+    def encode(enc, texts, bs):
         if takes_threads:
-            return encoder.encode(texts, batch_size=bs, num_threads=a.threads)
-        return encoder.encode(texts, batch_size=bs)
+            return enc.encode(texts, batch_size=bs, num_threads=a.threads)
+        return enc.encode(texts, batch_size=bs)
 
-    encode(distinct[:128], 64)  # warm-up
-    rows = []
+    for enc in paths.values():
+        encode(enc, distinct[:128], 64)  # warm-up
+    rows, last = [], {}
     for name, texts in (("(a) real reports", real), ("(b) distinct reports", distinct)):
         n_distinct = len(set(texts))
         for bs in a.batch_sizes:
-            s, cpu = best_of(lambda: encode(texts, bs), a.repeats)
-            rows.append({"input": name, "n": len(texts), "distinct": n_distinct, "batch_size": bs,
-                         "seconds": round(s, 4), "reports_per_s": round(len(texts) / s, 1),
-                         "distinct_per_s": round(n_distinct / s, 1), "cpu_seconds": round(cpu, 4),
-                         "distinct_per_cpu_s": round(n_distinct / cpu, 1),
-                         "threads_used": {str(k): v for k, v in getattr(encoder, "threads_used", {}).items()},
-                         "meets_target": n_distinct / s >= TARGET_RPS})
-            print(f"  {name}, batch size {bs}: {n_distinct / s:.0f} distinct reports/s "
-                  f"(load {load_average()})", flush=True)
+            # alternately, so both paths see the same load; the best of the repeats of each
+            best = {path: (float("inf"), float("inf")) for path in paths}
+            threads_used = {}
+            for _ in range(a.repeats):
+                for path, enc in paths.items():
+                    t, c = time.perf_counter(), time.process_time()
+                    last[path] = encode(enc, texts, bs)
+                    best[path] = min(best[path], (time.perf_counter() - t, time.process_time() - c))
+                    threads_used[path] = {str(k): v for k, v in getattr(enc, "threads_used", {}).items()}
+            for path, (s, cpu) in best.items():
+                rows.append({"input": name, "path": path,
+                             "precision": getattr(paths[path].spec, "precision", "fp32"),
+                             "n": len(texts), "distinct": n_distinct, "batch_size": bs,
+                             "seconds": round(s, 4), "reports_per_s": round(len(texts) / s, 1),
+                             "distinct_per_s": round(n_distinct / s, 1), "cpu_seconds": round(cpu, 4),
+                             "distinct_per_cpu_s": round(n_distinct / cpu, 1),
+                             "cpu_s_per_distinct_report": round(cpu / n_distinct, 6),
+                             "threads_used": threads_used[path],
+                             "meets_target": n_distinct / s >= TARGET_RPS})
+            print(f"  {name}, batch size {bs}: " + "; ".join(
+                f"{path} {n_distinct / s:.0f} distinct reports/s ({n_distinct / cpu:.0f}/CPU-s)"
+                for path, (s, cpu) in best.items()) + f" (load {load_average()})", flush=True)
+    comparison = []
+    for r in rows:
+        if r["path"] != "default":
+            continue
+        ref = next((x for x in rows if x["path"] == "fp32" and x["input"] == r["input"]
+                    and x["batch_size"] == r["batch_size"]), None)
+        if ref is not None:
+            comparison.append({"input": r["input"], "batch_size": r["batch_size"],
+                               "default_distinct_per_s": r["distinct_per_s"], "fp32_distinct_per_s": ref["distinct_per_s"],
+                               "default_cpu_s_per_report": r["cpu_s_per_distinct_report"],
+                               "fp32_cpu_s_per_report": ref["cpu_s_per_distinct_report"],
+                               "speedup_wall": round(r["distinct_per_s"] / ref["distinct_per_s"], 2),
+                               "speedup_cpu": round(ref["cpu_seconds"] / r["cpu_seconds"], 2)})
+    agree = locations = None
+    if "fp32" in paths:
+        agree = agreement(last["default"], last["fp32"])  # (b) distinct reports at the last batch size
+        locations = location_words(paths)
 
     with tempfile.TemporaryDirectory() as tmp:
         reports = {f"case_{i:04d}": t for i, t in enumerate(distinct)}
@@ -227,11 +321,14 @@ def main(argv=None) -> dict:
     }
     result = {
         "encoder": {k: v for k, v in encoder.identity().items() if k in ("name_or_path", "pooling", "max_length",
-                                                                            "dim")},
+                                                                            "dim", "precision")},
         "report_sources": {"real": real_source, "distinct": distinct_source},
         "threads_option": a.threads,
         "encoder_load_s": round(load_s, 3),
         "encode": rows,
+        "default_vs_fp32": comparison,
+        "agreement_with_fp32": agree,
+        "location_words": locations,
         "cache": {"n_reports": len(reports), "first_build_s": round(first_s, 3), "first_build_encoded": n_first,
                   "cached_rerun_s": round(cached_s, 4), "cache_file_bytes": cache_bytes,
                   "meets_target": cached_s < TARGET_CACHED_S},
@@ -243,15 +340,35 @@ def main(argv=None) -> dict:
 
     threads = f"torch threads: {a.threads}" if a.threads else "torch threads: the encoder's choice"
     print(f"\nEncoder {encoder.spec.name_or_path} on CPU ({threads}), {info['affinity_cpus']} usable CPU(s), "
-          f"torch {info['torch_version']}\nreports: (a) {real_source}; (b) {distinct_source}\n")
-    print("| input | reports | distinct | batch size | seconds | distinct reports/s | distinct/CPU-s | "
-          "threads (batches) | >= 300/s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---|:---:|")
+          f"torch {info['torch_version']}; default path: {default_precision}\n"
+          f"reports: (a) {real_source}; (b) {distinct_source}\n")
+    print("| input | path | reports | distinct | batch size | seconds | distinct reports/s | distinct/CPU-s | "
+          "CPU-ms/report | threads (batches) | >= 300/s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|:---:|")
     for r in rows:
         used = ", ".join(f"{k}: {v}" for k, v in r["threads_used"].items()) or "-"
-        print(f"| {r['input']} | {r['n']} | {r['distinct']} | {r['batch_size']} | {r['seconds']:.3f} | "
-              f"{r['distinct_per_s']:.0f} | {r['distinct_per_cpu_s']:.0f} | {used} | "
-              f"{'yes' if r['meets_target'] else 'no'} |")
+        print(f"| {r['input']} | {r['path']} ({r['precision']}) | {r['n']} | {r['distinct']} | {r['batch_size']} | "
+              f"{r['seconds']:.3f} | {r['distinct_per_s']:.0f} | {r['distinct_per_cpu_s']:.0f} | "
+              f"{1000 * r['cpu_s_per_distinct_report']:.2f} | {used} | {'yes' if r['meets_target'] else 'no'} |")
+    if comparison:
+        print("\n| input | batch size | default/s | fp32/s | default CPU-ms/report | fp32 CPU-ms/report | "
+              "speed-up (wall) | speed-up (CPU) |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+        for c in comparison:
+            print(f"| {c['input']} | {c['batch_size']} | {c['default_distinct_per_s']:.0f} | "
+                  f"{c['fp32_distinct_per_s']:.0f} | {1000 * c['default_cpu_s_per_report']:.2f} | "
+                  f"{1000 * c['fp32_cpu_s_per_report']:.2f} | {c['speedup_wall']:.2f}x | {c['speedup_cpu']:.2f}x |")
+    if agree:
+        print(f"\nDefault vs fp32 on {agree['tokens']} tokens of the distinct reports: token embeddings max |diff| "
+              f"{agree['token_max_abs_diff']:.2e} (median {agree['token_diff_in_float16_steps_median']:.1f} float16 "
+              f"steps), relative error median {agree['token_relative_error_median']:.2e}, cosine min "
+              f"{agree['token_cosine_min']:.6f}; pooled max |diff| {agree['pooled_max_abs_diff']:.2e}, cosine min "
+              f"{agree['pooled_cosine_min']:.6f}")
+        print("\n| pair | " + " | ".join(f"pooled cos {k}" for k in paths) + " | "
+              + " | ".join(f"token cos {k}" for k in paths) + " |\n|---|" + "---:|" * (2 * len(paths)))
+        for r in locations:
+            print(f"| {r['a']} / {r['b']} | " + " | ".join(f"{r[f'pooled_cosine_{k}']:.5f}" for k in paths) + " | "
+                  + " | ".join(f"{r[f'token_cosine_{k}']:.5f}" if f"token_cosine_{k}" in r else "-" for k in paths)
+                  + " |")
     c = result["cache"]
     print(f"\n| cached re-run | reports | seconds | target |\n|---|---:|---:|---|")
     print(f"| build_or_update_cache, in process, 0 encoded | {c['n_reports']} | {c['cached_rerun_s']:.3f} | "
@@ -262,7 +379,7 @@ def main(argv=None) -> dict:
               f"{command['cached_best_s']:.2f} / {command['cached_median_s']:.2f} | "
               f"{'met' if command['meets_target'] else 'missed'} (< {TARGET_COMMAND_S:g} s) |")
         print(f"\nFirst run of the command (loads the encoder, encodes): {command['first_run_s']:.2f} s")
-    print(f"Encoder load {load_s:.2f} s; first cache build {first_s:.2f} s; cache file {cache_bytes / 1e6:.1f} MB; "
+    print(f"Encoder load (default) {load_s:.2f} s; first cache build {first_s:.2f} s; cache file {cache_bytes / 1e6:.1f} MB; "
           f"load average before/after {info['load_average_before']} / {info['load_average_after']}")
 
     a.out.parent.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ import numpy as np
 
 from nnunetv2_textseg.atomic import atomic_write
 from nnunetv2_textseg.encoders import (EncoderSpec, TextEncoder, TextEncoding, identity_diff, load_encoder,
-                                       spec_to_dict)
+                                       spec_diff, spec_to_dict)
 from nnunetv2_textseg.errors import TextSegError
 
 # 2: the encoder identity hashes the weights, tokenizer and config (format 1 hashed a config holding the path)
@@ -218,9 +218,7 @@ def build_or_update_cache(reports: dict[str, str], path: str | Path, encoder: Te
                       f"into it.", stacklevel=2)
         old = None
     if old is not None:
-        wanted = spec_to_dict(spec)
-        diff = {k: (old.spec.get(k), wanted[k]) for k in ("name_or_path", "pooling", "max_length", "revision")
-                if old.spec.get(k) != wanted[k]}
+        diff = spec_diff(old.spec, spec)  # name, pooling, max_length, revision, precision
         if diff:
             raise CacheError(f"{path} holds embeddings of another encoder configuration (cache vs asked: {diff}); "
                              f"delete it or encode into another file.")
@@ -278,9 +276,7 @@ def load_checked_cache(path: str | Path, reports: dict[str, str], identity: dict
     if identity is not None:
         cache.check_identity(identity)
     if spec is not None:
-        wanted = spec_to_dict(spec)
-        diff = {k: (cache.spec.get(k), wanted[k]) for k in ("name_or_path", "pooling", "max_length", "revision")
-                if cache.spec.get(k) != wanted[k]}
+        diff = spec_diff(cache.spec, spec)
         if diff:
             raise CacheError(f"{path} was built by another encoder configuration (cache vs asked: {diff}).")
     cache.check_texts(reports)
@@ -332,6 +328,5 @@ def _cache_state(path: Path, reports: dict[str, str], spec: EncoderSpec) -> tupl
     except CacheError:  # of an older format (re-encoded) or unreadable (build_or_update_cache says so)
         return False, True
     changed = any(c not in cache or cache.text_sha[cache._row[c]] != text_sha(t) for c, t in reports.items())
-    wanted = spec_to_dict(spec)
-    same_spec = all(cache.spec.get(k) == wanted[k] for k in ("name_or_path", "pooling", "max_length", "revision"))
+    same_spec = not spec_diff(cache.spec, spec)
     return (same_spec and not changed and len(cache.case_ids) == len(reports)), (same_spec and changed)

@@ -171,6 +171,13 @@ def test_ablation_builds_and_trains_one_step(trained_model, variant, monkeypatch
         assert not net.seg_gradient_to_text and trainer.cycle_normalized and "cycle" in out
     if variant.endswith("crossFit"):  # a fixed, balanced split of the fold's training cases over the 2 pathways
         assert net.cross_fit_twin is not None and not net.seg_gradient_to_text
+        # recorded in the plans: prediction rebuilds two pathways; plans without the entry (older models) one
+        text_plans = trainer.plans_manager.plans["textseg"]
+        assert text_plans["report_pathways"] == 2
+        del text_plans["report_pathways"]
+        rebuilt = trainer.build_network_architecture(trainer.plans_manager, trainer.configuration_manager,
+                                                     trainer.num_input_channels, trainer.label_manager.num_segmentation_heads)
+        assert rebuilt.cross_fit_twin is None
         halves = trainer.fit_halves(trainer.training_case_ids).tolist()
         assert sorted(set(halves)) == [0, 1] and abs(2 * sum(halves) - len(halves)) <= 1
         assert trainer.fit_halves(trainer.training_case_ids).tolist() == halves

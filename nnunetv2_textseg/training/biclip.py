@@ -83,6 +83,9 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
             raise TextTrainingError(
                 "This BiCLIP model was trained with an earlier nnunetv2-textseg (no patient-frame position "
                 "channels, mean-pooled text): its network no longer exists. Retrain it with nnUNetv2_train.")
+        # how many report pathways the model was trained with is recorded in its plans (models from before
+        # cross-fitting record none: one), so a model predicts with its own network whatever the class default
+        pathways = int(text.get("report_pathways", 1))
         unet = cls.planned_unet(configuration_manager,
                                 num_input_channels + 1 + (POSITION_CHANNELS if cls.position_to_unet else 0),
                                 num_output_channels, enable_deep_supervision)
@@ -91,7 +94,10 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
                              ignore_text=cls.ignore_text, text_pooling=cls.text_pooling,
                              pseudo_activation=cls.pseudo_activation, frame_resolution=cls.frame_resolution,
                              position_to_unet=cls.position_to_unet, generation_source=cls.generation_source,
-                             seg_gradient_to_text=cls.seg_gradient_to_text, cross_fit=cls.cross_fit)
+                             seg_gradient_to_text=cls.seg_gradient_to_text, cross_fit=pathways)
+
+    def _text_plans_entry(self, identity: dict, spec) -> dict:
+        return {**super()._text_plans_entry(identity, spec), "report_pathways": int(self.cross_fit)}
 
     # ---- data: two intensity views for IAC -----------------------------------------------------
     def get_training_transforms(self, *args, **kwargs):
