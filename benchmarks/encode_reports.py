@@ -276,7 +276,8 @@ def main(argv=None) -> dict:
                     and x["batch_size"] == r["batch_size"]), None)
         if ref is not None:
             comparison.append({"input": r["input"], "batch_size": r["batch_size"],
-                               "default_distinct_per_s": r["distinct_per_s"], "fp32_distinct_per_s": ref["distinct_per_s"],
+                               "default_distinct_per_s": r["distinct_per_s"],
+                               "fp32_distinct_per_s": ref["distinct_per_s"],
                                "default_cpu_s_per_report": r["cpu_s_per_distinct_report"],
                                "fp32_cpu_s_per_report": ref["cpu_s_per_distinct_report"],
                                "speedup_wall": round(r["distinct_per_s"] / ref["distinct_per_s"], 2),
@@ -379,8 +380,9 @@ def main(argv=None) -> dict:
               f"{command['cached_best_s']:.2f} / {command['cached_median_s']:.2f} | "
               f"{'met' if command['meets_target'] else 'missed'} (< {TARGET_COMMAND_S:g} s) |")
         print(f"\nFirst run of the command (loads the encoder, encodes): {command['first_run_s']:.2f} s")
-    print(f"Encoder load (default) {load_s:.2f} s; first cache build {first_s:.2f} s; cache file {cache_bytes / 1e6:.1f} MB; "
-          f"load average before/after {info['load_average_before']} / {info['load_average_after']}")
+    print(f"Encoder load (default) {load_s:.2f} s; first cache build {first_s:.2f} s; "
+          f"cache file {cache_bytes / 1e6:.1f} MB; load average before/after {info['load_average_before']} / "
+          f"{info['load_average_after']}")
 
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -10,7 +10,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from nnunetv2_textseg.encoders import DEFAULT_ENCODER, EncoderSpec, ReportTruncationWarning
+from nnunetv2_textseg.encoders import (DEFAULT_ENCODER, DEFAULT_PRECISION, PRECISIONS, EncoderSpec,
+                                       ReportTruncationWarning, record_precision)
 from nnunetv2_textseg.errors import run_cli
 from nnunetv2_textseg.harness import FOLDER_VARS, nnunet_folders, trainer_search_path
 from nnunetv2_textseg.harness import trainers_folder  # noqa: F401 - its public home before the harness existed
@@ -33,12 +34,15 @@ def _add_encoder_args(p: argparse.ArgumentParser, default: str | None = DEFAULT_
     p.add_argument("--max_length", type=int, default=128,
                    help="reports longer than this many tokens are truncated (with a warning); default: %(default)s")
     p.add_argument("--revision", default=None)
+    p.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
+                   help="bf16: bfloat16, about twice as fast on CPU (default); fp32: float32, as versions before "
+                        "precisions existed. Caches and models record it; one is never used for the other")
     p.add_argument("--trust_remote_code", action="store_true",
                    help="allow the model's own Python code to run (needed by e.g. CXR-BERT); only for models you trust")
 
 
 def _spec(a) -> EncoderSpec:
-    return EncoderSpec(a.encoder, a.pooling, a.max_length, a.trust_remote_code, a.revision)
+    return EncoderSpec(a.encoder, a.pooling, a.max_length, a.trust_remote_code, a.revision, a.precision)
 
 
 # ---- attach ----------------------------------------------------------------------------------------
@@ -211,7 +215,8 @@ def predict_main(argv=None) -> None:
                                   f"--trust_remote_code if you trust it.")
     # remote code runs only when asked for on this command line
     predictor.encoder_override = EncoderSpec(a.encoder or rec["name_or_path"], rec["pooling"], rec["max_length"],
-                                             a.trust_remote_code, None if a.encoder else rec.get("revision"))
+                                             a.trust_remote_code, None if a.encoder else rec.get("revision"),
+                                             record_precision(rec))  # none recorded (older versions): float32
     table = read_report_table(reports_file) if reports_file is not None else ReportTable({}, None)
     case_ids = input_case_ids(a.i, predictor.dataset_json["file_ending"])
     if not case_ids:

@@ -457,9 +457,8 @@ class TextEncoder:
     def identity(self) -> dict:
         """Everything that must match for two encodings to be interchangeable (compare with
         :func:`identity_diff`): hashes of the weights, tokenizer and config, pooling, max_length, dim and the
-        precision it computes in. The
-        folder an encoder was loaded from is recorded (``name_or_path``) but is no part of it: a copy elsewhere
-        has the same identity, weights changed in place a different one."""
+        precision it computes in. The folder an encoder was loaded from is recorded (``name_or_path``) but is no
+        part of it: a copy elsewhere has the same identity, weights changed in place a different one."""
         hashes = getattr(self, "_model_hashes", None)
         if hashes is None:  # hashing ~90 MB of weights takes a fraction of a second: once per loaded encoder
             cfg = self.model.config

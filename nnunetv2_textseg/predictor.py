@@ -21,7 +21,7 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from torch._dynamo import OptimizedModule
 
 from nnunetv2_textseg.cache import CacheError
-from nnunetv2_textseg.encoders import EncoderSpec, TextEncoder, identity_diff
+from nnunetv2_textseg.encoders import EncoderSpec, TextEncoder, identity_diff, spec_from_record
 from nnunetv2_textseg.errors import TextSegError
 from nnunetv2_textseg.uncertainty import UncertaintyAccumulator
 from nnunetv2_textseg.reports import ReportTable, pair_listing, unicode_twins
@@ -84,7 +84,8 @@ class nnUNetTextPredictor(nnUNetPredictor):
         if self.encoder is None:
             recorded = self.text_config["encoder"]
             # the model's own record never switches remote code on; the caller must (encoder_override)
-            spec = self.encoder_override or EncoderSpec(**{**recorded, "trust_remote_code": False})
+            # (a record without "precision", of an older version, is float32: spec_from_record keeps it so)
+            spec = self.encoder_override or spec_from_record(recorded, trust_remote_code=False)
             self.encoder = TextEncoder(spec, device="cpu")
             want, got = self.text_config["encoder_identity"], self.encoder.identity()
             diff = identity_diff(want, got)  # weights, tokenizer, config, pooling...; not the folder's path

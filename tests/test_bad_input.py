@@ -510,7 +510,7 @@ def test_tokenizer_changed_is_another_encoder(tmp_path, tiny_dir):
 def test_identity_recorded_by_the_previous_version_is_still_checked(tiny_dir):
     """Models trained before hashed the config with its path (format 1); they keep working from that path and are
     told apart from another model."""
-    enc = TextEncoder(EncoderSpec(str(tiny_dir)))
+    enc = TextEncoder(EncoderSpec(str(tiny_dir), precision="fp32"))  # they encoded in float32
     now = enc.identity()
     old = {"name_or_path": str(tiny_dir), "revision": None, "config_sha": now["legacy_config_sha"],
            "pooling": "mean", "max_length": 128, "dim": 32}
@@ -835,6 +835,23 @@ def test_predict_with_a_copy_of_the_encoder_with_other_weights(predict, tmp_path
     assert rc == 2 and f"The model was trained with text encoder {str(tiny_dir)!r}, but {str(changed)!r} differs" in line
     assert "'weights_sha'" in line and "Predict with the encoder the model was trained with" in line
     assert not predict.predicted
+
+
+def test_predict_model_recorded_before_precisions(predict, tmp_path, tiny_dir):
+    """A model of an earlier version recorded no precision: it was trained on float32 embeddings and predicts with
+    float32 (by default, with -encoder, and through the Python API), never with the new bfloat16 default."""
+    from nnunetv2_textseg.predictor import nnUNetTextPredictor
+    fp32 = TextEncoder(EncoderSpec(str(tiny_dir), precision="fp32"))
+    predict.record["encoder"] = {k: v for k, v in spec_to_dict(fp32.spec).items() if k != "precision"}
+    predict.record["encoder_identity"] = {k: v for k, v in fp32.identity().items() if k != "precision"}
+    copy = shutil.copytree(tiny_dir, tmp_path / "elsewhere" / "encoder")
+    for i, extra in enumerate(((), ("-encoder", str(copy)))):
+        rc, err = predict(_input_folder(tmp_path / f"in{i}"), tmp_path / f"out{i}", *extra)
+        assert rc == 0, err
+    assert predict.predicted == [["a", "b"], ["a", "b"]]
+    api = nnUNetTextPredictor(device=torch.device("cpu"))
+    api.text_config = predict.record
+    assert api.load_encoder().spec.precision == "fp32"
 
 
 def test_predict_model_recorded_with_remote_code(predict, tmp_path):

@@ -6,15 +6,14 @@ import pytest
 import torch
 
 from nnunetv2_textseg.cache import CacheError, TextEmbeddingCache, load_checked_cache, text_sha
-from nnunetv2_textseg.encoders import EncoderSpec, TextEncoding
+from nnunetv2_textseg.encoders import EncoderSpec, TextEncoding, spec_to_dict
 from nnunetv2_textseg.training.text_trainer import ENCODER_ENV, TextTrainingError, choose_encoder_spec
 
 
 def _write_cache(folder, name, pooling="mean", max_length=128, reports=None):
     reports = reports or {"a": "left lung", "b": "right lung"}
     n = len(reports)
-    spec = {"name_or_path": name, "pooling": pooling, "max_length": max_length, "trust_remote_code": False,
-            "revision": None}
+    spec = spec_to_dict(EncoderSpec(name, pooling, max_length))
     cache = TextEmbeddingCache(list(reports), [text_sha(t) for t in reports.values()], np.zeros((n, 4), np.float32),
                                np.zeros((n, 2, 4), np.float16), np.ones((n, 2), bool),
                                {"name_or_path": name, "config_sha": "x", "pooling": pooling, "max_length": max_length,
@@ -39,6 +38,14 @@ def test_encoder_choice_default_single_cache_env_and_recorded(tmp_path, monkeypa
         choose_encoder_spec(tmp_path, default, recorded)
     monkeypatch.delenv(ENCODER_ENV)
     assert choose_encoder_spec(tmp_path, default, recorded).name_or_path == "enc-b"
+
+
+def test_recorded_encoder_without_precision_is_float32(tmp_path, monkeypatch):
+    """A model folder of an earlier version (no precision recorded) keeps training/validating with float32."""
+    monkeypatch.delenv(ENCODER_ENV, raising=False)
+    recorded = {"name_or_path": "enc-b", "pooling": "mean", "max_length": 128}
+    assert choose_encoder_spec(tmp_path, EncoderSpec(), recorded).precision == "fp32"
+    assert choose_encoder_spec(tmp_path, EncoderSpec(), dict(recorded, precision="bf16")).precision == "bf16"
 
 
 def test_cache_of_another_configuration_is_refused(tmp_path):

@@ -16,7 +16,7 @@ from torch._dynamo import OptimizedModule
 
 from nnunetv2_textseg.cache import (CacheError, TextEmbeddingCache, build_or_update_cache, cache_folder, cache_path,
                                     load_checked_cache)
-from nnunetv2_textseg.encoders import EncoderSpec, spec_to_dict
+from nnunetv2_textseg.encoders import EncoderSpec, record_precision, spec_to_dict
 from nnunetv2_textseg.errors import TextSegError
 from nnunetv2_textseg.reports import ReportError, load_dataset_reports, reports_path
 
@@ -40,7 +40,7 @@ def _spec_from_dict(d: dict, trust: bool = False) -> EncoderSpec:
             f"shipped with the model). It is not switched on from a file: if you trust that code, opt in for this "
             f"run with {TRUST_ENV}=1.")
     return EncoderSpec(d["name_or_path"], d["pooling"], d["max_length"], trust and bool(d.get("trust_remote_code")),
-                       d.get("revision"))
+                       d.get("revision"), record_precision(d))  # none recorded (older versions): float32
 
 
 def choose_encoder_spec(preprocessed_folder: Path, default: EncoderSpec, recorded: dict | None = None) -> EncoderSpec:
@@ -71,7 +71,7 @@ def choose_encoder_spec(preprocessed_folder: Path, default: EncoderSpec, recorde
         if len(matching) > 1:
             raise TextTrainingError(f"Several caches of {wanted!r} exist ({[str(c) for c in matching]}); "
                                     f"delete the ones you do not want to train with.")
-        return EncoderSpec(wanted, default.pooling, default.max_length, trust)
+        return EncoderSpec(wanted, default.pooling, default.max_length, trust, precision=default.precision)
     if len(caches) == 1:
         return _spec_from_dict(next(iter(caches.values())), trust)
     if len(caches) > 1:
