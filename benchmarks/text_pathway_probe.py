@@ -61,6 +61,7 @@ def load_cases(pre: Path, raw: Path, heldout: int) -> dict:
     from PIL import Image
 
     from nnunetv2_textseg.cache import TextEmbeddingCache
+    from nnunetv2_textseg.encoders import record_precision
     cache = TextEmbeddingCache.load(check_inputs(pre, raw))
     train_ids = json.loads((pre / "splits_final.json").read_text())[0]["train"]
     others = [c for c in cache.case_ids if c not in set(train_ids)][:heldout]
@@ -80,14 +81,15 @@ def load_cases(pre: Path, raw: Path, heldout: int) -> dict:
     with open(raw / "reportsTr.csv", newline="", encoding="utf-8") as f:
         reports = {r["case_id"]: r["report"] for r in csv.DictReader(f)}
     return {"train": part(train_ids), "heldout": part(others), "train_ids": train_ids,
-            "train_reports": [reports[c] for c in train_ids]}
+            "train_reports": [reports[c] for c in train_ids], "precision": record_precision(cache.identity)}
 
 
 def mirrored_reports(data: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Token embeddings of the left↔right-swapped training reports (padded to the cache's length), masks mirrored."""
-    from nnunetv2_textseg.encoders import load_encoder
+    from nnunetv2_textseg.encoders import EncoderSpec, load_encoder
     from nnunetv2_textseg.report_parsing import swap_laterality
-    enc = load_encoder(None).encode([swap_laterality(t) for t in data["train_reports"]])
+    # the default encoder at the cache's precision, so swapped and original reports are encoded alike
+    enc = load_encoder(EncoderSpec(precision=data["precision"])).encode([swap_laterality(t) for t in data["train_reports"]])
     tokens, mask, masks = data["train"]
     length = tokens.shape[1]
     tok = torch.zeros_like(tokens)
