@@ -226,3 +226,41 @@ def test_text_pathway_probe_names_what_is_missing(tmp_path):
     (pre / "splits_final.json").write_text("[]")
     with pytest.raises(probe.ProbeInputError, match="reportsTr.csv is missing; attach reports"):
         probe.check_inputs(pre, raw)
+
+
+def test_runner_deletes_only_what_its_own_results_json_wrote(tmp_path):
+    """A dataset or model folder in the work folder that this run's results.json did not create (another run's, the
+    user's, reached through a link) is refused with the path and the fix, and left in place; the leftovers of the
+    benchmark's own interrupted run are still cleaned up."""
+    import argparse
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from benchmarks.runner import BenchmarkError
+    from benchmarks.runner.run import Runner
+    from benchmarks.runner.state import State
+    out = tmp_path / "out"
+    cfg = argparse.Namespace(out=out, dataset=None, device="cpu", num_processes=1, n_proc_da=None, n_train=8,
+                             n_test=4, size=32, seed=0)
+    out.mkdir()
+    runner = Runner(cfg, State(out / "results.json"))
+    foreign = runner.raw_root / "Dataset990_TextSegDemo"
+    (foreign / "imagesTr").mkdir(parents=True)
+    with pytest.raises(BenchmarkError, match=r"Dataset990_TextSegDemo exists but .*results.json did not create it.*"
+                                             r"another --out"):
+        runner.prepare_demo(990, control=False)
+    assert (foreign / "imagesTr").is_dir()
+
+    model = runner.res_root / "Dataset990_TextSegDemo" / "nnUNetTrainer_demo__nnUNetPlans__2d" / "fold_0"
+    model.mkdir(parents=True)
+    (model / "checkpoint_final.pth").write_bytes(b"yours")
+    split = {"fold": 0, "fraction": 0.05, "split_sha256": "x"}
+    with pytest.raises(BenchmarkError, match="exists but was not trained by this benchmark"):
+        runner.train(990, "nnUNetTrainer_demo", split)
+    assert (model / "checkpoint_final.pth").read_bytes() == b"yours"
+
+    # its own interrupted generation (recorded as started): the leftovers are removed before it starts again
+    runner.state.data["started_steps"] = {"make_demo_990": True}
+    runner.run = lambda step, cmd: (_ for _ in ()).throw(RuntimeError(f"would run {cmd[0]}"))
+    with pytest.raises(RuntimeError, match="would run nnUNetv2_textseg_make_demo"):
+        runner.prepare_demo(990, control=False)
+    assert not foreign.exists()

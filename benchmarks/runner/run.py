@@ -90,9 +90,18 @@ class Runner:
         if done.get(key) and raw is not None:
             self.skip(key, f"{raw} exists")
         else:
-            for root in (self.raw_root, self.pre_root, self.res_root):  # leftovers of an interrupted run
-                for old in root.glob(f"Dataset{dataset_id:03d}_*"):
-                    shutil.rmtree(old)
+            started = self.state.data.setdefault("started_steps", {})
+            leftovers = [old for root in (self.raw_root, self.pre_root, self.res_root)
+                         for old in root.glob(f"Dataset{dataset_id:03d}_*")]
+            if leftovers and not started.get(key):
+                # not written by this benchmark's results.json (another run's folder, a link, the user's): never
+                # deleted
+                raise BenchmarkError(f"{leftovers[0]} exists but {self.state.path} did not create it: this benchmark "
+                                     f"deletes only what it wrote. Move it away, or give another --out.")
+            for old in leftovers:  # leftovers of our own interrupted run
+                shutil.rmtree(old)
+            started[key] = True
+            self.state.save()
             done.pop(f"plan_and_preprocess_{dataset_id}", None)
             cmd = ["nnUNetv2_textseg_make_demo", "-d", str(dataset_id), "--name", CONTROL_NAME if control else DEMO_NAME,
                    "--n_train", str(cfg.n_train), "--n_test", str(cfg.n_test), "--size", str(cfg.size),
@@ -186,7 +195,7 @@ class Runner:
             self.skip(step, f"{fold_dir / 'checkpoint_final.pth'} exists")
             return
         if fold_dir is not None and fold_dir.exists():
-            if record is None and self.cfg.dataset is not None:
+            if record is None:  # a model this benchmark did not start (yours, another run's): never deleted
                 raise BenchmarkError(f"{fold_dir} exists but was not trained by this benchmark (fold {fold} is its "
                                      f"{fraction_label(split['fraction'])} split). Move it away or use another trainer "
                                      f"name; the benchmark does not reuse or overwrite your models.")

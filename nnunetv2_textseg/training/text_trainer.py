@@ -360,8 +360,7 @@ class nnUNetTrainerText(nnUNetTrainer):
                      ) -> tuple[torch.Tensor, dict[str, float]]:
         """One method's forward pass and loss: data (B, C', H, W) as the loader gives it, the reports' tokens
         (B, L, D_in) and mask (B, L), drop (B,) True where the null report is used, keys: the samples' case
-        ids. Returns the total loss and
-        the logged terms (floats)."""
+        ids. Returns the total loss and the logged terms (floats)."""
         raise NotImplementedError(f"{type(self).__name__} must implement compute_step")
 
     def optimizer_step(self, loss: torch.Tensor) -> None:
