@@ -16,7 +16,7 @@ from torch._dynamo import OptimizedModule
 
 from nnunetv2_textseg.cache import (CacheError, TextEmbeddingCache, build_or_update_cache, cache_folder, cache_path,
                                     load_checked_cache)
-from nnunetv2_textseg.encoders import EncoderSpec, record_precision, spec_to_dict
+from nnunetv2_textseg.encoders import EncoderSpec, spec_from_record, spec_to_dict
 from nnunetv2_textseg.errors import TextSegError
 from nnunetv2_textseg.reports import ReportError, load_dataset_reports, reports_path
 
@@ -39,8 +39,8 @@ def _spec_from_dict(d: dict, trust: bool = False) -> EncoderSpec:
             f"The text encoder {d['name_or_path']!r} was recorded with trust_remote_code=True (it runs Python code "
             f"shipped with the model). It is not switched on from a file: if you trust that code, opt in for this "
             f"run with {TRUST_ENV}=1.")
-    return EncoderSpec(d["name_or_path"], d["pooling"], d["max_length"], trust and bool(d.get("trust_remote_code")),
-                       d.get("revision"), record_precision(d))  # none recorded (older versions): float32
+    # a record without a precision (older versions) is float32: spec_from_record keeps it so
+    return spec_from_record(d, trust_remote_code=trust and bool(d.get("trust_remote_code")))
 
 
 def choose_encoder_spec(preprocessed_folder: Path, default: EncoderSpec, recorded: dict | None = None) -> EncoderSpec:
