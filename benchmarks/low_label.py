@@ -64,6 +64,8 @@ def run_seed(cfg: argparse.Namespace, seed: int) -> dict:
            "--no-report_variants"]
     if cfg.batch_size:
         cmd += ["--batch_size", str(cfg.batch_size)]
+    if cfg.patch_size:
+        cmd += ["--patch_size", str(cfg.patch_size)]
     print(f"[low_label] seed {seed}: {' '.join(cmd[2:])}", flush=True)
     run_command(cmd, dict(os.environ), echo=False)  # its progress on our console; a failure stops the run
     return json.loads((out / "results.json").read_text())
@@ -142,7 +144,9 @@ def aggregate(cfg: argparse.Namespace, per_seed: dict[int, dict], diag: list[dic
 def markdown(result: dict) -> str:
     s = result["settings"]
     lines = [f"# Few labels, {len(s['seeds'])} seeds (commit `{result['commit']}`)", "",
-             f"Demo data {s['size']}² px, {s['n_train']} train / {s['n_test']} test cases per seed (a new dataset, "
+             f"Demo data {s['size']}² px"
+             f"{' (planned patch ' + str(s['patch_size']) + '²: large-image condition)' if s.get('patch_size') else ''}"
+             f", {s['n_train']} train / {s['n_test']} test cases per seed (a new dataset, "
              f"label subset and degradation per seed: {s['seeds']}); device {s['device']}. Dice: "
              f"`nnUNetv2_evaluate_folder` foreground mean; mean ± std over seeds; Δ: paired difference to "
              f"`{result['baseline']}` (same seed, fraction, condition).", "",
@@ -218,6 +222,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default=None)
     p.add_argument("--batch_size", type=int, default=None,
                    help="planned 2d batch size of the demo data (cpu preset: 2, what nnU-Net plans for a few cases)")
+    p.add_argument("--patch_size", type=int, default=None,
+                   help="planned 2d patch of the demo data, below --size: the large-image condition (e.g. --size 128 "
+                        "--patch_size 64)")
     p.add_argument("--control", action=argparse.BooleanOptionalAction, default=False,
                    help="also train every text trainer on control (shuffled) reports, 100 %% of a control demo "
                         "dataset, per seed (rows '<trainer> (control reports)'; default off)")

@@ -145,6 +145,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=None,
                    help="set the generated demo dataset's planned 2d batch size (nnU-Net plans it from the number of "
                         "cases; a few labelled cases would get 2). Demo data only.")
+    p.add_argument("--patch_size", type=int, default=None,
+                   help="set the generated demo dataset's planned 2d patch (side length, px) below --size: the "
+                        "large-image condition, where training crops and prediction tiles each see part of the image. "
+                        "Demo data only.")
     p.add_argument("--fresh", action="store_true", help="delete OUT's earlier results (and OUT/work) first")
     p.add_argument("--force", action="store_true",
                    help="--dataset: replace your splits_final.json (backed up) with the benchmark's")
@@ -169,6 +173,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(str(err))
     if a.variant_tables:
         a.report_variants = True
+    if a.patch_size is not None and (a.dataset is not None or not 0 < a.patch_size <= a.size):
+        p.error(f"--patch_size must be between 1 and --size ({a.size}) and needs the generated demo data (no "
+                f"--dataset): your own dataset's plans are never edited.")
     if a.dataset is not None and a.control:
         print("Note: --control needs the generated demo data; no control row for --dataset.", flush=True)
         a.control = False
@@ -192,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
                      "n_train": cfg.n_train if cfg.dataset is None else None,
                      "n_test": cfg.n_test if cfg.dataset is None else None,
                      "size": cfg.size if cfg.dataset is None else None, "seed": cfg.seed,
-                     "batch_size": cfg.batch_size if cfg.dataset is None else None}
+                     "batch_size": cfg.batch_size if cfg.dataset is None else None,
+                     **({"patch_size": cfg.patch_size} if cfg.patch_size else {})}  # older results.json: no key
     if state.data.get("data_settings") not in (None, data_settings):
         raise BenchmarkError(f"{out} holds results for other data settings ({state.data['data_settings']}, now "
                              f"{data_settings}); use another --out, or --fresh to start over there.")
@@ -212,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
                                          if cfg.variant_tables else None),
                      "n_train": cfg.n_train, "n_test": cfg.n_test, "size": cfg.size, "device": cfg.device,
                      "seed": cfg.seed, "configuration": CONFIGURATION, "plans": PLANS,
-                     "num_processes": cfg.num_processes, "batch_size": cfg.batch_size}})
+                     "num_processes": cfg.num_processes, "batch_size": cfg.batch_size,
+                     "patch_size": cfg.patch_size}})
     state.start_run(argv)
     runner = Runner(cfg, state)
     state.data["settings"]["env"] = {k: runner.env.get(k) for k in ("nnUNet_n_proc_DA", "nnUNet_def_n_proc")}

@@ -21,7 +21,7 @@ from benchmarks.runner.presets import (CONFIGURATION, CONTROL_NAME, DEMO_NAME, P
                                        fraction_key, fraction_label, samples_at_inference)
 from benchmarks.runner.state import State, sha256_json, write_json_atomic
 
-__all__ = ["Runner", "entropy_stats", "SPLITS_FILE", "SPLITS_RECORD", "SPLITS_BACKUP"]
+__all__ = ["Runner", "edit_demo_plans", "entropy_stats", "SPLITS_FILE", "SPLITS_RECORD", "SPLITS_BACKUP"]
 
 SPLITS_FILE = "splits_final.json"
 SPLITS_RECORD = "splits_final_text_vs_vision.json"  # proves splits_final.json is ours (sha256)
@@ -125,13 +125,12 @@ class Runner:
             shutil.rmtree(pre)  # an interrupted preprocessing of our own dataset
         self.run(key, ["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", CONFIGURATION,
                        "-np", str(self.cfg.num_processes), "-npfp", str(self.cfg.num_processes)])
-        if demo and self.cfg.batch_size:
-            # nnU-Net plans the batch from the dataset's size (25 for 500 demo cases); with a few labelled cases
-            # it would plan 2. Our own generated dataset only: a user's plans are never edited.
+        patch = getattr(self.cfg, "patch_size", None)
+        if demo and (self.cfg.batch_size or patch):  # our own generated dataset only: a user's plans are never edited
             pre = self.dataset_folder(self.pre_root, dataset_id)
-            plans = json.loads((pre / f"{PLANS}.json").read_text())
-            plans["configurations"][CONFIGURATION]["batch_size"] = self.cfg.batch_size
-            write_json_atomic(pre / f"{PLANS}.json", plans)
+            plans_file = pre / f"{PLANS}.json"
+            write_json_atomic(plans_file, edit_demo_plans(json.loads(plans_file.read_text()), self.cfg.batch_size,
+                                                          patch, plans_file))
         done[key] = True
         self.state.save()
 
@@ -389,3 +388,22 @@ def entropy_stats(pred: Path, prediction_files: list[str]) -> dict:
             "mean_entropy_foreground": fg_total / n_fg if n_fg else None,
             "foreground_pixels": int(n_fg)}
 
+
+def edit_demo_plans(plans: dict, batch_size: int | None, patch_size: int | None, where: Path) -> dict:
+    """The generated demo dataset's 2d plans with the benchmark's batch size and patch (each when given).
+
+    nnU-Net plans the batch from the dataset's size (25 for 500 demo cases); with a few labelled cases it would plan
+    2. It plans the whole image as the patch for small images; a smaller patch is the large-image condition, where
+    training crops and prediction tiles each see part of the image. ``where`` names the plans file in errors."""
+    config = plans["configurations"][CONFIGURATION]
+    if batch_size:
+        config["batch_size"] = batch_size
+    if patch_size:
+        stride = 1
+        for s in config["architecture"]["arch_kwargs"]["strides"]:
+            stride *= int(s[0] if isinstance(s, (list, tuple)) else s)
+        if patch_size % stride:
+            raise BenchmarkError(f"--patch_size {patch_size} is not a multiple of {stride}, the total stride of the "
+                                 f"U-Net nnU-Net planned in {where}; use a multiple of {stride}.")
+        config["patch_size"] = [patch_size, patch_size]
+    return plans
