@@ -264,3 +264,29 @@ def test_runner_deletes_only_what_its_own_results_json_wrote(tmp_path):
     with pytest.raises(RuntimeError, match="would run nnUNetv2_textseg_make_demo"):
         runner.prepare_demo(990, control=False)
     assert not foreign.exists()
+
+
+def test_demo_plans_edit_sets_batch_and_a_patch_smaller_than_the_image(tmp_path):
+    """The large-image condition: the generated dataset's plans get the asked patch (a multiple of the U-Net's total
+    stride, else one message naming the plans file and the fix); text_vs_vision.py refuses it for a user's dataset or
+    above the image size."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from benchmarks import text_vs_vision
+    from benchmarks.runner import BenchmarkError
+    from benchmarks.runner.run import edit_demo_plans
+    arch = {"arch_kwargs": {"strides": [[1, 1], [2, 2], [2, 2], [2, 2], [2, 2], [2, 2]]}}
+    plans = {"configurations": {"2d": {"batch_size": 25, "patch_size": [128, 128], "architecture": arch}}}
+    edited = edit_demo_plans(json.loads(json.dumps(plans)), 2, 64, tmp_path / "nnUNetPlans.json")
+    assert edited["configurations"]["2d"]["patch_size"] == [64, 64]
+    assert edited["configurations"]["2d"]["batch_size"] == 2
+    unchanged = edit_demo_plans(json.loads(json.dumps(plans)), None, None, tmp_path / "nnUNetPlans.json")
+    assert unchanged == plans
+    with pytest.raises(BenchmarkError, match=r"--patch_size 48 is not a multiple of 32.*nnUNetPlans.json"):
+        edit_demo_plans(json.loads(json.dumps(plans)), None, 48, tmp_path / "nnUNetPlans.json")
+
+    cfg = text_vs_vision.parse_args(["--preset", "smoke", "--size", "128", "--patch_size", "64"])
+    assert cfg.patch_size == 64
+    for bad in (["--patch_size", "128", "--size", "64"], ["--patch_size", "32", "--dataset", "5"]):
+        with pytest.raises(SystemExit):
+            text_vs_vision.parse_args(["--preset", "smoke", *bad])
