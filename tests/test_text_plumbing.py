@@ -101,3 +101,31 @@ def test_generation_target_ignores_the_ignore_label_and_handles_regions():
     fg, valid = nnUNetTrainerBiCLIP.lesion_mask(t, regions)
     assert fg.shape == (1, 1, 2, 2) and fg.tolist() == [[[[False, True], [True, False]]]]
     assert valid.tolist() == [[[[False, True], [True, True]]]]
+
+
+def test_mirrored_patient_negates_the_column_channel_and_swaps_the_report_rows():
+    """Mirrored-patient samples: only the patient-frame column channel changes sign (image, IAC view, row and inside
+    channels untouched) and those samples read the laterality-swapped report's tokens; the others are unchanged."""
+    from nnunetv2_textseg.training.biclip import nnUNetTrainerBiCLIP
+    t = object.__new__(nnUNetTrainerBiCLIP)
+    t.text_rows = {"a": 0, "b": 1}
+    t.mirrored_tokens = torch.full((2, 4, 3), -1.0, dtype=torch.float16)
+    t.mirrored_token_mask = torch.tensor([[True, True, True, False], [True, False, False, False]])
+    data = torch.randn(2, 2 + 3, 8, 8)  # 1 image channel, 1 strong view, (row, column, inside)
+    tokens, mask = torch.ones(2, 4, 3), torch.tensor([[True, True, False, False]] * 2)
+
+    t.mirrored_patient = 1.0
+    d, tok, m = t.mirror_patients(data, tokens, mask, ["b", "a"])
+    assert torch.equal(d[:, 3], -data[:, 3]) and torch.equal(d[:, [0, 1, 2, 4]], data[:, [0, 1, 2, 4]])
+    assert torch.equal(tok, torch.full((2, 4, 3), -1.0)) and tok.dtype == torch.float32
+    assert m.tolist() == [[True, False, False, False], [True, True, True, False]]  # rows of b, then a
+
+    t.mirrored_patient = 0.5
+    torch.manual_seed(0)
+    flips = []
+    for _ in range(200):
+        d, tok, m = t.mirror_patients(data, tokens, mask, ["a", "b"])
+        flipped = (d[:, 3] != data[:, 3]).flatten(1).any(1)
+        assert torch.equal(tok[:, 0, 0] < 0, flipped)  # the swapped report goes with the mirrored frame
+        flips += flipped.tolist()
+    assert 0.4 < np.mean(flips) < 0.6

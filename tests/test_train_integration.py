@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -126,7 +128,8 @@ def test_paper_batch_of_16_is_global_under_ddp(trained_model, monkeypatch):
                                      "nnUNetTrainerBiCLIP_noText", "nnUNetTrainerBiCLIP_noCycle",
                                      "nnUNetTrainerBiCLIP_paper", "nnUNetTrainerBiCLIP_efunet",
                                      "nnUNetTrainerBiCLIP_safeAug", "nnUNetTrainerBiCLIP_noPosition",
-                                     "nnUNetTrainerBiCLIP_noSegGrad", "nnUNetTrainerBiCLIP_crossFit"])
+                                     "nnUNetTrainerBiCLIP_noSegGrad", "nnUNetTrainerBiCLIP_crossFit",
+                                     "nnUNetTrainerBiCLIP_mirroredPatient"])
 def test_ablation_builds_and_trains_one_step(trained_model, variant, monkeypatch):
     """Each ablation builds its network from the plans and runs a real train_step on real batches."""
     from nnunetv2.run.run_training import get_trainer_from_args
@@ -181,5 +184,16 @@ def test_ablation_builds_and_trains_one_step(trained_model, variant, monkeypatch
         halves = trainer.fit_halves(trainer.training_case_ids).tolist()
         assert sorted(set(halves)) == [0, 1] and abs(2 * sum(halves) - len(halves)) <= 1
         assert trainer.fit_halves(trainer.training_case_ids).tolist() == halves
+    if variant.endswith("mirroredPatient"):  # every training report also encoded with left and right swapped
+        from nnunetv2_textseg.cache import TextEmbeddingCache
+        pre = Path(trainer.preprocessed_dataset_folder_base)
+        cache = TextEmbeddingCache.load(next((pre / "text_embeddings").glob("*__TrLateralSwap.npz")))
+        raw = next(Path(trained_model.env["nnUNet_raw"]).glob(f"Dataset{DATASET_ID:03d}_*"))
+        reports = pd.read_csv(raw / "reportsTr.csv", dtype=str)
+        sided = [c for c, t in zip(reports["case_id"], reports["report"]) if re.search(r"\b(left|right)\b", t, re.I)]
+        assert sided and set(trainer.text_rows) <= set(cache.case_ids)
+        assert trainer.mirrored_tokens.shape == trainer.text_tokens.shape
+        row = trainer.text_rows[sided[0]]
+        assert not torch.equal(trainer.mirrored_tokens[row], trainer.text_tokens[row])
     if variant.endswith("efunet"):
         assert not net.sigmoid and type(net.text_pool).__name__ == "MeanPoolText" and out["gen"] >= 0

@@ -106,6 +106,9 @@ class nnUNetTrainerText(nnUNetTrainer):
     text_weight_decay = 1e-4
     # probability of training a sample with the learned null report (cases without one, unseen reports)
     report_dropout = 0.0
+    # probability of presenting a sample as its mirror-image patient: the patient-frame column channel negated and
+    # the report's left/right swapped (a second word-to-place example per labelled case; 0 = off)
+    mirrored_patient = 0.0
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -173,7 +176,42 @@ class nnUNetTrainerText(nnUNetTrainer):
         if self.uses_token_text:  # token-level embeddings stay in (float16) host memory; rows move per batch
             self.text_tokens = torch.from_numpy(np.ascontiguousarray(cache.tokens))
             self.text_token_mask = torch.from_numpy(np.ascontiguousarray(cache.mask))
+        if self.mirrored_patient > 0:
+            self._prepare_mirrored_reports(cache, reports, pre, spec)
         self.plans_manager.plans[PLANS_KEY] = self._text_plans_entry(cache.identity, spec)
+
+    def _prepare_mirrored_reports(self, cache: TextEmbeddingCache, reports: dict | None, pre: Path,
+                                  spec: EncoderSpec) -> None:
+        """Token embeddings of every training report with left and right swapped, row for row with the report
+        cache (their own derived cache file next to it, ``..._TrLateralSwap``), for mirrored-patient samples."""
+        from nnunetv2_textseg.report_parsing import swap_laterality
+        if not self.patient_frame or not self.uses_token_text:
+            raise TextTrainingError(f"{type(self).__name__}: mirrored-patient samples need the patient-frame "
+                                    f"position channels and token-level report embeddings.")
+        if reports is None:
+            raise TextTrainingError(f"{type(self).__name__} swaps left and right in the report texts, which are not "
+                                    f"available: put reportsTr.csv into $nnUNet_raw/{self.plans_manager.dataset_name}.")
+        swapped = {c: swap_laterality(reports[c]) for c in cache.case_ids if c in reports}
+        path = cache_path(pre, spec, "TrLateralSwap")
+        try:
+            mirror = load_checked_cache(path, swapped, identity=cache.identity, spec=spec)
+        except CacheError:
+            mirror = self._build_cache_once(swapped, path, spec)
+            mirror.check_identity(cache.identity)
+        length = max(cache.tokens.shape[1], mirror.tokens.shape[1])
+        tokens = np.zeros((len(cache.case_ids), length, cache.tokens.shape[2]), np.float16)
+        mask = np.zeros((len(cache.case_ids), length), bool)
+        for i, c in enumerate(cache.case_ids):
+            if c in mirror:  # a case without a table row (cache used as is) keeps its own report
+                r = int(mirror.rows([c])[0])
+                tokens[i, :mirror.tokens.shape[1]], mask[i, :mirror.mask.shape[1]] = mirror.tokens[r], mirror.mask[r]
+            else:
+                tokens[i, :cache.tokens.shape[1]], mask[i, :cache.mask.shape[1]] = cache.tokens[i], cache.mask[i]
+        pad = length - self.text_tokens.shape[1]
+        if pad:  # both tables the same token length, so rows of either can share a batch
+            self.text_tokens = torch.nn.functional.pad(self.text_tokens, (0, 0, 0, pad))
+            self.text_token_mask = torch.nn.functional.pad(self.text_token_mask, (0, pad))
+        self.mirrored_tokens, self.mirrored_token_mask = torch.from_numpy(tokens), torch.from_numpy(mask)
 
     def _build_cache_once(self, reports: dict, path: Path, spec: EncoderSpec) -> TextEmbeddingCache:
         """Encode missing/changed reports; under DDP rank 0 encodes and the other ranks wait and load."""
@@ -239,6 +277,25 @@ class nnUNetTrainerText(nnUNetTrainer):
         """Token embeddings (B, L, D_in) float32 and mask (B, L) bool for a batch's case ids."""
         rows = [self.text_rows[str(k)] for k in keys]
         return (self.text_tokens[rows].to(self.device, torch.float32), self.text_token_mask[rows].to(self.device))
+
+    def mirror_patients(self, data: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, keys
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mirrored-patient augmentation: each sample, with probability ``mirrored_patient``, becomes the mirror
+        image of its patient — every pixel's patient-frame column is negated (what was the patient's left is now
+        their right) and the report gets left and right swapped. Image and mask stay as they are: only where they
+        lie in the patient changes, so the report's side words must be read again to put the lesion there."""
+        from nnunetv2_textseg.patient_frame import POSITION_CHANNELS
+        flip = torch.rand(data.shape[0], device=data.device) < self.mirrored_patient
+        if not bool(flip.any()):
+            return data, tokens, mask
+        column = data.shape[1] - POSITION_CHANNELS + 1  # position channels are (row, column, inside)
+        data = data.clone()
+        data[flip, column] = -data[flip, column]
+        rows = [self.text_rows[str(k)] for k in keys]
+        f = flip.to(tokens.device)
+        tokens = torch.where(f[:, None, None], self.mirrored_tokens[rows].to(tokens.device, tokens.dtype), tokens)
+        mask = torch.where(f[:, None], self.mirrored_token_mask[rows].to(mask.device), mask)
+        return data, tokens, mask
 
     def set_network_text(self, keys) -> None:
         """Give the network the reports of ``keys`` for its next plain forward passes."""
@@ -347,6 +404,8 @@ class nnUNetTrainerText(nnUNetTrainer):
         target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
             else target.to(self.device, non_blocking=True)
         tokens, mask = self.tokens_for(batch["keys"])
+        if self.mirrored_patient > 0:
+            data, tokens, mask = self.mirror_patients(data, tokens, mask, batch["keys"])
         drop = torch.rand(tokens.shape[0], device=self.device) < self.report_dropout
 
         self.optimizer.zero_grad(set_to_none=True)
