@@ -125,16 +125,21 @@ def time_iterations(pre: Path, names: list[str], iters: int, rounds: int, warmup
         order = list(runs) if r % 2 == 0 else list(runs)[::-1]
         for label in order:
             trainer, loader, times = runs[label]
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), time.process_time()
             for _ in range(iters):
                 trainer.train_step(next(loader))
-            times.append((time.perf_counter() - t) / iters)
-            print(f"  round {r + 1}/{rounds} {label}: {times[-1]:.3f} s/iter", flush=True)
+            times.append(((time.perf_counter() - t) / iters, (time.process_time() - cpu) / iters))
+            print(f"  round {r + 1}/{rounds} {label}: {times[-1][0]:.3f} s/iter ({times[-1][1]:.3f} CPU-s)", flush=True)
     rows = []
     for name in names:
-        with_, without = np.median(runs[name][2]), np.median(runs[f"{name} without bookkeeping"][2])
-        rows.append({"trainer": name, "with_s": float(with_), "without_s": float(without), "ratio": float(with_ / without),
-                     "rounds_with_s": runs[name][2], "rounds_without_s": runs[f"{name} without bookkeeping"][2],
+        w, wo = np.asarray(runs[name][2]), np.asarray(runs[f"{name} without bookkeeping"][2])
+        with_, without = np.median(w, 0), np.median(wo, 0)
+        # CPU seconds of this process (loading, augmentation and train step all run in it): less sensitive than
+        # wall time to other work on the machine
+        rows.append({"trainer": name, "with_s": float(with_[0]), "without_s": float(without[0]),
+                     "ratio": float(with_[0] / without[0]), "with_cpu_s": float(with_[1]),
+                     "without_cpu_s": float(without[1]), "cpu_ratio": float(with_[1] / without[1]),
+                     "rounds_with_s": w.tolist(), "rounds_without_s": wo.tolist(),
                      "patch_size": list(runs[name][0].configuration_manager.patch_size),
                      "batch_size": runs[name][0].batch_size})
     for _, loader, _ in runs.values():
@@ -174,11 +179,14 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--n_proc_da", type=int, default=0,
                    help="nnUNet_n_proc_DA: 0 runs the augmentation in the training process (its cost is measured)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads for the iteration part (default: torch's)")
     p.add_argument("--size", type=int, nargs="+", default=[64, 256], help="pipeline part: patch sizes")
     p.add_argument("--samples", type=int, default=200)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "patient_frame_cost.json")
     a = p.parse_args(argv)
-    result = {"torch": torch.__version__, "cpus": os.cpu_count()}
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    result = {"torch": torch.__version__, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
     if "iteration" in a.parts:
         pre = large_image_dataset(a.root, a.dataset_id, a.image_size, a.patch)
         os.environ["nnUNet_n_proc_DA"] = str(a.n_proc_da)
@@ -187,10 +195,12 @@ def main(argv=None) -> int:
                                "iters": a.iters, "rounds": a.rounds}
         print(f"\nTraining iteration (nnU-Net loader with nnUNet_n_proc_DA={a.n_proc_da} + train_step), "
               f"{a.image_size}² images, {a.patch}² patch, batch {rows[0]['batch_size']}, median of {a.rounds} rounds "
-              f"× {a.iters} iterations, {os.cpu_count()} CPUs\n")
-        print("| trainer | with bookkeeping (s/iter) | without (s/iter) | ratio |\n|---|---:|---:|---:|")
+              f"× {a.iters} iterations, {torch.get_num_threads()} torch thread(s), {os.cpu_count()} CPUs\n")
+        print("| trainer | with bookkeeping (s/iter) | without (s/iter) | ratio | with (CPU-s/iter) | without (CPU-s/iter) "
+              "| CPU ratio |\n|---|---:|---:|---:|---:|---:|---:|")
         for r in rows:
-            print(f"| {r['trainer']} | {r['with_s']:.3f} | {r['without_s']:.3f} | {r['ratio']:.3f} |")
+            print(f"| {r['trainer']} | {r['with_s']:.3f} | {r['without_s']:.3f} | {r['ratio']:.3f} | "
+                  f"{r['with_cpu_s']:.3f} | {r['without_cpu_s']:.3f} | {r['cpu_ratio']:.3f} |")
     if "pipeline" in a.parts:
         rows = pipeline_rows(a.size, a.samples)
         result["pipeline"] = {"rows": rows, "samples": a.samples}
