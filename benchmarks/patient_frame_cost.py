@@ -82,18 +82,13 @@ def without_bookkeeping(trainer_cls: type) -> type:
 
 
 def large_image_dataset(root: Path, dataset_id: int, size: int, patch: int) -> Path:
-    """A demo dataset of ``size``² images planned with a ``patch``² patch (our own folders under ``root``)."""
+    """train_step.py's demo dataset of ``size``² images (our own folders under ``root``), planned with a ``patch``²
+    patch."""
     from benchmarks.runner.run import edit_demo_plans
-    from nnunetv2_textseg.harness import SHORT_FOLDERS, nnunet_env, run_command
-    env = nnunet_env(root, names=SHORT_FOLDERS)  # (nnU-Net's planner needs nnUNet_n_proc_DA ≥ 1)
+    from benchmarks.train_step import ensure_dataset
+    env = ensure_dataset(root, dataset_id, size)  # (nnU-Net's planner needs nnUNet_n_proc_DA >= 1)
     os.environ.update({k: v for k, v in env.items() if k.startswith("nnUNet") or k.endswith("_OFFLINE")})
-    pre_root = Path(env["nnUNet_preprocessed"])
-    if not list(pre_root.glob(f"Dataset{dataset_id:03d}_*/nnUNetPlans_2d")):
-        run_command(["nnUNetv2_textseg_make_demo", "-d", str(dataset_id), "--n_train", "40", "--n_test", "4",
-                     "--size", str(size), "--raw", env["nnUNet_raw"], "--overwrite"], env, capture=True, echo=False)
-        run_command(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", "2d", "-np", "2"], env,
-                    capture=True, echo=False)
-    pre = next(pre_root.glob(f"Dataset{dataset_id:03d}_*"))
+    pre = next(Path(env["nnUNet_preprocessed"]).glob(f"Dataset{dataset_id:03d}_*"))
     plans_file = pre / "nnUNetPlans.json"
     plans_file.write_text(json.dumps(edit_demo_plans(json.loads(plans_file.read_text()), 2, patch, plans_file),
                                      indent=2))

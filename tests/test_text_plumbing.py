@@ -129,3 +129,15 @@ def test_mirrored_patient_negates_the_column_channel_and_swaps_the_report_rows()
         assert torch.equal(tok[:, 0, 0] < 0, flipped)  # the swapped report goes with the mirrored frame
         flips += flipped.tolist()
     assert 0.4 < np.mean(flips) < 0.6
+
+
+def test_mirrored_patient_without_the_report_table_is_one_clear_error(tmp_path):
+    """Swapping left and right needs the report texts: a cache used as is (no reportsTr.csv) is refused with the
+    file to add, not a KeyError later in training."""
+    from types import SimpleNamespace
+
+    from nnunetv2_textseg.training.biclip import nnUNetTrainerBiCLIP
+    t = object.__new__(nnUNetTrainerBiCLIP)
+    t.plans_manager = SimpleNamespace(dataset_name="Dataset123_X")
+    with pytest.raises(TextTrainingError, match=r"reportsTr\.csv.*Dataset123_X"):
+        t._prepare_mirrored_reports(None, None, tmp_path, EncoderSpec())

@@ -285,14 +285,14 @@ class nnUNetTrainerText(nnUNetTrainer):
         their right) and the report gets left and right swapped. Image and mask stay as they are: only where they
         lie in the patient changes, so the report's side words must be read again to put the lesion there."""
         from nnunetv2_textseg.patient_frame import POSITION_CHANNELS
-        flip = torch.rand(data.shape[0], device=data.device) < self.mirrored_patient
+        flip = torch.rand(data.shape[0]) < self.mirrored_patient  # drawn on the host: no device sync per step
         if not bool(flip.any()):
             return data, tokens, mask
         column = data.shape[1] - POSITION_CHANNELS + 1  # position channels are (row, column, inside)
         data = data.clone()
-        data[flip, column] = -data[flip, column]
+        f = flip.to(data.device)
+        data[f, column] = -data[f, column]
         rows = [self.text_rows[str(k)] for k in keys]
-        f = flip.to(tokens.device)
         tokens = torch.where(f[:, None, None], self.mirrored_tokens[rows].to(tokens.device, tokens.dtype), tokens)
         mask = torch.where(f[:, None], self.mirrored_token_mask[rows].to(mask.device), mask)
         return data, tokens, mask
