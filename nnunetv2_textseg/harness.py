@@ -14,8 +14,10 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,19 +196,15 @@ def run_command(cmd: Sequence[str], env: Mapping[str, str], log: str | os.PathLi
     start = time.perf_counter()
     returncode: int | None
     stdout = stderr = None
-    try:
-        if log is not None:
-            log.parent.mkdir(parents=True, exist_ok=True)
-            with open(log, "w") as f:
-                returncode = subprocess.run(cmd, env=dict(env), cwd=cwd, stdout=f, stderr=subprocess.STDOUT,
-                                            timeout=timeout).returncode
-        else:
-            r = subprocess.run(cmd, env=dict(env), cwd=cwd, capture_output=capture, text=capture, timeout=timeout)
-            returncode, stdout, stderr = r.returncode, r.stdout, r.stderr
-    except subprocess.TimeoutExpired as err:  # subprocess.run has killed it
-        returncode = None
-        if log is None and capture:
-            stdout, stderr = (_as_text(err.stdout), _as_text(err.stderr))
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "w") as f:
+            returncode, _, _ = _run_process(cmd, env, cwd, f, subprocess.STDOUT, timeout, text=False)
+    else:
+        pipe = subprocess.PIPE if capture else None
+        returncode, stdout, stderr = _run_process(cmd, env, cwd, pipe, pipe, timeout, text=capture)
+        if returncode is None and capture:
+            stdout, stderr = _as_text(stdout), _as_text(stderr)
     seconds = time.perf_counter() - start
     if returncode is None or (check and returncode != 0):
         raise CommandError(_failure_message(line, returncode, seconds, timeout, log, stdout, stderr, tail_lines),
@@ -214,6 +212,67 @@ def run_command(cmd: Sequence[str], env: Mapping[str, str], log: str | os.PathLi
     if echo:
         print(f"  done in {seconds:.0f} s" + (f" (log: {log})" if log is not None else ""), flush=True)
     return CommandRun(cmd, returncode, seconds, log, stdout, stderr)
+
+
+def _run_process(cmd: list[str], env: Mapping[str, str], cwd, stdout, stderr, timeout: float | None,
+                 text: bool) -> tuple[int | None, str | None, str | None]:
+    """(exit code, or None when it ran past ``timeout``; stdout; stderr) of ``cmd``, run in its own process group.
+
+    Whatever stops the wait — the timeout, Ctrl-C, an exception, SIGTERM to this process (raised as ``SystemExit``
+    while the command runs, when this is the main thread and SIGTERM has its default action) — also stops the command
+    and every process it started (nnU-Net's augmentation and export workers). A command left running by its caller
+    would keep training on the cores of whatever runs next."""
+    posix = os.name == "posix"
+    proc = subprocess.Popen(cmd, env=dict(env), cwd=cwd, stdout=stdout, stderr=stderr, text=text,
+                            start_new_session=posix)
+    restore = _sigterm_as_exit()
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        return proc.returncode, out, err
+    except subprocess.TimeoutExpired:
+        _stop_group(proc, posix)
+        out, err = proc.communicate()
+        return None, out, err
+    except BaseException:
+        _stop_group(proc, posix)
+        raise
+    finally:
+        restore()
+
+
+def _stop_group(proc: subprocess.Popen, posix: bool, grace: float = 10.0) -> None:
+    """SIGTERM to the command's process group (SIGKILL after ``grace`` seconds), or kill the command alone."""
+    if not posix:
+        proc.kill()
+        return
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        try:
+            proc.wait(timeout=wait)
+            if sig == signal.SIGTERM:
+                os.killpg(proc.pid, signal.SIGKILL)  # the command is gone; its workers may not be
+            return
+        except subprocess.TimeoutExpired:
+            continue
+        except (ProcessLookupError, PermissionError):
+            return
+
+
+def _sigterm_as_exit():
+    """While a command runs, SIGTERM to this process raises SystemExit(143) (so the command is stopped too) instead of
+    ending the process on the spot; returns the function that puts the previous handler back."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return lambda: None
+
+    def exit_on_sigterm(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
+    return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _as_text(output: str | bytes | None) -> str:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -98,6 +101,46 @@ def test_a_failing_command_names_itself_its_exit_code_and_its_log(tmp_path):
         harness.run_command([PY, "-c", "import time; time.sleep(30)"], os.environ, capture=True, echo=False,
                             timeout=0.5)
     assert err.value.returncode is None
+
+
+@pytest.mark.skipif(os.name != "posix", reason="process groups are POSIX")
+def test_stopping_the_caller_stops_the_command_and_what_it_started(tmp_path):
+    """A benchmark runner stopped with SIGTERM (kill, a CI timeout) must not leave its nnUNetv2_train running."""
+    pids = tmp_path / "pids"
+    # the command starts a worker of its own (as nnUNetv2_train starts its augmentation workers) and waits
+    command = (f"import os, subprocess, sys, time; w = subprocess.Popen([sys.executable, '-c', 'import time; "
+               f"time.sleep(60)']); open({str(pids)!r}, 'w').write(f'{{os.getpid()}} {{w.pid}}'); time.sleep(60)")
+    caller = (f"import os, sys; sys.path.insert(0, {str(Path(harness.__file__).parents[1])!r}); "
+              f"from nnunetv2_textseg import harness; harness.run_command([sys.executable, '-c', {command!r}], "
+              f"os.environ, capture=True, echo=False)")
+    proc = subprocess.Popen([PY, "-c", caller])
+    deadline = time.time() + 30
+    while not (pids.is_file() and len(pids.read_text().split()) == 2) and time.time() < deadline:
+        time.sleep(0.1)
+    started = [int(p) for p in pids.read_text().split()]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 143  # SystemExit(128 + SIGTERM) after stopping the command
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return Path(f"/proc/{pid}/stat").is_file() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+    deadline = time.time() + 15
+    while any(alive(p) for p in started) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(p) for p in started)
+
+
+def test_a_command_leaves_the_sigterm_handler_as_it_was():
+    before = signal.getsignal(signal.SIGTERM)
+    harness.run_command([PY, "-c", "pass"], os.environ, capture=True, echo=False)
+    with pytest.raises(harness.CommandError):
+        harness.run_command([PY, "-c", "import time; time.sleep(30)"], os.environ, capture=True, echo=False,
+                            timeout=0.5)
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_evaluate_command_and_summary(tmp_path):
