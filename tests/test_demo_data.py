@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 from skimage import io as skio
 
-from nnunetv2_textseg.demo_data import generate_demo_dataset, load_real_reports, main, make_case
+from nnunetv2_textseg.demo_data import (default_reports_dir, generate_demo_dataset, load_real_reports, main,
+                                        make_case, named_zones)
 from nnunetv2_textseg.report_parsing import (LEVELS, SIDES, Finding, parse_report, render_report,
                                              swap_laterality)
 
@@ -120,6 +121,27 @@ def test_reports_agree_with_masks(demo40: Path) -> None:
     parsed = _check_consistent(cases)
     assert parsed >= 0.9 * len(cases)
     assert sum(m.any() for _, _, m, _ in cases) >= 0.8 * len(cases)
+
+
+def test_named_zones_hold_every_lesion_and_follow_the_report(demo40: Path) -> None:
+    """named_zones re-draws a case's report and lungs: its lesions lie inside, and the zones' sides are the report's."""
+    folder = default_reports_dir()
+    pool = load_real_reports(folder) if folder is not None else []
+    meta = json.loads((demo40 / "dataset.json").read_text())["textseg_demo"]
+    assert meta["real_reports"] == bool(pool)
+    n_train = 40
+    for split, offset in (("Tr", 0), ("Ts", n_train)):
+        for i, (case_id, _, mask, report) in enumerate(_cases(demo40, split)):
+            zones = named_zones(meta["seed"], offset + i, 64, pool)
+            assert int(case_id.rsplit("_", 1)[1]) - 1 == offset + i
+            assert not (mask.astype(bool) & ~zones).any(), case_id  # every lesion pixel in a named zone
+            assert zones.any() == mask.any(), case_id  # negative report: no zone, no lesion
+            finding = parse_report(report)
+            if finding is not None and finding.zones:
+                assert _mask_sides(zones) == finding.sides, case_id
+                assert zones.mean() < 0.5  # zones, not the whole image
+    other_seed = named_zones(meta["seed"] + 1, 0, 64, pool)
+    assert not np.array_equal(other_seed, named_zones(meta["seed"], 0, 64, pool)) or not other_seed.any()
 
 
 def test_lesions_are_faint() -> None:

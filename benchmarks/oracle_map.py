@@ -1,0 +1,257 @@
+"""How much can a report's map add at most? Plain nnU-Net given the *true* lesion map as a second channel. Not a test.
+
+    python benchmarks/oracle_map.py --work OUT/seed_S/work [--work ...] [--maps fine coarse]
+        [--trainer nnUNetTrainer_demo] [--conditions clean lowdose motion] [--out benchmarks/results/oracle_map.json]
+
+BiCLIP's generator is trained to draw, from the report, the lesion mask blurred at zone scale, and the U-Net reads
+that map as an extra input channel. A perfect report pathway would draw exactly that map for every case, training
+and test. This script measures what such a map is worth: for each few-labels benchmark run folder (``--work``: a
+``low_label.py`` seed's ``work`` folder, whose dataset, label subset in ``splits_final.json`` and degraded test
+images it reuses), it writes a copy of the dataset whose images carry a second channel computed from the true mask
+(``zones``: the lung zones the case's report names, re-drawn from the demo generator's random stream — exactly
+what a report says about where, the most a perfect reader of it could know; ``fine``: the mask blurred with
+σ = side/16, BiCLIP's generation target, which knows the outline too; ``coarse``: σ = side/8) and trains and evaluates plain nnU-Net on it with nnU-Net's own commands (``nnUNetv2_preprocess`` with the
+run's plans, ``nnUNetv2_train``, ``nnUNetv2_predict``, ``nnUNetv2_evaluate_folder``). Test images get the map of their
+own true mask (or zones); on clean images also another case's map (``shuffled``) and an empty one (``none``), which show how
+much the model relies on the channel. The difference to plain nnU-Net of the same run (its predictions in the run
+folder) bounds what any pathway that hands the U-Net such a map can add on that data; a real report, which names
+zones and not outlines, carries less than ``fine``; ``zones`` is its content.
+
+Writes only under each ``--work`` folder (datasets ``<id + 100>``, ``+ 101``, ``+ 102`` for fine, coarse, zones) and ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from nnunetv2_textseg.errors import TextSegError, run_cli  # noqa: E402  (after the path line above)
+
+MAP_BLUR = {"fine": 1 / 16, "coarse": 1 / 8}  # σ as a fraction of the image side
+MAP_KINDS = (*MAP_BLUR, "zones")  # dataset id offsets 100, 101, 102
+CONFIGURATION, PLANS, FOLD = "2d", "nnUNetPlans", 0
+
+
+class OracleInputError(TextSegError):
+    """A run folder lacks what the oracle reads; the message names the file and the fix."""
+
+
+def oracle_map(mask: np.ndarray, blur: float) -> np.ndarray:
+    """Binary lesion mask (H, W) -> uint8 map (H, W): blurred with σ = blur · side, peak scaled to 255 (0 for an
+    empty mask)."""
+    from scipy import ndimage
+    m = ndimage.gaussian_filter(mask.astype(np.float32), sigma=blur * max(mask.shape))
+    peak = float(m.max())
+    return np.zeros(mask.shape, np.uint8) if peak <= 0 else np.round(255 * m / peak).astype(np.uint8)
+
+
+def _map_function(kind: str, raw: Path, meta: dict):
+    """(case id, its label file) -> the case's uint8 map of this kind."""
+    if kind in MAP_BLUR:
+        return lambda case, label: oracle_map(_read(label), MAP_BLUR[kind])
+    from nnunetv2_textseg.demo_data import default_reports_dir, load_real_reports, named_zones
+    demo = meta.get("textseg_demo")
+    if demo is None or demo.get("control"):
+        raise OracleInputError(f"oracle_map: the 'zones' map re-draws the demo generator's cases; {raw / 'dataset.json'} "
+                               f"is not a (non-control) demo dataset. Use --maps fine coarse.")
+    pool = []
+    if demo.get("real_reports"):
+        folder = default_reports_dir()
+        if folder is None:
+            raise OracleInputError("oracle_map: the dataset was generated from the real report tables, which are not "
+                                   "found now; set NNUNET_TEXTSEG_SHARED_REPORTS to their folder.")
+        pool = load_real_reports(folder)
+
+    def zones(case: str, label: Path) -> np.ndarray:
+        z = named_zones(demo["seed"], int(case.rsplit("_", 1)[1]) - 1, demo["image_size"], pool)
+        if (_read(label).astype(bool) & ~z).any():  # the re-drawn case must be the case on disk
+            raise OracleInputError(f"oracle_map: {label} has lesion pixels outside the zones its re-drawn report "
+                                   f"names; the dataset was not generated with this report pool or generator.")
+        return z.astype(np.uint8) * 255
+    return zones
+
+
+def _read(path: Path) -> np.ndarray:
+    from skimage import io
+    return np.asarray(io.imread(path))
+
+
+def _write(path: Path, array: np.ndarray) -> None:
+    from skimage import io
+    io.imsave(path, array, check_contrast=False)
+
+
+def _case_ids(images: Path, ending: str) -> list[str]:
+    return sorted(p.name[:-len("_0000" + ending)] for p in images.glob(f"*_0000{ending}"))
+
+
+def _derangement(n: int, seed: int) -> np.ndarray:
+    """Another case for each case (a permutation without fixed points)."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    perm = np.empty(n, dtype=int)
+    perm[order] = np.roll(order, -1)
+    return perm
+
+
+def base_dataset(work: Path, dataset_id: int) -> tuple[Path, Path]:
+    """(raw folder, preprocessed folder) of the run's dataset, after checking what the oracle reads."""
+    raws = sorted((work / "nnUNet_raw").glob(f"Dataset{dataset_id:03d}_*"))
+    if not raws:
+        raise OracleInputError(f"oracle_map: no Dataset{dataset_id:03d}_* in {work / 'nnUNet_raw'}; --work must be a "
+                               f"low_label.py seed's work folder (e.g. benchmarks/results/low_label/seed_0/work).")
+    raw = raws[0]
+    pre = work / "nnUNet_preprocessed" / raw.name
+    for path in (raw / "dataset.json", raw / "labelsTr", raw / "imagesTs", raw / "labelsTs", pre / "nnUNetPlans.json",
+                 pre / "splits_final.json", pre / "dataset_fingerprint.json"):
+        if not path.exists():
+            raise OracleInputError(f"oracle_map: {path} is missing; run low_label.py on this folder first.")
+    return raw, pre
+
+
+def condition_images(work: Path, raw: Path, condition: str) -> Path:
+    folder = raw / "imagesTs" if condition == "clean" else work / "degraded" / raw.name / condition
+    if not folder.is_dir():
+        raise OracleInputError(f"oracle_map: no test images for condition {condition!r} ({folder}); low_label.py "
+                               f"makes them (--conditions).")
+    return folder
+
+
+def write_oracle_dataset(work: Path, raw: Path, pre: Path, new_id: int, kind: str,
+                         conditions: list[str]) -> tuple[Path, dict[str, Path]]:
+    """The two-channel copy of the run's dataset (raw + plans + splits) and its test folders by name."""
+    meta = json.loads((raw / "dataset.json").read_text())
+    ending = meta["file_ending"]
+    name = f"Dataset{new_id:03d}_{raw.name.split('_', 1)[1]}Oracle{kind.capitalize()}"
+    out_raw = work / "nnUNet_raw" / name
+    out_pre = work / "nnUNet_preprocessed" / name
+    map_of = _map_function(kind, raw, meta)
+    (out_raw / "imagesTr").mkdir(parents=True, exist_ok=True)
+    shutil.copytree(raw / "labelsTr", out_raw / "labelsTr", dirs_exist_ok=True)
+    for case in _case_ids(raw / "imagesTr", ending):
+        shutil.copy2(raw / "imagesTr" / f"{case}_0000{ending}", out_raw / "imagesTr" / f"{case}_0000{ending}")
+        _write(out_raw / "imagesTr" / f"{case}_0001{ending}", map_of(case, raw / "labelsTr" / f"{case}{ending}"))
+    meta["channel_names"] = {"0": meta["channel_names"]["0"], "1": f"oracle lesion map ({kind})"}
+    (out_raw / "dataset.json").write_text(json.dumps(meta, indent=2))
+    # nnU-Net's plans of the run (same network, patch and batch), with the second channel z-scored like the first
+    plans = json.loads((pre / "nnUNetPlans.json").read_text())
+    plans["dataset_name"] = name
+    for cfg in plans["configurations"].values():
+        if "normalization_schemes" in cfg:
+            cfg["normalization_schemes"] = cfg["normalization_schemes"][:1] + ["ZScoreNormalization"]
+            cfg["use_mask_for_norm"] = cfg["use_mask_for_norm"][:1] + [False]
+    plans["foreground_intensity_properties_per_channel"]["1"] = \
+        plans["foreground_intensity_properties_per_channel"]["0"]
+    out_pre.mkdir(parents=True, exist_ok=True)
+    (out_pre / "nnUNetPlans.json").write_text(json.dumps(plans, indent=2))
+    shutil.copy2(pre / "splits_final.json", out_pre / "splits_final.json")
+    fingerprint = json.loads((pre / "dataset_fingerprint.json").read_text())  # nnUNetv2_train copies it
+    channels = fingerprint.get("foreground_intensity_properties_per_channel", {})
+    if "0" in channels:
+        channels["1"] = channels["0"]
+    (out_pre / "dataset_fingerprint.json").write_text(json.dumps(fingerprint, indent=2))
+    (out_pre / "dataset.json").write_text(json.dumps(meta, indent=2))
+
+    tests: dict[str, Path] = {}
+    cases = _case_ids(raw / "imagesTs", ending)
+    maps = {c: map_of(c, raw / "labelsTs" / f"{c}{ending}") for c in cases}
+    other = dict(zip(cases, (cases[i] for i in _derangement(len(cases), seed=new_id))))
+    for condition in conditions:
+        variants = ["own"] + (["shuffled", "none"] if condition == "clean" else [])
+        source = condition_images(work, raw, condition)
+        for variant in variants:
+            folder = work / "oracle_tests" / name / f"{condition}_{variant}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for c in cases:
+                shutil.copy2(source / f"{c}_0000{ending}", folder / f"{c}_0000{ending}")
+                m = {"own": maps[c], "shuffled": maps[other[c]], "none": np.zeros_like(maps[c])}[variant]
+                _write(folder / f"{c}_0001{ending}", m)
+            tests[f"{condition}_{variant}"] = folder
+    return out_raw, tests
+
+
+def plain_dice(work: Path, raw: Path, trainer: str, condition: str) -> float | None:
+    """Plain nnU-Net's Dice of the run (its evaluated predictions in the run folder), if there."""
+    summary = work / "predictions" / raw.name / trainer / f"fold_{FOLD}" / condition / "summary.json"
+    if not summary.is_file():
+        return None
+    return float(json.loads(summary.read_text())["foreground_mean"]["Dice"])
+
+
+def run_one(work: Path, dataset_id: int, kinds: list[str], trainer: str, conditions: list[str]) -> dict:
+    from nnunetv2_textseg.harness import evaluate_command, nnunet_env, read_summary, run_command
+    raw, pre = base_dataset(work, dataset_id)
+    env = nnunet_env(work, n_proc_da=1, def_n_proc=1)
+    logs = work.parent / "logs"
+    result: dict = {"work": str(work), "plain": {c: plain_dice(work, raw, trainer, c) for c in conditions}}
+    for kind in kinds:
+        new_id = dataset_id + 100 + MAP_KINDS.index(kind)
+        out_raw, tests = write_oracle_dataset(work, raw, pre, new_id, kind, conditions)
+        fold_dir = work / "nnUNet_results" / out_raw.name / f"{trainer}__{PLANS}__{CONFIGURATION}" / f"fold_{FOLD}"
+        if not (fold_dir / "checkpoint_final.pth").is_file():  # else: trained by an earlier run, evaluated again
+            run_command(["nnUNetv2_preprocess", "-d", str(new_id), "-c", CONFIGURATION, "-np", "1"], env,
+                        logs / f"oracle_{kind}_preprocess.log")
+            run_command(["nnUNetv2_train", str(new_id), CONFIGURATION, str(FOLD), "-tr", trainer, "-device", "cpu"],
+                        env, logs / f"oracle_{kind}_train.log")
+        dice = {}
+        for test, images in tests.items():
+            pred = work / "oracle_predictions" / out_raw.name / test
+            if pred.exists():
+                shutil.rmtree(pred)
+            run_command(["nnUNetv2_predict", "-i", str(images), "-o", str(pred), "-d", str(new_id), "-c",
+                         CONFIGURATION, "-p", PLANS, "-f", str(FOLD), "-tr", trainer, "-device", "cpu",
+                         "--disable_progress_bar", "-npp", "0", "-nps", "0"], env, logs / f"oracle_{kind}_{test}.log")
+            run_command(evaluate_command(raw / "labelsTs", pred, 1), env, logs / f"oracle_{kind}_{test}_eval.log")
+            dice[test] = float(read_summary(pred).foreground_mean["Dice"])
+            print(f"  {work.parent.name} oracle {kind} / {test}: Dice {dice[test]:.4f}", flush=True)
+        result[kind] = dice
+    return result
+
+
+def table(results: list[dict], kinds: list[str], conditions: list[str]) -> str:
+    rows = ["| map | test | Dice | Δ vs plain nnU-Net (paired) | runs |", "|---|---|---:|---:|---:|"]
+
+    def fmt(values: list[float]) -> str:
+        return f"{np.mean(values):.4f} ± {np.std(values, ddof=1) if len(values) > 1 else 0:.4f}"
+
+    for c in conditions:
+        plain = [r["plain"][c] for r in results if r["plain"][c] is not None]
+        if plain:
+            rows.append(f"| none (plain nnU-Net) | {c} | {fmt(plain)} | – | {len(plain)} |")
+    for kind in kinds:
+        for test in results[0][kind]:
+            condition = test.split("_")[0]
+            values = [r[kind][test] for r in results]
+            deltas = [r[kind][test] - r["plain"][condition] for r in results if r["plain"][condition] is not None]
+            rows.append(f"| {kind} | {test} | {fmt(values)} | {fmt(deltas) if deltas else '–'} | {len(values)} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, nargs="+", required=True)
+    parser.add_argument("--dataset_id", type=int, default=990)
+    parser.add_argument("--maps", nargs="+", default=["zones", "fine"], choices=list(MAP_KINDS))
+    parser.add_argument("--trainer", default="nnUNetTrainer_demo")
+    parser.add_argument("--conditions", nargs="+", default=["clean", "lowdose", "motion"])
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "oracle_map.json")
+    args = parser.parse_args(argv)
+    results = [run_one(w.resolve(), args.dataset_id, args.maps, args.trainer, args.conditions) for w in args.work]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"maps": {k: MAP_BLUR.get(k, "named zones") for k in args.maps}, "trainer": args.trainer,
+                                    "runs": results}, indent=2))
+    print(table(results, args.maps, args.conditions))
+    print(f"written: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
