@@ -1,0 +1,89 @@
+"""benchmarks/oracle_map.py: the oracle maps and the two-channel dataset it writes (fast; no training)."""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from skimage import io as skio
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks import oracle_map  # noqa: E402
+from nnunetv2_textseg.demo_data import generate_demo_dataset, named_zones  # noqa: E402
+
+
+def test_oracle_map_is_the_blurred_mask_scaled_to_its_peak():
+    mask = np.zeros((64, 64), np.uint8)
+    mask[20:30, 40:50] = 1
+    m = oracle_map.oracle_map(mask, 1 / 16)
+    assert m.dtype == np.uint8 and m.max() == 255 and m[25, 45] >= 200
+    assert m[5, 5] == 0 and 0 < m[25, 37] < m[25, 45]  # blurred past the edge, nothing far away
+    assert (oracle_map.oracle_map(np.zeros((64, 64), np.uint8), 1 / 8) == 0).all()
+
+
+@pytest.fixture(scope="module")
+def run_folder(tmp_path_factory) -> Path:
+    """A few-labels run's work folder in miniature: demo dataset, its plans/fingerprint/splits, a degraded copy."""
+    work = tmp_path_factory.mktemp("work")
+    raw = generate_demo_dataset(work / "nnUNet_raw", n_train=6, n_test=3, image_size=64, seed=5,
+                                real_reports_dir=work / "no_tables")
+    pre = work / "nnUNet_preprocessed" / raw.name
+    pre.mkdir(parents=True)
+    channel = {"mean": 80.0, "std": 15.0}
+    (pre / "nnUNetPlans.json").write_text(json.dumps({
+        "dataset_name": raw.name, "foreground_intensity_properties_per_channel": {"0": channel},
+        "configurations": {"2d": {"normalization_schemes": ["ZScoreNormalization"], "use_mask_for_norm": [False]}}}))
+    (pre / "dataset_fingerprint.json").write_text(json.dumps({"foreground_intensity_properties_per_channel":
+                                                              {"0": channel}}))
+    (pre / "splits_final.json").write_text(json.dumps([{"train": ["demo_0001"], "val": ["demo_0002"]}]))
+    motion = work / "degraded" / raw.name / "motion"
+    motion.mkdir(parents=True)
+    for image in (raw / "imagesTs").iterdir():
+        (motion / image.name).write_bytes(image.read_bytes())
+    return work
+
+
+def test_zones_dataset_has_the_named_zones_as_second_channel(run_folder):
+    raw, pre = oracle_map.base_dataset(run_folder, 990)
+    out_raw, tests = oracle_map.write_oracle_dataset(run_folder, raw, pre, 1092, "zones", ["clean", "motion"])
+    assert out_raw.name == "Dataset1092_TextSegDemoOracleZones"
+    meta = json.loads((out_raw / "dataset.json").read_text())
+    assert set(meta["channel_names"]) == {"0", "1"}
+    plans = json.loads((run_folder / "nnUNet_preprocessed" / out_raw.name / "nnUNetPlans.json").read_text())
+    assert plans["dataset_name"] == out_raw.name
+    assert plans["configurations"]["2d"]["normalization_schemes"] == ["ZScoreNormalization"] * 2
+    assert set(plans["foreground_intensity_properties_per_channel"]) == {"0", "1"}
+    for i in range(6):
+        zones = skio.imread(out_raw / "imagesTr" / f"demo_{i + 1:04d}_0001.png") > 0
+        np.testing.assert_array_equal(zones, named_zones(5, i, 64, []))
+        np.testing.assert_array_equal(skio.imread(out_raw / "imagesTr" / f"demo_{i + 1:04d}_0000.png"),
+                                      skio.imread(raw / "imagesTr" / f"demo_{i + 1:04d}_0000.png"))
+    assert set(tests) == {"clean_own", "clean_shuffled", "clean_none", "motion_own"}
+    own = [skio.imread(tests["clean_own"] / f"demo_{i:04d}_0001.png") for i in (7, 8, 9)]
+    shuffled = [skio.imread(tests["clean_shuffled"] / f"demo_{i:04d}_0001.png") for i in (7, 8, 9)]
+    assert sorted(m.tobytes() for m in own) == sorted(m.tobytes() for m in shuffled)  # the same maps, other cases
+    assert all((skio.imread(tests["clean_none"] / f"demo_{i:04d}_0001.png") == 0).all() for i in (7, 8, 9))
+
+
+def test_zones_of_another_dataset_are_refused_naming_the_label(run_folder, tmp_path):
+    work = tmp_path / "work"
+    (work / "nnUNet_raw").mkdir(parents=True)
+    dataset = next((run_folder / "nnUNet_raw").glob("Dataset990_*"))
+    shutil.copytree(dataset, work / "nnUNet_raw" / dataset.name)
+    shutil.copytree(run_folder / "nnUNet_preprocessed" / dataset.name, work / "nnUNet_preprocessed" / dataset.name)
+    label = work / "nnUNet_raw" / dataset.name / "labelsTr" / "demo_0001.png"
+    skio.imsave(label, np.ones((64, 64), np.uint8), check_contrast=False)  # lesion everywhere: not this generator's
+    raw_copy, pre = oracle_map.base_dataset(work, 990)
+    with pytest.raises(oracle_map.OracleInputError, match="demo_0001.png has lesion pixels outside"):
+        oracle_map.write_oracle_dataset(work, raw_copy, pre, 1092, "zones", ["clean"])
+
+
+def test_a_folder_that_is_not_a_run_is_one_clear_error(tmp_path):
+    with pytest.raises(oracle_map.OracleInputError, match="low_label.py seed's work folder"):
+        oracle_map.base_dataset(tmp_path, 990)
