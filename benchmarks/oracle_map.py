@@ -2,6 +2,7 @@
 
     python benchmarks/oracle_map.py --work OUT/seed_S/work [--work ...] [--maps fine coarse]
         [--trainer nnUNetTrainer_demo] [--conditions clean lowdose motion] [--out benchmarks/results/oracle_map.json]
+    python benchmarks/oracle_map.py --combine run1.json run2.json ...   (one table from earlier runs)
 
 BiCLIP's generator is trained to draw, from the report, the lesion mask blurred at zone scale, and the U-Net reads
 that map as an extra input channel. A perfect report pathway would draw exactly that map for every case, training
@@ -212,8 +213,32 @@ def run_one(work: Path, dataset_id: int, kinds: list[str], trainer: str, conditi
             run_command(evaluate_command(raw / "labelsTs", pred, 1), env, logs / f"oracle_{kind}_{test}_eval.log")
             dice[test] = float(read_summary(pred).foreground_mean["Dice"])
             print(f"  {work.parent.name} oracle {kind} / {test}: Dice {dice[test]:.4f}", flush=True)
+        if kind == "zones":  # no training: plain nnU-Net's own predictions with everything outside the zones removed
+            for condition in conditions:
+                plain = work / "predictions" / raw.name / trainer / f"fold_{FOLD}" / condition
+                if not (plain / "summary.json").is_file():
+                    continue
+                pred = work / "oracle_predictions" / out_raw.name / f"plain_inside_zones_{condition}"
+                _mask_predictions(plain, tests["clean_own"], pred)
+                run_command(evaluate_command(raw / "labelsTs", pred, 1), env, logs / f"oracle_posthoc_{condition}.log")
+                dice[f"{condition}_plain_inside_zones"] = float(read_summary(pred).foreground_mean["Dice"])
+                print(f"  {work.parent.name} plain nnU-Net inside the zones / {condition}: "
+                      f"Dice {dice[f'{condition}_plain_inside_zones']:.4f}", flush=True)
         result[kind] = dice
     return result
+
+
+def _mask_predictions(plain: Path, zone_images: Path, out: Path) -> None:
+    """Plain nnU-Net's predicted labels with every pixel outside the case's zone map set to background."""
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    for name in ("dataset.json", "plans.json"):
+        shutil.copy2(plain / name, out / name)
+    ending = json.loads((plain / "dataset.json").read_text())["file_ending"]
+    for seg in sorted(plain.glob(f"*{ending}")):
+        zones = _read(zone_images / f"{seg.name[:-len(ending)]}_0001{ending}") > 0
+        _write(out / seg.name, np.where(zones, _read(seg), 0).astype(np.uint8))
 
 
 def table(results: list[dict], kinds: list[str], conditions: list[str]) -> str:
@@ -227,24 +252,33 @@ def table(results: list[dict], kinds: list[str], conditions: list[str]) -> str:
         if plain:
             rows.append(f"| none (plain nnU-Net) | {c} | {fmt(plain)} | – | {len(plain)} |")
     for kind in kinds:
-        for test in results[0][kind]:
-            condition = test.split("_")[0]
-            values = [r[kind][test] for r in results]
-            deltas = [r[kind][test] - r["plain"][condition] for r in results if r["plain"][condition] is not None]
+        tests = list(dict.fromkeys(t for r in results for t in r.get(kind, {})))
+        for test in tests:
+            condition = test.split("_")[0]  # clean_own, clean_shuffled, motion_own, clean_plain_inside_zones ...
+            runs = [r for r in results if test in r.get(kind, {})]
+            values = [r[kind][test] for r in runs]
+            deltas = [r[kind][test] - r["plain"][condition] for r in runs if r["plain"].get(condition) is not None]
             rows.append(f"| {kind} | {test} | {fmt(values)} | {fmt(deltas) if deltas else '–'} | {len(values)} |")
     return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, nargs="+", required=True)
+    parser.add_argument("--work", type=Path, nargs="+", default=[])
+    parser.add_argument("--combine", type=Path, nargs="+", default=[],
+                        help="JSON files of earlier runs of this script: their runs join the table (nothing is trained)")
     parser.add_argument("--dataset_id", type=int, default=990)
     parser.add_argument("--maps", nargs="+", default=["zones", "fine"], choices=list(MAP_KINDS))
     parser.add_argument("--trainer", default="nnUNetTrainer_demo")
     parser.add_argument("--conditions", nargs="+", default=["clean", "lowdose", "motion"])
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "oracle_map.json")
     args = parser.parse_args(argv)
+    if not args.work and not args.combine:
+        parser.error("give --work (run folders to train on) and/or --combine (earlier results)")
     results = [run_one(w.resolve(), args.dataset_id, args.maps, args.trainer, args.conditions) for w in args.work]
+    for earlier in args.combine:
+        results += json.loads(earlier.read_text())["runs"]
+    args.maps = [k for k in MAP_KINDS if any(k in r for r in results)]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"maps": {k: MAP_BLUR.get(k, "named zones") for k in args.maps}, "trainer": args.trainer,
                                     "runs": results}, indent=2))
