@@ -94,15 +94,6 @@ def _case_ids(images: Path, ending: str) -> list[str]:
     return sorted(p.name[:-len("_0000" + ending)] for p in images.glob(f"*_0000{ending}"))
 
 
-def _derangement(n: int, seed: int) -> np.ndarray:
-    """Another case for each case (a permutation without fixed points)."""
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(n)
-    perm = np.empty(n, dtype=int)
-    perm[order] = np.roll(order, -1)
-    return perm
-
-
 def base_dataset(work: Path, dataset_id: int) -> tuple[Path, Path]:
     """(raw folder, preprocessed folder) of the run's dataset, after checking what the oracle reads."""
     raws = sorted((work / "nnUNet_raw").glob(f"Dataset{dataset_id:03d}_*"))
@@ -164,7 +155,8 @@ def write_oracle_dataset(work: Path, raw: Path, pre: Path, new_id: int, kind: st
     tests: dict[str, Path] = {}
     cases = _case_ids(raw / "imagesTs", ending)
     maps = {c: map_of(c, raw / "labelsTs" / f"{c}{ending}") for c in cases}
-    other = dict(zip(cases, (cases[i] for i in _derangement(len(cases), seed=new_id))))
+    from nnunetv2_textseg.demo_data import derangement
+    other = dict(zip(cases, (cases[i] for i in derangement(np.random.default_rng(new_id), len(cases)))))
     for condition in conditions:
         variants = ["own"] + (["shuffled", "none"] if condition == "clean" else [])
         source = condition_images(work, raw, condition)

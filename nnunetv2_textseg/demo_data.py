@@ -330,7 +330,7 @@ def named_zones(seed: int, index: int, size: int, pool: list[tuple[str, Finding]
     return zones
 
 
-def _derangement(rng: np.random.Generator, n: int) -> np.ndarray:
+def derangement(rng: np.random.Generator, n: int) -> np.ndarray:
     """Permutation without fixed points (cycle through a random order), identity if n < 2."""
     if n < 2:
         return np.arange(n)
@@ -403,7 +403,7 @@ def generate_demo_dataset(raw_root: Path, dataset_id: int = 990, name: str = "Te
             ids.append(case_id)
             reports.append(case.report)
         if control:
-            perm = _derangement(np.random.default_rng([seed, 7919, k]), n)
+            perm = derangement(np.random.default_rng([seed, 7919, k]), n)
             reports = [reports[j] for j in perm]
         pd.DataFrame({"case_id": ids, "report": reports}).to_csv(
             folder / f"reports{split}.csv", index=False, encoding="utf-8")
