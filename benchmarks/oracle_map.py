@@ -18,7 +18,7 @@ much the model relies on the channel. The difference to plain nnU-Net of the sam
 folder) bounds what any pathway that hands the U-Net such a map can add on that data; a real report, which names
 zones and not outlines, carries less than ``fine``; ``zones`` is its content.
 
-Writes only under each ``--work`` folder (datasets ``<id + 100>``, ``+ 101``, ``+ 102`` for fine, coarse, zones) and ``--out``.
+Writes only under each ``--work`` folder, never over a dataset it did not write (datasets ``<id + 100>``, ``+ 101``, ``+ 102`` for fine, coarse, zones) and ``--out``.
 """
 from __future__ import annotations
 
@@ -117,6 +117,21 @@ def condition_images(work: Path, raw: Path, condition: str) -> Path:
     return folder
 
 
+MARKER = "oracle_map.json"  # in every raw dataset this script writes: it only rewrites folders that carry it
+
+
+def _check_ours(work: Path, new_id: int, out_raw: Path, out_pre: Path) -> None:
+    """Refuse to write over a dataset (raw or preprocessed) with the oracle's id that this script did not write."""
+    for root, mine in ((work / "nnUNet_raw", out_raw), (work / "nnUNet_preprocessed", out_pre)):
+        for other in root.glob(f"Dataset{new_id:03d}_*"):
+            if other != mine:
+                raise OracleInputError(f"oracle_map: {other} already uses dataset id {new_id}, which the oracle "
+                                       f"dataset {mine.name} needs; move it away (the oracle never overwrites it).")
+    if (out_raw.exists() and not (out_raw / MARKER).is_file()) or (out_pre.exists() and not out_raw.exists()):
+        raise OracleInputError(f"oracle_map: {out_raw if out_raw.exists() else out_pre} exists but was not written by "
+                               f"this script (no {out_raw / MARKER}); move it away, the oracle never overwrites it.")
+
+
 def write_oracle_dataset(work: Path, raw: Path, pre: Path, new_id: int, kind: str,
                          conditions: list[str]) -> tuple[Path, dict[str, Path]]:
     """The two-channel copy of the run's dataset (raw + plans + splits) and its test folders by name."""
@@ -125,8 +140,12 @@ def write_oracle_dataset(work: Path, raw: Path, pre: Path, new_id: int, kind: st
     name = f"Dataset{new_id:03d}_{raw.name.split('_', 1)[1]}Oracle{kind.capitalize()}"
     out_raw = work / "nnUNet_raw" / name
     out_pre = work / "nnUNet_preprocessed" / name
+    _check_ours(work, new_id, out_raw, out_pre)
+    sources = {condition: condition_images(work, raw, condition) for condition in conditions}  # before any writing
     map_of = _map_function(kind, raw, meta)
     (out_raw / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (out_raw / MARKER).write_text(json.dumps({"written_by": "benchmarks/oracle_map.py", "map": kind,
+                                              "from": raw.name}))
     shutil.copytree(raw / "labelsTr", out_raw / "labelsTr", dirs_exist_ok=True)
     for case in _case_ids(raw / "imagesTr", ending):
         shutil.copy2(raw / "imagesTr" / f"{case}_0000{ending}", out_raw / "imagesTr" / f"{case}_0000{ending}")
@@ -159,7 +178,7 @@ def write_oracle_dataset(work: Path, raw: Path, pre: Path, new_id: int, kind: st
     other = dict(zip(cases, (cases[i] for i in derangement(np.random.default_rng(new_id), len(cases)))))
     for condition in conditions:
         variants = ["own"] + (["shuffled", "none"] if condition == "clean" else [])
-        source = condition_images(work, raw, condition)
+        source = sources[condition]
         for variant in variants:
             folder = work / "oracle_tests" / name / f"{condition}_{variant}"
             folder.mkdir(parents=True, exist_ok=True)
@@ -173,10 +192,9 @@ def write_oracle_dataset(work: Path, raw: Path, pre: Path, new_id: int, kind: st
 
 def plain_dice(work: Path, raw: Path, trainer: str, condition: str) -> float | None:
     """Plain nnU-Net's Dice of the run (its evaluated predictions in the run folder), if there."""
+    from nnunetv2_textseg.harness import read_summary
     summary = work / "predictions" / raw.name / trainer / f"fold_{FOLD}" / condition / "summary.json"
-    if not summary.is_file():
-        return None
-    return float(json.loads(summary.read_text())["foreground_mean"]["Dice"])
+    return float(read_summary(summary).foreground_mean["Dice"]) if summary.is_file() else None
 
 
 def run_one(work: Path, dataset_id: int, kinds: list[str], trainer: str, conditions: list[str]) -> dict:

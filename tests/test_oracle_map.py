@@ -87,3 +87,40 @@ def test_zones_of_another_dataset_are_refused_naming_the_label(run_folder, tmp_p
 def test_a_folder_that_is_not_a_run_is_one_clear_error(tmp_path):
     with pytest.raises(oracle_map.OracleInputError, match="low_label.py seed's work folder"):
         oracle_map.base_dataset(tmp_path, 990)
+
+
+def test_a_dataset_it_did_not_write_is_never_overwritten(run_folder):
+    raw, pre = oracle_map.base_dataset(run_folder, 990)
+    theirs = run_folder / "nnUNet_raw" / "Dataset1091_SomeoneElses"
+    theirs.mkdir()
+    (theirs / "dataset.json").write_text("{}")
+    with pytest.raises(oracle_map.OracleInputError, match="Dataset1091_SomeoneElses already uses dataset id 1091"):
+        oracle_map.write_oracle_dataset(run_folder, raw, pre, 1091, "coarse", ["clean"])
+    assert (theirs / "dataset.json").read_text() == "{}" and not (run_folder / "nnUNet_raw" /
+                                                                  "Dataset1091_TextSegDemoOracleCoarse").exists()
+    shutil.rmtree(theirs)
+    same_name = run_folder / "nnUNet_raw" / "Dataset1091_TextSegDemoOracleCoarse"
+    same_name.mkdir()
+    (same_name / "notes.txt").write_text("mine")
+    with pytest.raises(oracle_map.OracleInputError, match="was not written by this script"):
+        oracle_map.write_oracle_dataset(run_folder, raw, pre, 1091, "coarse", ["clean"])
+    assert (same_name / "notes.txt").read_text() == "mine" and not (same_name / "imagesTr").exists()
+    shutil.rmtree(same_name)
+    oracle_map.write_oracle_dataset(run_folder, raw, pre, 1091, "coarse", ["clean"])  # its own: written, and again
+    oracle_map.write_oracle_dataset(run_folder, raw, pre, 1091, "coarse", ["clean"])
+
+
+def test_zones_need_a_demo_dataset_and_conditions_need_their_images(run_folder, tmp_path):
+    work = tmp_path / "work"
+    dataset = next((run_folder / "nnUNet_raw").glob("Dataset990_*"))
+    shutil.copytree(dataset, work / "nnUNet_raw" / dataset.name)
+    shutil.copytree(run_folder / "nnUNet_preprocessed" / dataset.name, work / "nnUNet_preprocessed" / dataset.name)
+    raw, pre = oracle_map.base_dataset(work, 990)
+    with pytest.raises(oracle_map.OracleInputError, match="no test images for condition 'lowdose'"):
+        oracle_map.write_oracle_dataset(work, raw, pre, 1090, "fine", ["clean", "lowdose"])
+    assert not list((work / "nnUNet_raw").glob("Dataset1090_*"))  # refused before writing anything
+    meta = json.loads((raw / "dataset.json").read_text())
+    meta.pop("textseg_demo")
+    (raw / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(oracle_map.OracleInputError, match="is not a \\(non-control\\) demo dataset"):
+        oracle_map.write_oracle_dataset(work, raw, pre, 1092, "zones", ["clean"])
