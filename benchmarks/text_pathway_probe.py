@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-DEFAULTS = dict(lr=1e-3, steps=750, drop=0.25, batch=2, cycle=0.0, normalized=False, mirror=0.0, seed=0)
+DEFAULTS = dict(lr=1e-3, steps=750, drop=0.25, batch=2, cycle=0.0, normalized=False, mirror=0.0, seed=0, token_maps=0)
 
 
 from nnunetv2_textseg.errors import TextSegError, run_cli  # noqa: E402  (after the path line above)
@@ -101,7 +101,8 @@ def mirrored_reports(data: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 
 def run(data: dict, settings: dict) -> dict:
-    from nnunetv2_textseg.building_blocks.biclip import AttentionPoolText, ImageToTextHead, PseudoImageGenerator
+    from nnunetv2_textseg.building_blocks.biclip import (AttentionPoolText, ImageToTextHead, PseudoImageGenerator,
+                                                         TokenZoneMaps, noisy_or_logits)
     from nnunetv2_textseg.diagnose import lesion_prone_region, pixel_auc
     from nnunetv2_textseg.losses import blur_mask, cycle_loss, lesion_generation_loss
     s = {**DEFAULTS, **settings}
@@ -111,7 +112,9 @@ def run(data: dict, settings: dict) -> dict:
     pool, generator, head = AttentionPoolText(tokens.shape[-1], dim), PseudoImageGenerator(dim, out_bias=-2.0), \
         ImageToTextHead(dim)
     null = torch.nn.Parameter(0.02 * torch.randn(dim))
-    params = [*pool.parameters(), *generator.parameters(), null] + (list(head.parameters()) if s["cycle"] else [])
+    token_maps = TokenZoneMaps(tokens.shape[-1], zone) if s["token_maps"] else None
+    params = [*pool.parameters(), *generator.parameters(), null] + (list(head.parameters()) if s["cycle"] else []) \
+        + (list(token_maps.parameters()) if token_maps is not None else [])
     opt = torch.optim.AdamW(params, lr=s["lr"], weight_decay=1e-4)
     target = blur_mask(masks, size / zone)
     mirror = None
@@ -119,8 +122,13 @@ def run(data: dict, settings: dict) -> dict:
         m_tok, m_mask, m_masks = mirrored_reports(data)
         mirror = (m_tok, m_mask, blur_mask(m_masks, size / zone))
 
-    def frame(t):  # zone-scale map, read back at full size
-        return F.interpolate(F.adaptive_avg_pool2d(generator(t), zone), size=size, mode="bilinear", align_corners=False)
+    def frame(t, tok=None, msk=None, keep=None):  # zone-scale map, read back at full size
+        z = F.adaptive_avg_pool2d(generator(t), zone)
+        if token_maps is not None and tok is not None:
+            # dropped reports (keep False) have no tokens: their map is the null report's alone
+            per_token = token_maps(tok, msk & keep[:, None] if keep is not None else msk)
+            z = noisy_or_logits(z, per_token)
+        return F.interpolate(z, size=size, mode="bilinear", align_corners=False)
 
     for step in range(s["steps"]):
         for g in opt.param_groups:
@@ -133,8 +141,9 @@ def run(data: dict, settings: dict) -> dict:
             msk = torch.where(use[:, None], mirror[1][i], msk)
             tgt = torch.where(use[:, None, None, None], mirror[2][i], tgt)
         t = pool(tok, msk)
-        t = torch.where((torch.rand(len(i)) < s["drop"])[:, None], null.expand(len(i), -1), t)
-        logits = frame(t)
+        dropped = torch.rand(len(i)) < s["drop"]
+        t = torch.where(dropped[:, None], null.expand(len(i), -1), t)
+        logits = frame(t, tok, msk, ~dropped)
         loss = lesion_generation_loss(logits, tgt, torch.ones_like(tgt, dtype=torch.bool))
         if s["cycle"]:
             zone_map = torch.sigmoid(F.adaptive_avg_pool2d(generator(t), zone))
@@ -151,7 +160,8 @@ def run(data: dict, settings: dict) -> dict:
             region = lesion_prone_region([r.ravel() for r in ref])
             inside = np.tile(region, len(ref)) if region is not None else None
             perm = torch.roll(torch.arange(len(tok)), 1)
-            variants = {"real": frame(pool(tok, msk)), "shuffled": frame(pool(tok[perm], msk[perm])),
+            variants = {"real": frame(pool(tok, msk), tok, msk),
+                        "shuffled": frame(pool(tok[perm], msk[perm]), tok[perm], msk[perm]),
                         "null": frame(null[None]).expand(len(tok), -1, -1, -1)}
             for v, logits in variants.items():
                 if split == "train" and v != "real":

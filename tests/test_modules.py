@@ -499,22 +499,24 @@ def test_segmentation_gradient_reaches_the_text_modules_only_when_asked(through)
 
 
 def test_cross_fitting_feeds_the_unet_the_other_pathways_map():
-    """cross_fit=2: a case fitted by pathway k trains only pathway k's modules through the generation and cycle
-    losses, while the U-Net sees pathway 1 - k's map of it (never fitted on that case); without ``fit_half``
-    (prediction) the U-Net sees the pathways' mean. One pathway keeps the state-dict names of every model so far."""
+    """cross_fit=2: a case of fold k is fitted by pathway 1 - k only (generation and cycle losses), while the U-Net
+    sees pathway k's map of it (never fitted on that case); without ``fold`` (prediction) the U-Net sees the
+    pathways' mean. One pathway keeps the state-dict names of every model so far."""
     torch.set_num_threads(1)
     net = make_net(cross_fit=2, seg_gradient_to_text=False, iac=False).train()
     single = set(make_net(iac=False).state_dict())
     assert single < set(net.state_dict()) and all(n.startswith("cross_fit_twin.") for n in set(net.state_dict()) - single)
     x = with_pos(torch.randn(2, 1, 32, 32))
     tokens, mask = report(2)
-    half = torch.tensor([0, 1])
-    with pytest.raises(ValueError, match="fit_half"):
+    fold = torch.tensor([1, 0])
+    with pytest.raises(ValueError, match="fold"):
         net(x, tokens=tokens, mask=mask, return_aux=True)
-    out = net(x, tokens=tokens, mask=mask, return_aux=True, fit_half=half)
+    with pytest.raises(ValueError, match="does not fit"):
+        net(x, tokens=tokens, mask=mask, return_aux=True, fold=fold, fit=fold)
+    out = net(x, tokens=tokens, mask=mask, return_aux=True, fold=fold)
     maps = [net.pseudo_image(x, net.text_embedding(tokens, mask, 2, pathway=k), pathway=k) for k in (0, 1)]
     assert not torch.allclose(maps[0][0], maps[1][0])  # two independently initialised pathways
-    torch.testing.assert_close(out.pseudo[0], maps[1][0][0])  # case 0 (fitted by 0): the U-Net reads pathway 1's
+    torch.testing.assert_close(out.pseudo[0], maps[1][0][0])  # case 0 (fold 1): the U-Net reads pathway 1's
     torch.testing.assert_close(out.pseudo[1], maps[0][0][1])
     torch.testing.assert_close(out.generated[0], maps[0][1][0])  # ... and the generation loss trains pathway 0's
     torch.testing.assert_close(out.generated[1], maps[1][1][1])
@@ -531,4 +533,65 @@ def test_cross_fitting_feeds_the_unet_the_other_pathways_map():
                 for k in (0, 1)]
         torch.testing.assert_close(net.current_pseudo_image(x[:1]), (both[0] + both[1]) / 2)
     with pytest.raises(ValueError, match="cross_fit"):
-        make_net(cross_fit=3)
+        make_net(cross_fit=0)
+
+
+def test_four_cross_fitted_pathways_route_by_fold_and_fit():
+    """cross_fit=4: the U-Net reads the fold's pathway, the losses train the ``fit`` pathway (required: with more
+    than two pathways it is drawn by the trainer), prediction reads the mean of all four."""
+    torch.set_num_threads(1)
+    net = make_net(cross_fit=4, seg_gradient_to_text=False, iac=False).train()
+    assert len(net.pathways) == 4 and len({id(p.generator) for p in net.pathways}) == 4
+    x = with_pos(torch.randn(3, 1, 32, 32))
+    tokens, mask = report(3)
+    fold, fit = torch.tensor([3, 0, 2]), torch.tensor([1, 2, 0])
+    with pytest.raises(ValueError, match="fit"):
+        net(x, tokens=tokens, mask=mask, return_aux=True, fold=fold)
+    out = net(x, tokens=tokens, mask=mask, return_aux=True, fold=fold, fit=fit)
+    maps = [net.pseudo_image(x, net.text_embedding(tokens, mask, 3, pathway=k), pathway=k) for k in range(4)]
+    for b in range(3):
+        torch.testing.assert_close(out.pseudo[b], maps[int(fold[b])][0][b])
+        torch.testing.assert_close(out.generated[b], maps[int(fit[b])][1][b])
+    out.generated[:1].square().mean().backward()  # case 0 is fitted by pathway 1 only
+    touched = {n.split(".")[0] + ("." + n.split(".")[1] if n.startswith("cross_fit_more") else "")
+               for n, p in net.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert touched == {"cross_fit_twin"}
+    net.eval()
+    net.set_text(tokens[:1], mask[:1])
+    with torch.no_grad():
+        torch.testing.assert_close(net.current_pseudo_image(x[:1]), torch.stack([m[0][:1] for m in maps]).mean(0))
+
+
+def test_token_zone_maps_unite_phrases_and_skip_dropped_reports():
+    """Per-token maps are united by noisy-OR: a report's map is at least each of its tokens' maps; masked tokens
+    add nothing; in BiCLIP the token maps join the generator's map, and a dropped report (or no report) gets the
+    null report's map alone."""
+    from nnunetv2_textseg.building_blocks.biclip import TokenZoneMaps, noisy_or_logits
+    torch.manual_seed(0)
+    maps = TokenZoneMaps(TEXT_IN, side=8, out_bias=0.0)
+    tokens, mask = report(1, length=5)
+    union = torch.sigmoid(maps(tokens, mask))
+    alone = [torch.sigmoid(maps(tokens[:, i:i + 1], mask[:, i:i + 1])) for i in range(3)]
+    assert union.shape == (1, 1, 8, 8)
+    for a in alone:
+        assert bool((union >= a - 1e-5).all())
+    expected = 1 - torch.stack([1 - a for a in alone]).prod(0)  # tokens 3, 4 are padding
+    torch.testing.assert_close(union, expected, atol=1e-5, rtol=1e-4)
+    z = torch.tensor([-3.0, 0.0, 2.0])
+    torch.testing.assert_close(torch.sigmoid(noisy_or_logits(z, z)), 1 - (1 - torch.sigmoid(z)) ** 2)
+    net = make_net(token_maps=True, iac=False, bidirectional=False).eval()
+    x = with_pos(torch.randn(2, 1, 32, 32))
+    tokens, mask = report(2)
+    with torch.no_grad():
+        out = net(x, tokens=tokens, mask=mask, drop=torch.tensor([False, True]), return_aux=True)
+        with_tokens = net.pseudo_image(x, net.text_embedding(tokens, mask, 2), tokens=tokens, mask=mask)[0]
+        generator_only = net.pseudo_image(x, net.text_embedding(tokens, mask, 2))[0]
+        null = net.pseudo_image(x, net.text_embedding(None, None, 2))[0]
+    torch.testing.assert_close(out.pseudo[0], with_tokens[0])
+    torch.testing.assert_close(out.pseudo[1], null[1])
+    assert bool((with_tokens >= generator_only - 1e-6).all()) and not torch.allclose(with_tokens, generator_only)
+    out = net.train()(x, tokens=tokens, mask=mask, return_aux=True)
+    out.generated.square().mean().backward()
+    assert net.token_maps.decoder[0].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="frame_resolution"):
+        make_net(token_maps=True, frame_resolution=None)

@@ -129,7 +129,7 @@ def test_paper_batch_of_16_is_global_under_ddp(trained_model, monkeypatch):
                                      "nnUNetTrainerBiCLIP_paper", "nnUNetTrainerBiCLIP_efunet",
                                      "nnUNetTrainerBiCLIP_safeAug", "nnUNetTrainerBiCLIP_noPosition",
                                      "nnUNetTrainerBiCLIP_noSegGrad", "nnUNetTrainerBiCLIP_crossFit",
-                                     "nnUNetTrainerBiCLIP_mirroredPatient"])
+                                     "nnUNetTrainerBiCLIP_mirroredPatient", "nnUNetTrainerBiCLIP_crossFitTokens"])
 def test_ablation_builds_and_trains_one_step(trained_model, variant, monkeypatch):
     """Each ablation builds its network from the plans and runs a real train_step on real batches."""
     from nnunetv2.run.run_training import get_trainer_from_args
@@ -181,9 +181,20 @@ def test_ablation_builds_and_trains_one_step(trained_model, variant, monkeypatch
         rebuilt = trainer.build_network_architecture(trainer.plans_manager, trainer.configuration_manager,
                                                      trainer.num_input_channels, trainer.label_manager.num_segmentation_heads)
         assert rebuilt.cross_fit_twin is None
-        halves = trainer.fit_halves(trainer.training_case_ids).tolist()
+        halves = trainer.cross_fit_folds(trainer.training_case_ids).tolist()
         assert sorted(set(halves)) == [0, 1] and abs(2 * sum(halves) - len(halves)) <= 1
-        assert trainer.fit_halves(trainer.training_case_ids).tolist() == halves
+        assert trainer.cross_fit_folds(trainer.training_case_ids).tolist() == halves
+        assert trainer.fitting_pathways(torch.tensor(halves)).tolist() == [1 - h for h in halves]
+    if variant.endswith("crossFitTokens"):  # 4 pathways with token maps, dealt in turn; recorded in the plans
+        assert len(net.pathways) == 4 and all(p.token_maps is not None for p in net.pathways)
+        text_plans = trainer.plans_manager.plans["textseg"]
+        assert text_plans["report_pathways"] == 4 and text_plans["token_maps"] is True
+        folds = trainer.cross_fit_folds(trainer.training_case_ids)
+        counts = torch.bincount(folds, minlength=4)
+        assert int(counts.max() - counts.min()) <= 1
+        fits = torch.stack([trainer.fitting_pathways(folds) for _ in range(50)])
+        assert not bool((fits == folds).any()) and set(fits.unique().tolist()) == {0, 1, 2, 3}
+        assert "gen" in out and trainer.mirrored_patient > 0
     if variant.endswith("mirroredPatient"):  # every training report also encoded with left and right swapped
         from nnunetv2_textseg.cache import TextEmbeddingCache
         pre = Path(trainer.preprocessed_dataset_folder_base)

@@ -17,7 +17,8 @@ from torch import nn
 
 from nnunetv2_textseg.architectures.base import TextConditionedNetwork
 from nnunetv2_textseg.building_blocks.biclip import (AttentionPoolText, BidirectionalFusion, GlobalImageEncoder,
-                                             ImageToTextHead, MeanPoolText, ProjectionHead, PseudoImageGenerator)
+                                             ImageToTextHead, MeanPoolText, ProjectionHead, PseudoImageGenerator,
+                                             TokenZoneMaps, noisy_or_logits)
 from nnunetv2_textseg.patient_frame import (POSITION_CHANNELS, ensure_position_channels, sample_patient_frame,
                                             split_position)
 
@@ -72,10 +73,13 @@ class BiCLIPNetwork(TextConditionedNetwork):
             modules (end to end, the paper's). False: the pseudo-image is what the generation (and cycle) losses
             make of the report — a map of where it puts the lesion — and the U-Net learns to read that map,
             but cannot reshape it into whatever fits its few training images.
-        cross_fit: 1, or 2 report pathways (text pooling, null report, BMF, generator, image-to-text head each),
-            cross-fitted: each training case is fitted by one pathway while the U-Net reads the other's map of
-            it (see :meth:`forward`), so the U-Net learns to trust a map as much as a new report's map deserves
-            instead of one drawn by a generator that has fitted that very case.
+        cross_fit: 1, or K ≥ 2 report pathways (text pooling, null report, BMF, generator, token maps, image-to-text
+            head each), cross-fitted: the training cases are dealt into K folds; pathway k never fits fold k's cases
+            and is the one whose map the U-Net reads for them (see :meth:`forward`), so the U-Net learns to trust a
+            map as much as a new report's map deserves instead of one drawn by a generator that has fitted that very
+            case. With K = 2 each pathway fits half the cases; with K = 4, three quarters.
+        token_maps: add per-token zone maps (:class:`TokenZoneMaps`) to the generator's whole-image map by noisy-OR,
+            so a report with several findings is the union of one map per phrase (needs ``frame_resolution``).
     """
 
     text_input = "tokens"  # what set_text expects: token embeddings + mask
@@ -85,7 +89,7 @@ class BiCLIPNetwork(TextConditionedNetwork):
                  image_dim: int = 128, bidirectional: bool = True, cycle: bool = True, iac: bool = True,
                  ignore_text: bool = False, text_pooling: str = "attention", pseudo_activation: str = "sigmoid",
                  frame_resolution: int | None = 16, position_to_unet: bool = True, generation_source: str = "fused",
-                 seg_gradient_to_text: bool = True, cross_fit: int = 1):
+                 seg_gradient_to_text: bool = True, cross_fit: int = 1, token_maps: bool = False):
         super().__init__()
         if not (hasattr(unet, "encoder") and hasattr(unet, "decoder")):
             raise TypeError(f"{type(unet).__name__} has no encoder/decoder; BiCLIP needs a "
@@ -97,19 +101,25 @@ class BiCLIPNetwork(TextConditionedNetwork):
                              f"{generation_source!r}")
         self.unet = unet
         self.image_channels = image_channels
-        if cross_fit not in (1, 2):
-            raise ValueError(f"cross_fit must be 1 (one report pathway) or 2 (two, cross-fitted), got {cross_fit!r}")
+        if not isinstance(cross_fit, int) or not 1 <= cross_fit <= 8:
+            raise ValueError(f"cross_fit must be 1 (one report pathway) or 2..8 (cross-fitted), got {cross_fit!r}")
+        if token_maps and not frame_resolution:
+            raise ValueError("token_maps needs a zone-scale whole-image map: set frame_resolution (e.g. 16)")
         self.sigmoid = pseudo_activation == "sigmoid"
         self.frame_resolution = frame_resolution
         self.position_to_unet = position_to_unet
         self.generation_source = generation_source
         self.seg_gradient_to_text = seg_gradient_to_text
         pathway = dict(image_channels=image_channels, text_in_dim=text_in_dim, text_dim=text_dim,
-                       image_dim=image_dim, bidirectional=bidirectional, cycle=cycle, text_pooling=text_pooling)
+                       image_dim=image_dim, bidirectional=bidirectional, cycle=cycle, text_pooling=text_pooling,
+                       token_maps=token_maps)
         # the report pathway's modules live on the network itself (pathway 0; the state-dict names of every
-        # model trained so far), the cross-fitted twin's in ``cross_fit_twin`` (pathway 1)
+        # model trained so far), the cross-fitted twin's in ``cross_fit_twin`` (pathway 1), further ones in
+        # ``cross_fit_more`` (pathways 2..K-1)
         self._add_report_pathway(self, **pathway)
-        self.cross_fit_twin = self._add_report_pathway(nn.Module(), **pathway) if cross_fit == 2 else None
+        self.cross_fit_twin = self._add_report_pathway(nn.Module(), **pathway) if cross_fit >= 2 else None
+        self.cross_fit_more = nn.ModuleList(self._add_report_pathway(nn.Module(), **pathway)
+                                            for _ in range(cross_fit - 2)) if cross_fit > 2 else None
         self.iac_head = ProjectionHead(unet.encoder.output_channels[-1]) if iac else None
         self.ignore_text = ignore_text
         self._tokens: torch.Tensor | None = None  # set per case at inference; not part of the state dict
@@ -117,9 +127,10 @@ class BiCLIPNetwork(TextConditionedNetwork):
         self._warned_null = False
 
     def _add_report_pathway(self, owner: nn.Module, image_channels: int, text_in_dim: int, text_dim: int,
-                            image_dim: int, bidirectional: bool, cycle: bool, text_pooling: str) -> nn.Module:
+                            image_dim: int, bidirectional: bool, cycle: bool, text_pooling: str,
+                            token_maps: bool) -> nn.Module:
         """Put one report pathway's modules on ``owner``: text pooling, null report, BMF (image encoder and
-        fusion), generator and image-to-text head."""
+        fusion), generator, token maps and image-to-text head."""
         owner.text_pool = AttentionPoolText(text_in_dim, text_dim) if text_pooling == "attention" \
             else MeanPoolText(text_in_dim, text_dim)
         # The learned "no report" text, used for dropped reports and cases without one (small, not zero:
@@ -129,13 +140,16 @@ class BiCLIPNetwork(TextConditionedNetwork):
         owner.fusion = BidirectionalFusion(text_dim, image_dim) if bidirectional else None
         # lesions are rare: start the probability map low (sigmoid(-2) ~ 0.12) rather than at 0.5
         owner.generator = PseudoImageGenerator(text_dim, out_bias=-2.0 if self.sigmoid else 0.0)
+        owner.token_maps = TokenZoneMaps(text_in_dim, self.frame_resolution) if token_maps else None
         owner.image_to_text = ImageToTextHead(text_dim) if cycle else None
         return owner
 
     @property
     def pathways(self) -> list[nn.Module]:
-        """The report pathways: [self] or, cross-fitted, [self, cross_fit_twin]."""
-        return [self] if self.cross_fit_twin is None else [self, self.cross_fit_twin]
+        """The report pathways: [self] or, cross-fitted, [self, cross_fit_twin, *cross_fit_more]."""
+        if self.cross_fit_twin is None:
+            return [self]
+        return [self, self.cross_fit_twin, *(self.cross_fit_more if self.cross_fit_more is not None else [])]
 
     def set_text(self, tokens: torch.Tensor | None, mask: torch.Tensor | None = None) -> None:
         """Report used by the next plain ``forward(x)`` calls: token embeddings (1, L, D_in) (or (L, D_in))
@@ -152,7 +166,8 @@ class BiCLIPNetwork(TextConditionedNetwork):
         tokens, mask = self._tokens, self._mask
         if tokens is not None:
             tokens, mask = tokens.to(x.device), mask.to(x.device)
-        maps = [self.pseudo_image(x, self.text_embedding(tokens, mask, x.shape[0], pathway=k), pathway=k)[0]
+        maps = [self.pseudo_image(x, self.text_embedding(tokens, mask, x.shape[0], pathway=k), pathway=k,
+                                  tokens=tokens, mask=self.token_mask(tokens, mask, x.shape[0]))[0]
                 for k in range(len(self.pathways))]
         return maps[0] if len(maps) == 1 else torch.stack(maps).mean(0)
 
@@ -172,13 +187,30 @@ class BiCLIPNetwork(TextConditionedNetwork):
         # torch.where keeps both branches in the graph: every parameter gets a gradient each step
         return torch.where(drop[:, None], null, t)
 
-    def frame_pseudo_image(self, image: torch.Tensor, t: torch.Tensor, pathway: int = 0) -> torch.Tensor:
+    def token_mask(self, tokens: torch.Tensor | None, mask: torch.Tensor | None, batch: int,
+                   drop: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The token mask (B, L) the token maps read: none for dropped reports (and all, with ``ignore_text``),
+        whose map is the null report's alone."""
+        if tokens is None:
+            return None
+        mask = mask.expand(batch, -1) if mask.shape[0] == 1 else mask
+        if self.ignore_text:
+            return torch.zeros_like(mask)
+        return mask if drop is None else mask & ~drop[:, None]
+
+    def frame_pseudo_image(self, image: torch.Tensor, t: torch.Tensor, pathway: int = 0,
+                           tokens: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """BMF: refine t with the image's global embedding and decode it to the whole-image pseudo-image
-        (B, 1, S, S) (logits for a sigmoid pseudo-image)."""
+        (B, 1, S, S) (logits for a sigmoid pseudo-image); with token maps, united with the report's per-token
+        maps (``mask`` (B, L): the tokens to read, see :meth:`token_mask`)."""
         path = self.pathways[pathway]
         if path.fusion is not None:
             t = path.fusion(t, path.image_encoder(image))
-        return self.decode_frame(t, pathway)
+        frame = self.decode_frame(t, pathway)
+        if path.token_maps is not None and tokens is not None:
+            tokens = tokens.expand(frame.shape[0], -1, -1) if tokens.shape[0] == 1 else tokens
+            frame = noisy_or_logits(frame, path.token_maps(tokens.to(frame.dtype), mask))
+        return frame
 
     def decode_frame(self, t: torch.Tensor, pathway: int = 0) -> torch.Tensor:
         """t (B, D) -> whole-image map (B, 1, S, S) at zone scale."""
@@ -189,12 +221,12 @@ class BiCLIPNetwork(TextConditionedNetwork):
             frame = F.adaptive_avg_pool2d(frame, self.frame_resolution)
         return frame
 
-    def pseudo_image(self, x: torch.Tensor, t: torch.Tensor, pathway: int = 0
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def pseudo_image(self, x: torch.Tensor, t: torch.Tensor, pathway: int = 0, tokens: torch.Tensor | None = None,
+                     mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, C + 3, H, W) -> (pseudo-image on the sample (B, 1, H, W), its logits (or the linear map),
         whole-image map (B, 1, S, S))."""
         image, position = split_position(x)
-        frame = self.frame_pseudo_image(image, t, pathway)
+        frame = self.frame_pseudo_image(image, t, pathway, tokens, mask)
         raw = sample_patient_frame(frame, position)
         pseudo = torch.sigmoid(raw) * (position[:, 2:3] > 0.5).to(raw.dtype) if self.sigmoid else raw
         return pseudo, raw, frame
@@ -208,34 +240,43 @@ class BiCLIPNetwork(TextConditionedNetwork):
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 drop: torch.Tensor | None = None, x_strong: torch.Tensor | None = None, return_aux: bool = False,
-                fit_half: torch.Tensor | None = None):
+                fold: torch.Tensor | None = None, fit: torch.Tensor | None = None):
         """x: (B, C + 3, H, W) image + position channels; tokens (B or 1, L, D_in), mask (B or 1, L): the
         report (default: the one set with ``set_text``, else the null report). Returns the U-Net output (a
         list with deep supervision), or a :class:`BiCLIPOutput` with ``return_aux``. ``x_strong`` (B, C, H, W)
         is the strongly augmented image for IAC: it shares the pseudo-image and position and only passes
         the U-Net encoder (its decoder output is unused).
 
-        Cross-fitted (two pathways), ``fit_half`` (B,) in {0, 1} says which pathway each training case belongs to:
-        that pathway's map is what the generation and cycle losses train, and the U-Net sees the *other*
-        pathway's map, drawn by a generator that never fitted this case — as uncertain as a new report's. Without
-        ``fit_half`` (prediction, validation) the U-Net sees the pathways' mean."""
+        Cross-fitted (K pathways), ``fold`` (B,) in {0..K-1} says which fold each training case belongs to: the
+        U-Net sees pathway ``fold``'s map, drawn by a generator that never fits this case — as uncertain as a new
+        report's — and the generation and cycle losses train one of the other pathways on it (``fit`` (B,), drawn
+        per step by the trainer; with K = 2 it is the other one). Without ``fold`` (prediction, validation) the
+        U-Net sees the pathways' mean."""
         tokens, mask = self.report_for_forward(tokens, mask)
         if tokens is not None:
             tokens, mask = tokens.to(x.device), mask.to(x.device)
         x = ensure_position_channels(x, self.image_channels + POSITION_CHANNELS, type(self).__name__)
         image, position = split_position(x)
         n = len(self.pathways)
-        if n > 1 and return_aux and fit_half is None:
-            raise ValueError("a cross-fitted BiCLIPNetwork trains with fit_half: which pathway fits each case")
+        if n > 1 and return_aux and fold is None:
+            raise ValueError("a cross-fitted BiCLIPNetwork trains with fold: which pathway never fits each case")
+        if fold is not None and fit is None:
+            if n != 2:
+                raise ValueError("with more than 2 cross-fitted pathways, say which pathway fits each case (fit)")
+            fit = 1 - fold
+        if fold is not None and bool((fit == fold).any()):
+            raise ValueError("a case's map for the U-Net must come from a pathway that does not fit it (fit != fold)")
         ts = [self.text_embedding(tokens, mask, x.shape[0], drop, pathway=k) for k in range(n)]
-        maps = [self.pseudo_image(x, ts[k], pathway=k) for k in range(n)]  # (pseudo, raw, frame) per pathway
-        own = (lambda values: values[0]) if n == 1 else (lambda values: _per_sample(fit_half, values))
+        read = self.token_mask(tokens, mask, x.shape[0], drop)
+        maps = [self.pseudo_image(x, ts[k], pathway=k, tokens=tokens, mask=read)
+                for k in range(n)]  # (pseudo, raw, frame) per pathway
+        own = (lambda values: values[0]) if n == 1 else (lambda values: _per_sample(fit, values))
         if n == 1:
             pseudo = maps[0][0]
-        elif fit_half is None:
+        elif fold is None:
             pseudo = torch.stack([m[0] for m in maps]).mean(0)
         else:
-            pseudo = _per_sample(1 - fit_half, [m[0] for m in maps])
+            pseudo = _per_sample(fold, [m[0] for m in maps])
         seen = pseudo if self.seg_gradient_to_text else pseudo.detach()
         skips = self.unet.encoder(self.unet_input(image, seen, position))
         seg = self.unet.decoder(skips)

@@ -68,6 +68,43 @@ class AttentionPoolText(nn.Module):
         return self.out(pooled.flatten(1))
 
 
+class TokenZoneMaps(nn.Module):
+    """Token embeddings (B, L, D_in) + mask (B, L) -> whole-image lesion map logits (B, 1, S, S): every token
+    draws its own zone-scale map, and the maps are united by noisy-OR, p = 1 − Π_l (1 − p_l).
+
+    Why per token: a pooled report vector must hold *all* its findings in one vector, so "upper left and lower
+    right" and "upper right and lower left" differ by a sliver (pooled cosine ~0.99) and the generator has to
+    learn to bind side to level from a few cases. The encoder's contextual token embeddings already bind them
+    ("upper" in "upper left lung" knows its "left"), so a shared token-to-map decoder learns one place per
+    phrase and a report with two findings is the union of two maps — every labelled case teaches each of its
+    phrases. Tokens that say nothing about place (they occur in every report) learn empty maps: noisy-OR
+    punishes a token that lights up where lesions are absent."""
+
+    def __init__(self, in_dim: int, side: int = 16, rank: int = 64, out_bias: float = -5.0):
+        super().__init__()
+        self.side = side
+        self.norm = nn.LayerNorm(in_dim)
+        self.decoder = nn.Sequential(nn.Linear(in_dim, rank), nn.GELU(), nn.Linear(rank, side * side))
+        # each token starts nearly empty (sigmoid(-5) ~ 0.007), so the union starts near the empty map
+        nn.init.constant_(self.decoder[-1].bias, out_bias)
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        logits = self.decoder(self.norm(tokens))  # (B, L, S²)
+        log_absent = (F.logsigmoid(-logits) * mask[..., None].to(logits.dtype)).sum(1)  # log Π (1 − p_l)
+        return absent_to_logits(log_absent).view(-1, 1, self.side, self.side)
+
+
+def absent_to_logits(log_absent: torch.Tensor) -> torch.Tensor:
+    """log P(no lesion) (≤ 0) -> logit of P(lesion) = log(1 − e^s) − s, stable near s = 0."""
+    s = log_absent.clamp(max=-1e-6)
+    return torch.log(-torch.expm1(s)) - s
+
+
+def noisy_or_logits(*logits: torch.Tensor) -> torch.Tensor:
+    """Logits of independent causes -> logit of their union, 1 − Π (1 − p_k)."""
+    return absent_to_logits(sum(F.logsigmoid(-z) for z in logits))
+
+
 def _conv_block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.InstanceNorm2d(cout, affine=True),
                          nn.LeakyReLU(0.01, inplace=True))

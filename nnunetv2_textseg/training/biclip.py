@@ -55,9 +55,11 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
     seg_gradient_to_text = True
     # cycle loss on layer-normalised t and t̂ (see losses.cycle_loss) rather than the raw ‖t − t̂‖²
     cycle_normalized = False
-    # 1 report pathway, or 2 cross-fitted ones (see BiCLIPNetwork): the U-Net then trains on maps of reports the
+    # 1 report pathway, or K cross-fitted ones (see BiCLIPNetwork): the U-Net then trains on maps of reports the
     # map's generator has not fitted, as at test time
     cross_fit = 1
+    # per-token zone maps united with the generator's map (see BiCLIPNetwork / TokenZoneMaps)
+    token_maps = False
     text_pooling = "attention"  # or "mean" (the paper's)
     pseudo_activation = "sigmoid"  # or "linear" (the paper's)
     text_dim = 784  # 28 x 28, as EF-UNet's pseudo-image seed
@@ -86,6 +88,7 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
         # how many report pathways the model was trained with is recorded in its plans (models from before
         # cross-fitting record none: one), so a model predicts with its own network whatever the class default
         pathways = int(text.get("report_pathways", 1))
+        token_maps = bool(text.get("token_maps", False))
         unet = cls.planned_unet(configuration_manager,
                                 num_input_channels + 1 + (POSITION_CHANNELS if cls.position_to_unet else 0),
                                 num_output_channels, enable_deep_supervision)
@@ -94,10 +97,12 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
                              ignore_text=cls.ignore_text, text_pooling=cls.text_pooling,
                              pseudo_activation=cls.pseudo_activation, frame_resolution=cls.frame_resolution,
                              position_to_unet=cls.position_to_unet, generation_source=cls.generation_source,
-                             seg_gradient_to_text=cls.seg_gradient_to_text, cross_fit=pathways)
+                             seg_gradient_to_text=cls.seg_gradient_to_text, cross_fit=pathways,
+                             token_maps=token_maps)
 
     def _text_plans_entry(self, identity: dict, spec) -> dict:
-        return {**super()._text_plans_entry(identity, spec), "report_pathways": int(self.cross_fit)}
+        return {**super()._text_plans_entry(identity, spec), "report_pathways": int(self.cross_fit),
+                "token_maps": bool(self.token_maps)}
 
     # ---- data: two intensity views for IAC -----------------------------------------------------
     def get_training_transforms(self, *args, **kwargs):
@@ -164,18 +169,28 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
         return {"wnorm_image": float(norms[:c].mean()), "wnorm_pseudo": float(norms[c]),
                 "wnorm_position": float(norms[c + 1:].mean()) if norms.numel() > c + 1 else float("nan")}
 
-    def fit_halves(self, keys: list[str] | None) -> torch.Tensor | None:
-        """Cross-fitting: which report pathway (0/1) fits each case — the training cases of this fold, sorted by
-        id, alternately (a fixed, balanced split); None with one pathway."""
+    def cross_fit_folds(self, keys: list[str] | None) -> torch.Tensor | None:
+        """Cross-fitting: each case's fold, i.e. the report pathway that never fits it and whose map the U-Net
+        reads — the training cases of this fold, sorted by id, dealt in turn (a fixed, balanced split); None with
+        one pathway."""
         if self.cross_fit == 1:
             return None
         if keys is None:
             raise TextTrainingError(f"{type(self).__name__} is cross-fitted: its training step needs the case ids")
-        if not hasattr(self, "_fit_half_of"):
-            self._fit_half_of = {k: i % 2 for i, k in enumerate(self.training_case_ids)}
-        # a case outside the split (not expected) still gets a fixed pathway
-        return torch.tensor([self._fit_half_of.get(str(k), zlib.crc32(str(k).encode()) % 2) for k in keys],
+        k = int(self.cross_fit)
+        if not hasattr(self, "_fold_of"):
+            self._fold_of = {case: i % k for i, case in enumerate(self.training_case_ids)}
+        # a case outside the split (not expected) still gets a fixed fold
+        return torch.tensor([self._fold_of.get(str(c), zlib.crc32(str(c).encode()) % k) for c in keys],
                             device=self.device)
+
+    def fitting_pathways(self, folds: torch.Tensor) -> torch.Tensor:
+        """For each sample, the pathway its generation and cycle losses train this step: one of the pathways other
+        than its fold's, drawn uniformly (with 2 pathways, the other one), so over the steps every pathway but its
+        fold's fits every case."""
+        k = int(self.cross_fit)
+        offset = torch.randint(1, k, folds.shape, device=folds.device) if k > 2 else torch.ones_like(folds)
+        return (folds + offset) % k
 
     def compute_step(self, data, target, tokens, mask, drop, keys=None) -> tuple[torch.Tensor, dict]:
         # channels: [weak view C | strong view C (IAC only) | position 3]
@@ -183,7 +198,8 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
         position = data[:, -POSITION_CHANNELS:]
         weak = data[:, :c]
         strong = data[:, c:2 * c] if data.shape[1] == 2 * c + POSITION_CHANNELS else None
-        half = self.fit_halves(keys)
+        folds = self.cross_fit_folds(keys)
+        routing = {} if folds is None else {"fold": folds, "fit": self.fitting_pathways(folds)}
         out = self.network(torch.cat([weak, position], 1), tokens=tokens, mask=mask, drop=drop,
-                           x_strong=strong, return_aux=True, **({} if half is None else {"fit_half": half}))
+                           x_strong=strong, return_aux=True, **routing)
         return self.compute_loss(out, weak, target)
