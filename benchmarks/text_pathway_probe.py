@@ -80,7 +80,7 @@ def load_cases(pre: Path, raw: Path, heldout: int) -> dict:
 
     with open(raw / "reportsTr.csv", newline="", encoding="utf-8") as f:
         reports = {r["case_id"]: r["report"] for r in csv.DictReader(f)}
-    return {"train": part(train_ids), "heldout": part(others), "train_ids": train_ids,
+    return {"train": part(train_ids), "heldout": part(others), "train_ids": train_ids, "heldout_ids": others,
             "train_reports": [reports[c] for c in train_ids], "precision": record_precision(cache.identity)}
 
 
@@ -173,6 +173,32 @@ def run(data: dict, settings: dict) -> dict:
     return result
 
 
+def zone_reference(raw: Path, data: dict) -> dict[str, dict]:
+    """What the report says at most, as the same scores: the true named lung zones of each held-out case (demo
+    datasets only: re-drawn from the generator, :func:`nnunetv2_textseg.demo_data.named_zones`), as drawn and
+    blurred to zone scale like the generation target. Empty for other datasets."""
+    from nnunetv2_textseg.demo_data import default_reports_dir, load_real_reports, named_zones
+    from nnunetv2_textseg.diagnose import lesion_prone_region, pixel_auc
+    from nnunetv2_textseg.losses import blur_mask
+    demo = json.loads((raw / "dataset.json").read_text()).get("textseg_demo")
+    if not demo or demo.get("control") or (demo.get("real_reports") and default_reports_dir() is None):
+        return {}
+    pool = load_real_reports(default_reports_dir()) if demo.get("real_reports") else []
+    zones = torch.from_numpy(np.stack([named_zones(demo["seed"], int(c.rsplit("_", 1)[1]) - 1, demo["image_size"],
+                                                   pool) for c in data["heldout_ids"]]).astype(np.float32))[:, None]
+    ref = data["heldout"][2].bool().numpy()
+    if zones.shape[1:] != ref.shape[1:] or (ref & ~zones.bool().numpy()).any():
+        return {}  # not the generator's cases (other size or report pool): no reference
+    region = lesion_prone_region([r.ravel() for r in ref])
+    inside = np.tile(region, len(ref)) if region is not None else None
+    out = {}
+    for name, m in (("true zones", zones), ("true zones, blurred", blur_mask(zones, ref.shape[-1] / 16))):
+        scores = m.numpy().ravel()
+        out[name] = {"heldout_real": {"auc": pixel_auc(scores, ref.ravel()), "auc_region": pixel_auc(
+            scores[inside], ref.ravel()[inside]) if inside is not None else None}}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from nnunetv2_textseg.paths import preprocessed_dataset_folder, raw_dataset_folder
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -197,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {spec or 'default'} | {f('train_real', 'auc_region')} | {f('heldout_real', 'auc')} | "
               f"{f('heldout_shuffled', 'auc')} | {f('heldout_null', 'auc')} | {f('heldout_real', 'auc_region')} | "
               f"{f('heldout_shuffled', 'auc_region')} | {f('heldout_null', 'auc_region')} |", flush=True)
+    for name, r in zone_reference(raw_dataset_folder(a.d), data).items():
+        rows.append({"run": name, "reference": True, **r})
+        g = lambda m: "–" if r["heldout_real"][m] is None else f"{r['heldout_real'][m]:.3f}"  # noqa: E731
+        print(f"| {name} (reference) | – | {g('auc')} | – | – | {g('auc_region')} | – | – |")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"dataset": str(a.d), "rows": rows}, indent=2))
     return 0
