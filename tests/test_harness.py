@@ -24,7 +24,10 @@ def test_env_points_nnunet_at_the_work_folder_and_our_trainers(tmp_path, monkeyp
     monkeypatch.setenv("nnUNet_extTrainer", "/users/own/trainers")
     monkeypatch.setenv("nnUNet_n_proc_DA", "3")  # ... but their worker count wins over our default
     monkeypatch.delenv("nnUNet_def_n_proc", raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     env = harness.nnunet_env(tmp_path / "work", n_proc_da=1, def_n_proc=2)
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE"  # no spinning threads fighting other processes for the cores
+    assert harness.nnunet_env(tmp_path / "work", base={"OMP_WAIT_POLICY": "ACTIVE"})["OMP_WAIT_POLICY"] == "ACTIVE"
     for var in harness.FOLDER_VARS:
         assert env[var] == str((tmp_path / "work" / var).resolve()) and Path(env[var]).is_dir()
     folder = Path(env["nnUNet_extTrainer"])
