@@ -129,7 +129,8 @@ def test_paper_batch_of_16_is_global_under_ddp(trained_model, monkeypatch):
                                      "nnUNetTrainerBiCLIP_paper", "nnUNetTrainerBiCLIP_efunet",
                                      "nnUNetTrainerBiCLIP_safeAug", "nnUNetTrainerBiCLIP_noPosition",
                                      "nnUNetTrainerBiCLIP_noSegGrad", "nnUNetTrainerBiCLIP_crossFit",
-                                     "nnUNetTrainerBiCLIP_mirroredPatient", "nnUNetTrainerBiCLIP_crossFitTokens"])
+                                     "nnUNetTrainerBiCLIP_mirroredPatient", "nnUNetTrainerBiCLIP_crossFitTokens",
+                                     "nnUNetTrainerBiCLIP_pathwayWarmup"])
 def test_ablation_builds_and_trains_one_step(trained_model, variant, monkeypatch):
     """Each ablation builds its network from the plans and runs a real train_step on real batches."""
     from nnunetv2.run.run_training import get_trainer_from_args
@@ -208,3 +209,58 @@ def test_ablation_builds_and_trains_one_step(trained_model, variant, monkeypatch
         assert not torch.equal(trainer.mirrored_tokens[row], trainer.text_tokens[row])
     if variant.endswith("efunet"):
         assert not net.sigmoid and type(net.text_pool).__name__ == "MeanPoolText" and out["gen"] >= 0
+
+
+def test_pathway_warmup_trains_the_report_pathways_alone(trained_model, monkeypatch):
+    """The warm-up trains the report pathways on real loader batches (generation loss falls from its start) and
+    leaves the U-Net as it was; it is logged."""
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    for k, v in trained_model.env.items():
+        if k.startswith("nnUNet"):
+            monkeypatch.setenv(k, v)
+    trainer = get_trainer_from_args(str(DATASET_ID), "2d", 0, "nnUNetTrainerBiCLIP_pathwayWarmup",
+                                    device=torch.device("cpu"))
+    assert trainer.pathway_warmup_steps > 0
+    trainer.initialize()
+    trainer.dataloader_train, trainer.dataloader_val = trainer.get_dataloaders()
+    net = trainer.unwrapped_network()
+    unet_before = {k: v.clone() for k, v in net.unet.state_dict().items()}
+    pathway_params = [p for p in net.parameters() if all(p is not q for q in net.unet.parameters())]
+    pathways_before = [p.detach().clone() for p in pathway_params]
+    c = trainer.num_input_channels
+
+    def held_loss(batches) -> float:  # generation loss of each case's fitting pathways on fixed batches, no dropout
+        total = 0.0
+        with torch.no_grad():
+            for data, target, tokens, mask, keys in batches:
+                folds = trainer.cross_fit_folds(keys)
+                out = net.report_pathways_forward(torch.cat([data[:, :c], data[:, -3:]], 1), tokens=tokens,
+                                                  mask=mask, fold=folds, fit=(folds + 1) % len(net.pathways))
+                total += trainer.compute_loss(out, data[:, :c], target)[1]["gen"]
+        return total / len(batches)
+
+    try:
+        fixed = []
+        for _ in range(4):
+            batch = next(trainer.dataloader_train)
+            data, target, tokens, mask, _ = trainer.batch_inputs(batch)
+            fixed.append((data, target, tokens, mask, list(batch["keys"])))
+        before = held_loss(fixed)
+        losses = trainer.warm_up_report_pathways(30)
+        after = held_loss(fixed)
+    finally:
+        for dl in (trainer.dataloader_train, trainer.dataloader_val):
+            if hasattr(dl, "_finish"):
+                dl._finish()
+    assert len(losses) == 30 and all(np.isfinite(losses))
+    assert after < before - 0.01, (before, after)  # the maps learn from the labels, not only drift
+    assert all(torch.equal(unet_before[k], v) for k, v in net.unet.state_dict().items())
+    changed = [not torch.equal(a, b) for a, b in zip(pathways_before, pathway_params)]
+    assert sum(changed) > len(changed) // 2
+    # every pathway fitted something (each sample trains one of the three pathways that do not read it)
+    for path in net.pathways:
+        assert any(not torch.equal(a, b) for a, b in zip(pathways_before, pathway_params)
+                   if any(b is q for q in path.token_maps.parameters()))
+    log = next(Path(trainer.output_folder).glob("training_log_*.txt")).read_text()
+    assert "warm-up step 30/30" in log

@@ -26,7 +26,7 @@ from nnunetv2_textseg.patient_frame import (POSITION_CHANNELS, ensure_position_c
 @dataclass
 class BiCLIPOutput:
     """What one training forward pass returns besides the segmentation."""
-    seg: torch.Tensor | list[torch.Tensor]
+    seg: torch.Tensor | list[torch.Tensor] | None  # None: the report pathways alone (report_pathways_forward)
     pseudo: torch.Tensor  # (B, 1, H, W) on the sample, as the U-Net sees it (before input normalisation)
     pseudo_logits: torch.Tensor | None  # (B, 1, H, W) before the sigmoid (None for a linear pseudo-image)
     generated: torch.Tensor  # (B, 1, H, W) what the generation loss trains (logits, or the linear map), see
@@ -252,25 +252,8 @@ class BiCLIPNetwork(TextConditionedNetwork):
         report's — and the generation and cycle losses train one of the other pathways on it (``fit`` (B,), drawn
         per step by the trainer; with K = 2 it is the other one). Without ``fold`` (prediction, validation) the
         U-Net sees the pathways' mean."""
-        tokens, mask = self.report_for_forward(tokens, mask)
-        if tokens is not None:
-            tokens, mask = tokens.to(x.device), mask.to(x.device)
-        x = ensure_position_channels(x, self.image_channels + POSITION_CHANNELS, type(self).__name__)
-        image, position = split_position(x)
+        image, position, ts, maps, fit = self._report_pathways(x, tokens, mask, drop, fold, fit, return_aux)
         n = len(self.pathways)
-        if n > 1 and return_aux and fold is None:
-            raise ValueError("a cross-fitted BiCLIPNetwork trains with fold: which pathway never fits each case")
-        if fold is not None and fit is None:
-            if n != 2:
-                raise ValueError("with more than 2 cross-fitted pathways, say which pathway fits each case (fit)")
-            fit = 1 - fold
-        if fold is not None and bool((fit == fold).any()):
-            raise ValueError("a case's map for the U-Net must come from a pathway that does not fit it (fit != fold)")
-        ts = [self.text_embedding(tokens, mask, x.shape[0], drop, pathway=k) for k in range(n)]
-        read = self.token_mask(tokens, mask, x.shape[0], drop)
-        maps = [self.pseudo_image(x, ts[k], pathway=k, tokens=tokens, mask=read)
-                for k in range(n)]  # (pseudo, raw, frame) per pathway
-        own = (lambda values: values[0]) if n == 1 else (lambda values: _per_sample(fit, values))
         if n == 1:
             pseudo = maps[0][0]
         elif fold is None:
@@ -282,19 +265,58 @@ class BiCLIPNetwork(TextConditionedNetwork):
         seg = self.unet.decoder(skips)
         if not return_aux:
             return seg
+        out = self._fitted_outputs(position, ts, maps, fit, seg, pseudo)
+        if self.iac_head is not None and x_strong is not None:
+            strong_bottleneck = self.unet.encoder(self.unet_input(x_strong, seen, position))[-1]
+            out.p_weak = self.iac_head(skips[-1].mean(dim=(2, 3)))
+            out.p_strong = self.iac_head(strong_bottleneck.mean(dim=(2, 3)))
+        return out
+
+    def report_pathways_forward(self, x: torch.Tensor, tokens: torch.Tensor | None = None,
+                                mask: torch.Tensor | None = None, drop: torch.Tensor | None = None,
+                                fold: torch.Tensor | None = None, fit: torch.Tensor | None = None) -> BiCLIPOutput:
+        """The report pathways alone, without the U-Net: what the generation and cycle losses need (``seg`` is
+        None; ``pseudo`` is the map of the fitted pathway). Used to train the pathways before the U-Net starts
+        (the trainer's pathway warm-up); arguments as in :meth:`forward`."""
+        _, position, ts, maps, fit = self._report_pathways(x, tokens, mask, drop, fold, fit, True)
+        own = (lambda values: values[0]) if fit is None else (lambda values: _per_sample(fit, values))
+        return self._fitted_outputs(position, ts, maps, fit, None, own([m[0] for m in maps]))
+
+    def _report_pathways(self, x, tokens, mask, drop, fold, fit, training_losses: bool):
+        """Every pathway's text embedding and maps of the batch's reports: (image, position, ts, maps, fit) with maps
+        a (pseudo, raw, frame) triple per pathway and ``fit`` checked (defaulted for K = 2)."""
+        tokens, mask = self.report_for_forward(tokens, mask)
+        if tokens is not None:
+            tokens, mask = tokens.to(x.device), mask.to(x.device)
+        x = ensure_position_channels(x, self.image_channels + POSITION_CHANNELS, type(self).__name__)
+        image, position = split_position(x)
+        n = len(self.pathways)
+        if n > 1 and training_losses and fold is None:
+            raise ValueError("a cross-fitted BiCLIPNetwork trains with fold: which pathway never fits each case")
+        if fold is not None and fit is None:
+            if n != 2:
+                raise ValueError("with more than 2 cross-fitted pathways, say which pathway fits each case (fit)")
+            fit = 1 - fold
+        if fold is not None and bool((fit == fold).any()):
+            raise ValueError("a case's map for the U-Net must come from a pathway that does not fit it (fit != fold)")
+        ts = [self.text_embedding(tokens, mask, x.shape[0], drop, pathway=k) for k in range(n)]
+        read = self.token_mask(tokens, mask, x.shape[0], drop)
+        maps = [self.pseudo_image(x, ts[k], pathway=k, tokens=tokens, mask=read)
+                for k in range(n)]  # (pseudo, raw, frame) per pathway
+        return image, position, ts, maps, fit
+
+    def _fitted_outputs(self, position, ts, maps, fit, seg, pseudo) -> BiCLIPOutput:
+        """The loss inputs of the pathway each sample fits (``fit``; the only one without cross-fitting)."""
+        n = len(self.pathways)
+        own = (lambda values: values[0]) if n == 1 else (lambda values: _per_sample(fit, values))
         raw, t = own([m[1] for m in maps]), own(ts)
         t_hat = own([path.image_to_text(torch.sigmoid(m[2]) if self.sigmoid else m[2])
                      for path, m in zip(self.pathways, maps)]) if self.image_to_text is not None else None
         generated = raw
         if self.generation_source == "text" and self.fusion is not None:
             generated = sample_patient_frame(own([self.decode_frame(ts[k], k) for k in range(n)]), position)
-        p_weak = p_strong = None
-        if self.iac_head is not None and x_strong is not None:
-            strong_bottleneck = self.unet.encoder(self.unet_input(x_strong, seen, position))[-1]
-            p_weak = self.iac_head(skips[-1].mean(dim=(2, 3)))
-            p_strong = self.iac_head(strong_bottleneck.mean(dim=(2, 3)))
         return BiCLIPOutput(seg, pseudo, raw if self.sigmoid else None, generated, position[:, 2:3], t, t_hat,
-                            p_weak, p_strong)
+                            None, None)
 
 
 def _per_sample(index: torch.Tensor, values: list[torch.Tensor]) -> torch.Tensor:

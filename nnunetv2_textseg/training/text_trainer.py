@@ -399,6 +399,17 @@ class nnUNetTrainerText(nnUNetTrainer):
         """nnU-Net's train step for every text trainer: device moves, the batch's reports (rows drawn for report
         dropout), CUDA autocast and nnU-Net's optimizer step. The method's forward pass and loss come from
         :meth:`compute_step`; its terms are logged per epoch (``aux_losses``/``aux_stats``)."""
+        data, target, tokens, mask, drop = self.batch_inputs(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            loss, terms = self.compute_step(data, target, tokens, mask, drop, keys=list(batch["keys"]))
+        self.optimizer_step(loss)
+        return {"loss": loss.detach().cpu().numpy(), **terms}
+
+    def batch_inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | list[torch.Tensor], torch.Tensor,
+                                                 torch.Tensor, torch.Tensor]:
+        """A loader batch on the device with its reports: (data, target, tokens, mask, drop) — mirrored patients
+        applied, and ``drop`` (B,) drawn for report dropout."""
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"]
         target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
@@ -407,12 +418,7 @@ class nnUNetTrainerText(nnUNetTrainer):
         if self.mirrored_patient > 0:
             data, tokens, mask = self.mirror_patients(data, tokens, mask, batch["keys"])
         drop = torch.rand(tokens.shape[0], device=self.device) < self.report_dropout
-
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            loss, terms = self.compute_step(data, target, tokens, mask, drop, keys=list(batch["keys"]))
-        self.optimizer_step(loss)
-        return {"loss": loss.detach().cpu().numpy(), **terms}
+        return data, target, tokens, mask, drop
 
     def compute_step(self, data: torch.Tensor, target: torch.Tensor | list[torch.Tensor], tokens: torch.Tensor,
                      mask: torch.Tensor, drop: torch.Tensor, keys: list[str] | None = None

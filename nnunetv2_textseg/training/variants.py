@@ -85,6 +85,14 @@ class nnUNetTrainerBiCLIP_crossFitTokens(nnUNetTrainerBiCLIP_crossFit):
     mirrored_patient = 0.5
 
 
+class nnUNetTrainerBiCLIP_pathwayWarmup(nnUNetTrainerBiCLIP_crossFitTokens):
+    """_crossFitTokens whose report pathways first train alone (750 loader batches, the U-Net untouched), so the
+    U-Net reads an informative map from its first step instead of fitting its few images before the map means
+    anything. Why: plain nnU-Net given the true zone map from the start gains +0.11 Dice on clean images, while the
+    jointly trained pathways, as good on held-out reports by the end of training, gained ~0 there."""
+    pathway_warmup_steps = 750
+
+
 class nnUNetTrainerBiCLIP_mirroredPatient(nnUNetTrainerBiCLIP):
     """Half the samples are shown as their mirror-image patient (patient-frame column negated, report with left and
     right swapped): twice the word-to-place examples from the same labelled cases. Why: trained alone on 20 cases,
@@ -187,7 +195,7 @@ _BASES = [nnUNetTrainerBiCLIP, nnUNetTrainerBiCLIP_noIAC, nnUNetTrainerBiCLIP_no
           nnUNetTrainerBiCLIP_unidirectional, nnUNetTrainerBiCLIP_noText, nnUNetTrainerBiCLIP_noBMF,
           nnUNetTrainerBiCLIP_efunet, nnUNetTrainerBiCLIP_textGen, nnUNetTrainerBiCLIP_noSegGrad, nnUNetTrainerBiCLIP_crossFit,
           nnUNetTrainerBiCLIP_safeAug, nnUNetTrainerBiCLIP_noPosition, nnUNetTrainerBiCLIP_mirroredPatient,
-          nnUNetTrainerBiCLIP_crossFitTokens,
+          nnUNetTrainerBiCLIP_crossFitTokens, nnUNetTrainerBiCLIP_pathwayWarmup,
           nnUNetTrainerMedCLIPSeg, nnUNetTrainerMedCLIPSeg_noProb, nnUNetTrainerMedCLIPSeg_noContrastive,
           nnUNetTrainerMedCLIPSeg_noText, nnUNetTrainerMedCLIPSeg_safeAug, nnUNetTrainerMedCLIPSeg_mirroredPatient]
 for _base in _BASES:
