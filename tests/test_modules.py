@@ -595,3 +595,40 @@ def test_token_zone_maps_unite_phrases_and_skip_dropped_reports():
     assert net.token_maps.decoder[0].weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="frame_resolution"):
         make_net(token_maps=True, frame_resolution=None)
+
+
+def test_token_window_binds_side_to_level_where_single_token_maps_cannot():
+    """Reports "<level> <side>" whose lesion lies in the quadrant of that level *and* side: per-token maps united by
+    noisy-OR (window 1) cannot draw it — a level token must light its whole half, since it occurs with both sides —
+    while maps drawn from a window of 3 tokens learn each quadrant. Padding past the report's end is never read."""
+    from nnunetv2_textseg.building_blocks.biclip import TokenZoneMaps
+    from nnunetv2_textseg.losses import lesion_generation_loss
+    torch.manual_seed(0)
+    words = torch.randn(4, TEXT_IN)  # upper, lower, left, right: context-free embeddings
+    tokens = torch.stack([torch.stack([words[level], words[2 + side]]) for level in (0, 1) for side in (0, 1)])
+    mask = torch.ones(4, 2, dtype=torch.bool)
+    target = torch.zeros(4, 1, 8, 8)
+    for i, (level, side) in enumerate((l, s) for l in (0, 1) for s in (0, 1)):
+        target[i, 0, 4 * level:4 * level + 4, 4 * side:4 * side + 4] = 1
+
+    def fitted_quadrant_share(window: int) -> float:
+        maps = TokenZoneMaps(TEXT_IN, side=8, rank=32, window=window)
+        opt = torch.optim.Adam(maps.parameters(), lr=3e-3)
+        for _ in range(300):
+            loss = lesion_generation_loss(maps(tokens, mask), target, torch.ones_like(target, dtype=torch.bool))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            p = torch.sigmoid(maps(tokens, mask))
+        return float((p * target).sum() / p.sum())  # share of the map inside the named quadrant
+
+    assert fitted_quadrant_share(3) > 0.9
+    assert fitted_quadrant_share(1) < 0.6
+    maps = TokenZoneMaps(TEXT_IN, side=8, window=3).eval()
+    padded = torch.cat([tokens, torch.randn(4, 3, TEXT_IN)], 1)
+    padded_mask = torch.cat([mask, torch.zeros(4, 3, dtype=torch.bool)], 1)
+    with torch.no_grad():
+        torch.testing.assert_close(maps(padded, padded_mask), maps(tokens, mask))
+    with pytest.raises(ValueError, match="odd"):
+        TokenZoneMaps(TEXT_IN, window=2)

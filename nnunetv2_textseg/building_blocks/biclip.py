@@ -74,23 +74,38 @@ class TokenZoneMaps(nn.Module):
 
     Why per token: a pooled report vector must hold *all* its findings in one vector, so "upper left and lower
     right" and "upper right and lower left" differ by a sliver (pooled cosine ~0.99) and the generator has to
-    learn to bind side to level from a few cases. The encoder's contextual token embeddings already bind them
-    ("upper" in "upper left lung" knows its "left"), so a shared token-to-map decoder learns one place per
-    phrase and a report with two findings is the union of two maps — every labelled case teaches each of its
-    phrases. Tokens that say nothing about place (they occur in every report) learn empty maps: noisy-OR
-    punishes a token that lights up where lesions are absent."""
+    learn to bind side to level from a few cases. With per-token maps a report with two findings is the union of
+    two maps, and every labelled case teaches each of its phrases. Tokens that say nothing about place (they occur
+    in every report) learn empty maps: noisy-OR punishes a token that lights up where lesions are absent.
 
-    def __init__(self, in_dim: int, side: int = 16, rank: int = 64, out_bias: float = -5.0):
+    ``window`` > 1: each token's map is drawn from the ``window`` tokens around it (a masked 1D convolution over
+    the sequence), so "lower", "left" and "lung" of "lower left lung" draw one map together. Why: with
+    ``window`` = 1 the union lets "lower" learn both lower zones and "left" the whole left lung — the contextual
+    embedding of "lower" barely says which side it goes with — and the side is lost (measured: trained alone on 20
+    cases, maps for unilateral reports put no more on the named side than on the other, 59 % of cases right;
+    with a window of 5, 98 %)."""
+
+    def __init__(self, in_dim: int, side: int = 16, rank: int = 64, out_bias: float = -5.0, window: int = 1):
         super().__init__()
+        if window < 1 or window % 2 == 0:
+            raise ValueError(f"window must be an odd number of tokens (1, 3, 5, ...), got {window}")
         self.side = side
+        self.window = window
         self.norm = nn.LayerNorm(in_dim)
-        self.decoder = nn.Sequential(nn.Linear(in_dim, rank), nn.GELU(), nn.Linear(rank, side * side))
+        first = nn.Linear(in_dim, rank) if window == 1 else nn.Conv1d(in_dim, rank, window, padding=window // 2)
+        self.decoder = nn.Sequential(first, nn.GELU(), nn.Linear(rank, side * side))
         # each token starts nearly empty (sigmoid(-5) ~ 0.007), so the union starts near the empty map
         nn.init.constant_(self.decoder[-1].bias, out_bias)
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        logits = self.decoder(self.norm(tokens))  # (B, L, S²)
-        log_absent = (F.logsigmoid(-logits) * mask[..., None].to(logits.dtype)).sum(1)  # log Π (1 − p_l)
+        weight = mask[..., None].to(tokens.dtype)
+        h = self.norm(tokens)
+        if self.window == 1:
+            h = self.decoder[0](h)
+        else:  # padding tokens are zeroed, so a window never reads past the report's end
+            h = self.decoder[0]((h * weight).transpose(1, 2)).transpose(1, 2)
+        logits = self.decoder[2](self.decoder[1](h))  # (B, L, S²)
+        log_absent = (F.logsigmoid(-logits) * weight).sum(1)  # log Π (1 − p_l)
         return absent_to_logits(log_absent).view(-1, 1, self.side, self.side)
 
 

@@ -63,6 +63,7 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
     cross_fit = 1
     # per-token zone maps united with the generator's map (see BiCLIPNetwork / TokenZoneMaps)
     token_maps = False
+    token_window = 1  # tokens each per-token map reads (TokenZoneMaps); recorded in the plans
     # steps of training the report pathways alone (generation and cycle losses, the U-Net untouched) before the
     # U-Net's first epoch, so that it reads an informative map from its first step (see warm_up_report_pathways)
     pathway_warmup_steps = 0
@@ -95,6 +96,7 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
         # cross-fitting record none: one), so a model predicts with its own network whatever the class default
         pathways = int(text.get("report_pathways", 1))
         token_maps = bool(text.get("token_maps", False))
+        token_window = int(text.get("token_window", 1))  # models from before the entry: 1
         unet = cls.planned_unet(configuration_manager,
                                 num_input_channels + 1 + (POSITION_CHANNELS if cls.position_to_unet else 0),
                                 num_output_channels, enable_deep_supervision)
@@ -104,11 +106,11 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
                              pseudo_activation=cls.pseudo_activation, frame_resolution=cls.frame_resolution,
                              position_to_unet=cls.position_to_unet, generation_source=cls.generation_source,
                              seg_gradient_to_text=cls.seg_gradient_to_text, cross_fit=pathways,
-                             token_maps=token_maps)
+                             token_maps=token_maps, token_window=token_window)
 
     def _text_plans_entry(self, identity: dict, spec) -> dict:
         return {**super()._text_plans_entry(identity, spec), "report_pathways": int(self.cross_fit),
-                "token_maps": bool(self.token_maps)}
+                "token_maps": bool(self.token_maps), "token_window": int(self.token_window)}
 
     # ---- data: two intensity views for IAC -----------------------------------------------------
     def get_training_transforms(self, *args, **kwargs):

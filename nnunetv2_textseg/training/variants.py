@@ -93,6 +93,14 @@ class nnUNetTrainerBiCLIP_pathwayWarmup(nnUNetTrainerBiCLIP_crossFitTokens):
     pathway_warmup_steps = 750
 
 
+class nnUNetTrainerBiCLIP_phraseMaps(nnUNetTrainerBiCLIP_pathwayWarmup):
+    """_pathwayWarmup whose per-token maps each read a window of 3 tokens, so side and level of one phrase ("lower
+    left lung") draw one map. Why: with one token per map, the union let "lower" light both lower zones and the side
+    was lost — trained alone on 20 cases, maps for one-sided reports were no brighter on the named side than on the
+    other (59-68 % of cases right); windows of 3 tokens: 99-100 %, and after 1500 steps the other side is empty."""
+    token_window = 3
+
+
 class nnUNetTrainerBiCLIP_mirroredPatient(nnUNetTrainerBiCLIP):
     """Half the samples are shown as their mirror-image patient (patient-frame column negated, report with left and
     right swapped): twice the word-to-place examples from the same labelled cases. Why: trained alone on 20 cases,
@@ -196,6 +204,7 @@ _BASES = [nnUNetTrainerBiCLIP, nnUNetTrainerBiCLIP_noIAC, nnUNetTrainerBiCLIP_no
           nnUNetTrainerBiCLIP_efunet, nnUNetTrainerBiCLIP_textGen, nnUNetTrainerBiCLIP_noSegGrad, nnUNetTrainerBiCLIP_crossFit,
           nnUNetTrainerBiCLIP_safeAug, nnUNetTrainerBiCLIP_noPosition, nnUNetTrainerBiCLIP_mirroredPatient,
           nnUNetTrainerBiCLIP_crossFitTokens, nnUNetTrainerBiCLIP_pathwayWarmup,
+          nnUNetTrainerBiCLIP_phraseMaps,
           nnUNetTrainerMedCLIPSeg, nnUNetTrainerMedCLIPSeg_noProb, nnUNetTrainerMedCLIPSeg_noContrastive,
           nnUNetTrainerMedCLIPSeg_noText, nnUNetTrainerMedCLIPSeg_safeAug, nnUNetTrainerMedCLIPSeg_mirroredPatient]
 for _base in _BASES:
