@@ -632,3 +632,26 @@ def test_token_window_binds_side_to_level_where_single_token_maps_cannot():
         torch.testing.assert_close(maps(padded, padded_mask), maps(tokens, mask))
     with pytest.raises(ValueError, match="odd"):
         TokenZoneMaps(TEXT_IN, window=2)
+
+
+def test_report_pathways_alone_match_the_full_forward_and_leave_the_unet_out():
+    """report_pathways_forward (the warm-up's pass: each sample through the one pathway it fits) gives the losses'
+    inputs of the full forward pass — same generated map, t and t̂ per sample, dropped reports included — with no
+    segmentation and no U-Net gradient."""
+    net = make_net(cross_fit=4, token_maps=True, token_window=3, seg_gradient_to_text=False, iac=False).eval()
+    x = with_pos(torch.randn(5, 1, 32, 32))
+    tokens, mask = report(5)
+    drop = torch.tensor([False, True, False, False, True])
+    fold = torch.tensor([0, 1, 2, 3, 0])
+    fit = torch.tensor([1, 3, 0, 2, 2])
+    with torch.no_grad():
+        full = net(x, tokens=tokens, mask=mask, drop=drop, return_aux=True, fold=fold, fit=fit)
+    alone = net.report_pathways_forward(x, tokens=tokens, mask=mask, drop=drop, fold=fold, fit=fit)
+    assert alone.seg is None and alone.generated.shape == full.generated.shape
+    for name in ("generated", "t", "t_hat", "inside"):
+        torch.testing.assert_close(getattr(alone, name), getattr(full, name), atol=1e-5, rtol=1e-4)
+    alone.generated.square().mean().backward()
+    assert all(p.grad is None for p in net.unet.parameters())
+    assert net.cross_fit_more[0].token_maps.decoder[0].weight.grad.abs().sum() > 0  # pathway 2 fitted sample 3
+    with pytest.raises(ValueError, match="fit != fold"):
+        net.report_pathways_forward(x, tokens=tokens, mask=mask, fold=fold, fit=fold)

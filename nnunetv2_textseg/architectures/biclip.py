@@ -282,10 +282,51 @@ class BiCLIPNetwork(TextConditionedNetwork):
                                 fold: torch.Tensor | None = None, fit: torch.Tensor | None = None) -> BiCLIPOutput:
         """The report pathways alone, without the U-Net: what the generation and cycle losses need (``seg`` is
         None; ``pseudo`` is the map of the fitted pathway). Used to train the pathways before the U-Net starts
-        (the trainer's pathway warm-up); arguments as in :meth:`forward`."""
-        _, position, ts, maps, fit = self._report_pathways(x, tokens, mask, drop, fold, fit, True)
-        own = (lambda values: values[0]) if fit is None else (lambda values: _per_sample(fit, values))
-        return self._fitted_outputs(position, ts, maps, fit, None, own([m[0] for m in maps]))
+        (the trainer's pathway warm-up); arguments as in :meth:`forward`. Each sample passes only the pathway it
+        fits (cross-fitted: K times less work than :meth:`forward`, which draws every pathway's map)."""
+        tokens, mask = self.report_for_forward(tokens, mask)
+        x = ensure_position_channels(x, self.image_channels + POSITION_CHANNELS, type(self).__name__)
+        batch = x.shape[0]
+        if tokens is not None:
+            tokens, mask = tokens.to(x.device), mask.to(x.device)
+            if tokens.shape[0] == 1:
+                tokens, mask = tokens.expand(batch, -1, -1), mask.expand(batch, -1)
+        fit = self._routing(fold, fit, True)
+        fit = torch.zeros(batch, dtype=torch.long, device=x.device) if fit is None else fit
+        parts, order = [], []
+        for k in fit.unique().tolist():
+            idx = (fit == k).nonzero()[:, 0]
+            sub = (lambda v: None if v is None else v[idx])
+            t = self.text_embedding(sub(tokens), sub(mask), len(idx), sub(drop), pathway=k)
+            read = self.token_mask(sub(tokens), sub(mask), len(idx), sub(drop))
+            pseudo, raw, frame = self.pseudo_image(x[idx], t, pathway=k, tokens=sub(tokens), mask=read)
+            path = self.pathways[k]
+            t_hat = path.image_to_text(torch.sigmoid(frame) if self.sigmoid else frame) \
+                if self.image_to_text is not None else None
+            generated = raw
+            if self.generation_source == "text" and self.fusion is not None:
+                generated = sample_patient_frame(self.decode_frame(t, k), split_position(x[idx])[1])
+            parts.append((pseudo, raw, generated, t, t_hat))
+            order.append(idx)
+        back = torch.argsort(torch.cat(order))  # batch order again
+        pseudo, raw, generated, t, t_hat = (None if parts[0][i] is None else torch.cat([q[i] for q in parts])[back]
+                                            for i in range(5))
+        return BiCLIPOutput(None, pseudo, raw if self.sigmoid else None, generated, split_position(x)[1][:, 2:3], t,
+                            t_hat, None, None)
+
+    def _routing(self, fold: torch.Tensor | None, fit: torch.Tensor | None, training_losses: bool
+                 ) -> torch.Tensor | None:
+        """Checks the cross-fitting routing and returns ``fit`` (defaulted to the other pathway for K = 2)."""
+        n = len(self.pathways)
+        if n > 1 and training_losses and fold is None:
+            raise ValueError("a cross-fitted BiCLIPNetwork trains with fold: which pathway never fits each case")
+        if fold is not None and fit is None:
+            if n != 2:
+                raise ValueError("with more than 2 cross-fitted pathways, say which pathway fits each case (fit)")
+            fit = 1 - fold
+        if fold is not None and bool((fit == fold).any()):
+            raise ValueError("a case's map for the U-Net must come from a pathway that does not fit it (fit != fold)")
+        return fit
 
     def _report_pathways(self, x, tokens, mask, drop, fold, fit, training_losses: bool):
         """Every pathway's text embedding and maps of the batch's reports: (image, position, ts, maps, fit) with maps
@@ -296,14 +337,7 @@ class BiCLIPNetwork(TextConditionedNetwork):
         x = ensure_position_channels(x, self.image_channels + POSITION_CHANNELS, type(self).__name__)
         image, position = split_position(x)
         n = len(self.pathways)
-        if n > 1 and training_losses and fold is None:
-            raise ValueError("a cross-fitted BiCLIPNetwork trains with fold: which pathway never fits each case")
-        if fold is not None and fit is None:
-            if n != 2:
-                raise ValueError("with more than 2 cross-fitted pathways, say which pathway fits each case (fit)")
-            fit = 1 - fold
-        if fold is not None and bool((fit == fold).any()):
-            raise ValueError("a case's map for the U-Net must come from a pathway that does not fit it (fit != fold)")
+        fit = self._routing(fold, fit, training_losses)
         ts = [self.text_embedding(tokens, mask, x.shape[0], drop, pathway=k) for k in range(n)]
         read = self.token_mask(tokens, mask, x.shape[0], drop)
         maps = [self.pseudo_image(x, ts[k], pathway=k, tokens=tokens, mask=read)
