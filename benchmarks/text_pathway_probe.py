@@ -10,9 +10,11 @@ benchmark writes its label subset there) with the cached token embeddings of the
 masks, 750 steps of batch 2 like the ``_demo`` trainers. It is scored on *other* training cases of the dataset
 (never the test set): pixel AUC of the map for lesion vs background over the whole image and within the
 lesion-prone region (pixels that are lesion in at least one scored case), with the real, shuffled (another
-case's) and the learned null report. Runs are ``key=value`` settings: ``lr``, ``steps``, ``drop`` (report
+case's) and the learned null report, and on the held-out cases with lesions in one image half only, how often the
+map is brighter in that half (the side, which region AUC hides). Runs are ``key=value`` settings: ``lr``, ``steps``, ``drop`` (report
 dropout), ``cycle`` (λ of the cycle loss), ``normalized`` (layer-normalised cycle), ``mirror`` (probability of
-training on the left↔right-swapped report with the mirrored mask), ``seed``. Needs 2D images of one size.
+training on the left↔right-swapped report with the mirrored mask), ``token_maps`` (1: per-token zone maps),
+``window`` (tokens each per-token map reads), ``seed``. Needs 2D images of one size.
 """
 from __future__ import annotations
 
@@ -32,7 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-DEFAULTS = dict(lr=1e-3, steps=750, drop=0.25, batch=2, cycle=0.0, normalized=False, mirror=0.0, seed=0, token_maps=0)
+DEFAULTS = dict(lr=1e-3, steps=750, drop=0.25, batch=2, cycle=0.0, normalized=False, mirror=0.0, seed=0, token_maps=0,
+                window=1)
 
 
 from nnunetv2_textseg.errors import TextSegError, run_cli  # noqa: E402  (after the path line above)
@@ -112,7 +115,9 @@ def run(data: dict, settings: dict) -> dict:
     pool, generator, head = AttentionPoolText(tokens.shape[-1], dim), PseudoImageGenerator(dim, out_bias=-2.0), \
         ImageToTextHead(dim)
     null = torch.nn.Parameter(0.02 * torch.randn(dim))
-    token_maps = TokenZoneMaps(tokens.shape[-1], zone) if s["token_maps"] else None
+    window = int(s["window"])  # the network's rule: windowed token maps have rank 128
+    token_maps = TokenZoneMaps(tokens.shape[-1], zone, rank=64 if window == 1 else 128, window=window) \
+        if s["token_maps"] else None
     params = [*pool.parameters(), *generator.parameters(), null] + (list(head.parameters()) if s["cycle"] else []) \
         + (list(token_maps.parameters()) if token_maps is not None else [])
     opt = torch.optim.AdamW(params, lr=s["lr"], weight_decay=1e-4)
@@ -170,7 +175,26 @@ def run(data: dict, settings: dict) -> dict:
                 result[f"{split}_{v}"] = {"auc": pixel_auc(scores, ref.ravel()),
                                           "auc_region": pixel_auc(scores[inside], ref.ravel()[inside])
                                           if inside is not None else None}
+            if split == "heldout":
+                result["heldout_side"] = side_score(torch.sigmoid(variants["real"])[:, 0].numpy(), ref[:, 0])
     return result
+
+
+def side_score(maps: np.ndarray, refs: np.ndarray) -> dict | None:
+    """maps, refs (N, H, W): over the cases whose lesions all lie in one half of the image (left or right columns),
+    how often the map is brighter on average in that half than in the other, and the median ratio of the two means.
+    Region AUC hides a map that ignores the side (most findings are bilateral); this does not. None without
+    one-sided cases."""
+    half = refs.shape[-1] // 2
+    left, right = refs[..., :half].any((1, 2)), refs[..., half:].any((1, 2))
+    one_sided = left ^ right
+    if not one_sided.any():
+        return None
+    mean_left, mean_right = maps[..., :half].mean((1, 2)), maps[..., half:].mean((1, 2))
+    named = np.where(left, mean_left, mean_right)[one_sided]
+    other = np.where(left, mean_right, mean_left)[one_sided]
+    return {"cases": int(one_sided.sum()), "named_side_brighter": float((named > other).mean()),
+            "median_ratio": float(np.median(named / np.maximum(other, 1e-6)))}
 
 
 def zone_reference(raw: Path, data: dict) -> dict[str, dict]:
@@ -211,8 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     data = load_cases(preprocessed_dataset_folder(a.d), raw_dataset_folder(a.d), a.heldout)
     rows = []
     print(f"{len(data['train_ids'])} labelled cases, {len(data['heldout'][0])} other training cases scored\n")
-    print("| run | train AUC region (real) | held-out AUC real | shuffled | null | region real | shuffled | null |\n"
-          "|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| run | train AUC region (real) | held-out AUC real | shuffled | null | region real | shuffled | null | "
+          "one-sided cases: named side brighter |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for spec in a.runs:
         settings = {k: float(v) for k, v in (kv.split("=") for kv in spec.split(",") if kv)}
         settings = {k: int(v) if k in ("steps", "batch", "seed") else v for k, v in settings.items()}
@@ -220,13 +244,15 @@ def main(argv: list[str] | None = None) -> int:
         r = run(data, settings)
         rows.append({"run": spec or "default", "settings": settings, "seconds": time.time() - t0, **r})
         f = lambda k, m: "–" if r[k][m] is None else f"{r[k][m]:.3f}"  # noqa: E731
+        side = "–" if r["heldout_side"] is None else \
+            f"{r['heldout_side']['named_side_brighter']:.2f} of {r['heldout_side']['cases']}"
         print(f"| {spec or 'default'} | {f('train_real', 'auc_region')} | {f('heldout_real', 'auc')} | "
               f"{f('heldout_shuffled', 'auc')} | {f('heldout_null', 'auc')} | {f('heldout_real', 'auc_region')} | "
-              f"{f('heldout_shuffled', 'auc_region')} | {f('heldout_null', 'auc_region')} |", flush=True)
+              f"{f('heldout_shuffled', 'auc_region')} | {f('heldout_null', 'auc_region')} | {side} |", flush=True)
     for name, r in zone_reference(raw_dataset_folder(a.d), data).items():
         rows.append({"run": name, "reference": True, **r})
         g = lambda m: "–" if r["heldout_real"][m] is None else f"{r['heldout_real'][m]:.3f}"  # noqa: E731
-        print(f"| {name} (reference) | – | {g('auc')} | – | – | {g('auc_region')} | – | – |")
+        print(f"| {name} (reference) | – | {g('auc')} | – | – | {g('auc_region')} | – | – | – |")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"dataset": str(a.d), "rows": rows}, indent=2))
     return 0

@@ -317,6 +317,15 @@ def test_text_pathway_probe_trains_token_maps_and_scores_the_true_zones(tmp_path
     data = {"train": cases(8), "heldout": cases(6)}
     r = probe.run(data, {"token_maps": 1, "steps": 150, "drop": 0.0})
     assert r["heldout_real"]["auc"] > r["heldout_shuffled"]["auc"] + 0.1
+    assert r["heldout_side"]["cases"] == 6 and r["heldout_side"]["named_side_brighter"] == 1.0
+    windowed = probe.run(data, {"token_maps": 1, "window": 3, "steps": 150, "drop": 0.0})
+    assert windowed["heldout_side"]["named_side_brighter"] == 1.0 and windowed["heldout_side"]["median_ratio"] > 1.5
+    # the side score itself: a map the same on both sides, or one on the wrong side, is never brighter on the named side
+    refs = data["heldout"][2][:, 0].numpy().astype(bool)
+    assert probe.side_score(np.ones(refs.shape), refs)["named_side_brighter"] == 0.0
+    assert probe.side_score(refs[:, :, ::-1].astype(float), refs)["named_side_brighter"] == 0.0
+    assert probe.side_score(refs.astype(float), refs)["named_side_brighter"] == 1.0
+    assert probe.side_score(np.ones(refs.shape), np.ones(refs.shape, bool)) is None  # no one-sided case
 
     from nnunetv2_textseg.demo_data import generate_demo_dataset
     raw = generate_demo_dataset(tmp_path, n_train=6, n_test=1, image_size=32, seed=5, real_reports_dir=tmp_path / "none")
