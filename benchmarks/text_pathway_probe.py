@@ -115,9 +115,7 @@ def run(data: dict, settings: dict) -> dict:
     pool, generator, head = AttentionPoolText(tokens.shape[-1], dim), PseudoImageGenerator(dim, out_bias=-2.0), \
         ImageToTextHead(dim)
     null = torch.nn.Parameter(0.02 * torch.randn(dim))
-    window = int(s["window"])  # the network's rule: windowed token maps have rank 128
-    token_maps = TokenZoneMaps(tokens.shape[-1], zone, rank=64 if window == 1 else 128, window=window) \
-        if s["token_maps"] else None
+    token_maps = TokenZoneMaps(tokens.shape[-1], zone, window=int(s["window"])) if s["token_maps"] else None
     params = [*pool.parameters(), *generator.parameters(), null] + (list(head.parameters()) if s["cycle"] else []) \
         + (list(token_maps.parameters()) if token_maps is not None else [])
     opt = torch.optim.AdamW(params, lr=s["lr"], weight_decay=1e-4)

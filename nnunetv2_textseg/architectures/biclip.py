@@ -142,10 +142,8 @@ class BiCLIPNetwork(TextConditionedNetwork):
         owner.fusion = BidirectionalFusion(text_dim, image_dim) if bidirectional else None
         # lesions are rare: start the probability map low (sigmoid(-2) ~ 0.12) rather than at 0.5
         owner.generator = PseudoImageGenerator(text_dim, out_bias=-2.0 if self.sigmoid else 0.0)
-        # a window's maps read 3x the features: twice the rank (measured with the pathway trained alone: rank 128
-        # kept the side on both development datasets, 64 on one)
-        owner.token_maps = TokenZoneMaps(text_in_dim, self.frame_resolution, rank=64 if token_window == 1 else 128,
-                                         window=token_window) if token_maps else None
+        owner.token_maps = TokenZoneMaps(text_in_dim, self.frame_resolution, window=token_window) if token_maps \
+            else None
         owner.image_to_text = ImageToTextHead(text_dim) if cycle else None
         return owner
 
@@ -300,12 +298,7 @@ class BiCLIPNetwork(TextConditionedNetwork):
             t = self.text_embedding(sub(tokens), sub(mask), len(idx), sub(drop), pathway=k)
             read = self.token_mask(sub(tokens), sub(mask), len(idx), sub(drop))
             pseudo, raw, frame = self.pseudo_image(x[idx], t, pathway=k, tokens=sub(tokens), mask=read)
-            path = self.pathways[k]
-            t_hat = path.image_to_text(torch.sigmoid(frame) if self.sigmoid else frame) \
-                if self.image_to_text is not None else None
-            generated = raw
-            if self.generation_source == "text" and self.fusion is not None:
-                generated = sample_patient_frame(self.decode_frame(t, k), split_position(x[idx])[1])
+            t_hat, generated = self._loss_inputs(k, t, raw, frame, split_position(x[idx])[1])
             parts.append((pseudo, raw, generated, t, t_hat))
             order.append(idx)
         back = torch.argsort(torch.cat(order))  # batch order again
@@ -344,16 +337,25 @@ class BiCLIPNetwork(TextConditionedNetwork):
                 for k in range(n)]  # (pseudo, raw, frame) per pathway
         return image, position, ts, maps, fit
 
+    def _loss_inputs(self, k: int, t: torch.Tensor, raw: torch.Tensor, frame: torch.Tensor, position: torch.Tensor
+                     ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Pathway ``k``'s cycle-loss reconstruction t̂ (None without the cycle head) and what its generation loss
+        trains (the map on the sample, or with generation_source "text" the report's own map G(t))."""
+        path = self.pathways[k]
+        t_hat = path.image_to_text(torch.sigmoid(frame) if self.sigmoid else frame) \
+            if self.image_to_text is not None else None
+        generated = raw
+        if self.generation_source == "text" and self.fusion is not None:
+            generated = sample_patient_frame(self.decode_frame(t, k), position)
+        return t_hat, generated
+
     def _fitted_outputs(self, position, ts, maps, fit, seg, pseudo) -> BiCLIPOutput:
         """The loss inputs of the pathway each sample fits (``fit``; the only one without cross-fitting)."""
         n = len(self.pathways)
         own = (lambda values: values[0]) if n == 1 else (lambda values: _per_sample(fit, values))
         raw, t = own([m[1] for m in maps]), own(ts)
-        t_hat = own([path.image_to_text(torch.sigmoid(m[2]) if self.sigmoid else m[2])
-                     for path, m in zip(self.pathways, maps)]) if self.image_to_text is not None else None
-        generated = raw
-        if self.generation_source == "text" and self.fusion is not None:
-            generated = sample_patient_frame(own([self.decode_frame(ts[k], k) for k in range(n)]), position)
+        t_hat, generated = zip(*(self._loss_inputs(k, ts[k], m[1], m[2], position) for k, m in enumerate(maps)))
+        t_hat, generated = (None if t_hat[0] is None else own(list(t_hat))), own(list(generated))
         return BiCLIPOutput(seg, pseudo, raw if self.sigmoid else None, generated, position[:, 2:3], t, t_hat,
                             None, None)
 

@@ -233,12 +233,13 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
                                               tokens=tokens, mask=mask, drop=drop, **routing)
             loss, terms = self.compute_loss(out, data[:, :c], target)
             loss.backward()
-            if self.is_ddp:  # the U-Net's DDP wrapper is bypassed: average the pathways' gradients by hand
-                import torch.distributed as dist
-                for p in params:
-                    if p.grad is not None:
-                        dist.all_reduce(p.grad)
-                        p.grad /= dist.get_world_size()
+            if self.is_ddp:  # the U-Net's DDP wrapper is bypassed: average the pathways' gradients by hand; every
+                import torch.distributed as dist  # rank reduces every parameter (a pathway none of its samples fit
+                for p in params:                  # this step has no gradient here but may have one on another rank)
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    dist.all_reduce(p.grad)
+                    p.grad /= dist.get_world_size()
             torch.nn.utils.clip_grad_norm_(params, 12)
             text_optimizer.step()
             losses.append(terms["gen"])
