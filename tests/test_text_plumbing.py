@@ -131,6 +131,30 @@ def test_mirrored_patient_negates_the_column_channel_and_swaps_the_report_rows()
     assert 0.4 < np.mean(flips) < 0.6
 
 
+def test_location_free_reports_replace_only_the_drawn_samples_report_rows():
+    """Location-free samples read their location-free report's tokens and mask; the others, and the image, keep
+    theirs; the share drawn follows ``location_free_reports``."""
+    from nnunetv2_textseg.training.biclip import nnUNetTrainerBiCLIP
+    t = object.__new__(nnUNetTrainerBiCLIP)
+    t.text_rows = {"a": 0, "b": 1}
+    t.location_free_tokens = torch.stack([torch.full((4, 3), -1.0), torch.full((4, 3), -2.0)]).half()
+    t.location_free_token_mask = torch.tensor([[True, True, False, False], [True, False, False, False]])
+    tokens, mask = torch.ones(2, 4, 3), torch.tensor([[True, True, True, False]] * 2)
+    t.location_free_reports = 1.0
+    tok, m = t.strip_locations(tokens, mask, ["b", "a"])
+    assert tok[:, 0, 0].tolist() == [-2.0, -1.0] and tok.dtype == torch.float32
+    assert m.tolist() == [[True, False, False, False], [True, True, False, False]]
+    t.location_free_reports = 0.25
+    torch.manual_seed(0)
+    picked = []
+    for _ in range(400):
+        tok, m = t.strip_locations(tokens, mask, ["a", "b"])
+        stripped = tok[:, 0, 0] < 0
+        assert torch.equal(m[:, 2], ~stripped) and bool((tok[~stripped] == 1).all())
+        picked += stripped.tolist()
+    assert 0.2 < np.mean(picked) < 0.3
+
+
 def test_mirrored_patient_without_the_report_table_is_one_clear_error(tmp_path):
     """Swapping left and right needs the report texts: a cache used as is (no reportsTr.csv) is refused with the
     file to add, not a KeyError later in training."""

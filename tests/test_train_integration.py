@@ -130,7 +130,8 @@ def test_paper_batch_of_16_is_global_under_ddp(trained_model, monkeypatch):
                                      "nnUNetTrainerBiCLIP_safeAug", "nnUNetTrainerBiCLIP_noPosition",
                                      "nnUNetTrainerBiCLIP_noSegGrad", "nnUNetTrainerBiCLIP_crossFit",
                                      "nnUNetTrainerBiCLIP_mirroredPatient", "nnUNetTrainerBiCLIP_crossFitTokens",
-                                     "nnUNetTrainerBiCLIP_pathwayWarmup", "nnUNetTrainerBiCLIP_phraseMaps"])
+                                     "nnUNetTrainerBiCLIP_pathwayWarmup", "nnUNetTrainerBiCLIP_phraseMaps",
+                                     "nnUNetTrainerBiCLIP_locationFree"])
 def test_ablation_builds_and_trains_one_step(trained_model, variant, monkeypatch):
     """Each ablation builds its network from the plans and runs a real train_step on real batches."""
     from nnunetv2.run.run_training import get_trainer_from_args
@@ -210,6 +211,20 @@ def test_ablation_builds_and_trains_one_step(trained_model, variant, monkeypatch
         assert trainer.mirrored_tokens.shape == trainer.text_tokens.shape
         row = trainer.text_rows[sided[0]]
         assert not torch.equal(trainer.mirrored_tokens[row], trainer.text_tokens[row])
+    if variant.endswith("locationFree"):  # every training report also encoded without its location words
+        from nnunetv2_textseg.cache import TextEmbeddingCache
+        from nnunetv2_textseg.report_parsing import parse_report
+        pre = Path(trainer.preprocessed_dataset_folder_base)
+        cache = TextEmbeddingCache.load(next((pre / "text_embeddings").glob("*__TrLocationFree.npz")))
+        assert set(trainer.text_rows) <= set(cache.case_ids) and trainer.location_free_reports > 0
+        assert trainer.location_free_tokens.shape == trainer.text_tokens.shape == trainer.mirrored_tokens.shape
+        raw = next(Path(trained_model.env["nnUNet_raw"]).glob(f"Dataset{DATASET_ID:03d}_*"))
+        reports = pd.read_csv(raw / "reportsTr.csv", dtype=str)
+        located = [c for c, t in zip(reports["case_id"], reports["report"])
+                   if c in trainer.text_rows and (parse_report(t) is not None and parse_report(t).zones)]
+        assert located
+        row = trainer.text_rows[located[0]]
+        assert not torch.equal(trainer.location_free_tokens[row], trainer.text_tokens[row])
     if variant.endswith("efunet"):
         assert not net.sigmoid and type(net.text_pool).__name__ == "MeanPoolText" and out["gen"] >= 0
 

@@ -109,6 +109,10 @@ class nnUNetTrainerText(nnUNetTrainer):
     # probability of presenting a sample as its mirror-image patient: the patient-frame column channel negated and
     # the report's left/right swapped (a second word-to-place example per labelled case; 0 = off)
     mirrored_patient = 0.0
+    # probability of training a sample with its report's side, zone and laterality words removed (the same rewrite
+    # as report_variants' missing_location): a report that names no place must leave the network reading the
+    # image, not tell it "nowhere" (0 = off)
+    location_free_reports = 0.0
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -178,6 +182,8 @@ class nnUNetTrainerText(nnUNetTrainer):
             self.text_token_mask = torch.from_numpy(np.ascontiguousarray(cache.mask))
         if self.mirrored_patient > 0:
             self._prepare_mirrored_reports(cache, reports, pre, spec)
+        if self.location_free_reports > 0:
+            self._prepare_location_free_reports(cache, reports, pre, spec)
         self.plans_manager.plans[PLANS_KEY] = self._text_plans_entry(cache.identity, spec)
 
     def _prepare_mirrored_reports(self, cache: TextEmbeddingCache, reports: dict | None, pre: Path,
@@ -185,33 +191,57 @@ class nnUNetTrainerText(nnUNetTrainer):
         """Token embeddings of every training report with left and right swapped, row for row with the report
         cache (their own derived cache file next to it, ``..._TrLateralSwap``), for mirrored-patient samples."""
         from nnunetv2_textseg.report_parsing import swap_laterality
-        if not self.patient_frame or not self.uses_token_text:
+        if not self.patient_frame:
             raise TextTrainingError(f"{type(self).__name__}: mirrored-patient samples need the patient-frame "
-                                    f"position channels and token-level report embeddings.")
+                                    f"position channels.")
+        self.mirrored_tokens, self.mirrored_token_mask = self._rewritten_report_tokens(
+            cache, reports, pre, spec, "TrLateralSwap", swap_laterality, "swaps left and right in")
+
+    def _prepare_location_free_reports(self, cache: TextEmbeddingCache, reports: dict | None, pre: Path,
+                                       spec: EncoderSpec) -> None:
+        """Token embeddings of every training report without its location words (``..._TrLocationFree``)."""
+        from nnunetv2_textseg.report_variants import make_variant
+        rng = np.random.default_rng(0)  # the missing_location rewrite draws nothing; make_variant wants one
+        self.location_free_tokens, self.location_free_token_mask = self._rewritten_report_tokens(
+            cache, reports, pre, spec, "TrLocationFree", lambda text: make_variant(text, "missing_location", rng),
+            "removes the location words from")
+
+    def _rewritten_report_tokens(self, cache: TextEmbeddingCache, reports: dict | None, pre: Path, spec: EncoderSpec,
+                                 suffix: str, rewrite, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token embeddings (N, L, D) float16 and mask (N, L) of every training report rewritten by ``rewrite``
+        (text -> text), row for row with the report cache; encoded into their own derived cache file next to it
+        (``..._<suffix>``). Every token table of the trainer is padded to one length, so rows of any of them can
+        share a batch."""
+        if not self.uses_token_text:
+            raise TextTrainingError(f"{type(self).__name__}: rewritten reports need token-level report embeddings.")
         if reports is None:
-            raise TextTrainingError(f"{type(self).__name__} swaps left and right in the report texts, which are not "
-                                    f"available: put reportsTr.csv into $nnUNet_raw/{self.plans_manager.dataset_name}.")
-        swapped = {c: swap_laterality(reports[c]) for c in cache.case_ids if c in reports}
-        path = cache_path(pre, spec, "TrLateralSwap")
+            raise TextTrainingError(f"{type(self).__name__} {what} the report texts, which are not available: put "
+                                    f"reportsTr.csv into $nnUNet_raw/{self.plans_manager.dataset_name}.")
+        rewritten = {c: rewrite(reports[c]) for c in cache.case_ids if c in reports}
+        path = cache_path(pre, spec, suffix)
         try:
-            mirror = load_checked_cache(path, swapped, identity=cache.identity, spec=spec)
+            derived = load_checked_cache(path, rewritten, identity=cache.identity, spec=spec)
         except CacheError:
-            mirror = self._build_cache_once(swapped, path, spec)
-            mirror.check_identity(cache.identity)
-        length = max(cache.tokens.shape[1], mirror.tokens.shape[1])
+            derived = self._build_cache_once(rewritten, path, spec)
+            derived.check_identity(cache.identity)
+        length = max(self.text_tokens.shape[1], derived.tokens.shape[1])
         tokens = np.zeros((len(cache.case_ids), length, cache.tokens.shape[2]), np.float16)
         mask = np.zeros((len(cache.case_ids), length), bool)
         for i, c in enumerate(cache.case_ids):
-            if c in mirror:  # a case without a table row (cache used as is) keeps its own report
-                r = int(mirror.rows([c])[0])
-                tokens[i, :mirror.tokens.shape[1]], mask[i, :mirror.mask.shape[1]] = mirror.tokens[r], mirror.mask[r]
+            if c in derived:  # a case without a table row (cache used as is) keeps its own report
+                r = int(derived.rows([c])[0])
+                tokens[i, :derived.tokens.shape[1]], mask[i, :derived.mask.shape[1]] = derived.tokens[r], derived.mask[r]
             else:
                 tokens[i, :cache.tokens.shape[1]], mask[i, :cache.mask.shape[1]] = cache.tokens[i], cache.mask[i]
-        pad = length - self.text_tokens.shape[1]
-        if pad:  # both tables the same token length, so rows of either can share a batch
-            self.text_tokens = torch.nn.functional.pad(self.text_tokens, (0, 0, 0, pad))
-            self.text_token_mask = torch.nn.functional.pad(self.text_token_mask, (0, pad))
-        self.mirrored_tokens, self.mirrored_token_mask = torch.from_numpy(tokens), torch.from_numpy(mask)
+        for name in ("text", "mirrored", "location_free"):  # the tables made so far, padded to the new length
+            if getattr(self, f"{name}_tokens", None) is not None:
+                pad = length - getattr(self, f"{name}_tokens").shape[1]
+                if pad:
+                    setattr(self, f"{name}_tokens", torch.nn.functional.pad(getattr(self, f"{name}_tokens"),
+                                                                             (0, 0, 0, pad)))
+                    setattr(self, f"{name}_token_mask", torch.nn.functional.pad(
+                        getattr(self, f"{name}_token_mask"), (0, pad)))
+        return torch.from_numpy(tokens), torch.from_numpy(mask)
 
     def _build_cache_once(self, reports: dict, path: Path, spec: EncoderSpec) -> TextEmbeddingCache:
         """Encode missing/changed reports; under DDP rank 0 encodes and the other ranks wait and load."""
@@ -292,10 +322,27 @@ class nnUNetTrainerText(nnUNetTrainer):
         data = data.clone()
         f = flip.to(data.device)
         data[f, column] = -data[f, column]
-        rows = [self.text_rows[str(k)] for k in keys]
-        tokens = torch.where(f[:, None, None], self.mirrored_tokens[rows].to(tokens.device, tokens.dtype), tokens)
-        mask = torch.where(f[:, None], self.mirrored_token_mask[rows].to(mask.device), mask)
+        tokens, mask = self._rows_from(self.mirrored_tokens, self.mirrored_token_mask, keys, f, tokens, mask)
         return data, tokens, mask
+
+    def strip_locations(self, tokens: torch.Tensor, mask: torch.Tensor, keys) -> tuple[torch.Tensor, torch.Tensor]:
+        """Location-free reports: each sample, with probability ``location_free_reports``, reads its report without
+        side, zone and laterality words. Its targets stay, so the report pathway learns where lesions of a report
+        that names no place lie (anywhere they occur), and the U-Net that such a report does not mean "nowhere".
+        Without it, every training report names places, and one that names none reads like a normal study."""
+        pick = torch.rand(tokens.shape[0]) < self.location_free_reports  # drawn on the host: no device sync
+        if not bool(pick.any()):
+            return tokens, mask
+        return self._rows_from(self.location_free_tokens, self.location_free_token_mask, keys,
+                               pick.to(tokens.device), tokens, mask)
+
+    def _rows_from(self, table: torch.Tensor, table_mask: torch.Tensor, keys, pick: torch.Tensor,
+                   tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens / mask with the samples where ``pick`` (B,) is True replaced by their rows of another token table."""
+        rows = [self.text_rows[str(k)] for k in keys]
+        tokens = torch.where(pick[:, None, None], table[rows].to(tokens.device, tokens.dtype), tokens)
+        mask = torch.where(pick[:, None], table_mask[rows].to(mask.device), mask)
+        return tokens, mask
 
     def set_network_text(self, keys) -> None:
         """Give the network the reports of ``keys`` for its next plain forward passes."""
@@ -408,8 +455,8 @@ class nnUNetTrainerText(nnUNetTrainer):
 
     def batch_inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | list[torch.Tensor], torch.Tensor,
                                                  torch.Tensor, torch.Tensor]:
-        """A loader batch on the device with its reports: (data, target, tokens, mask, drop) — mirrored patients
-        applied, and ``drop`` (B,) drawn for report dropout."""
+        """A loader batch on the device with its reports: (data, target, tokens, mask, drop) — mirrored patients and
+        location-free reports applied, and ``drop`` (B,) drawn for report dropout."""
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"]
         target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
@@ -417,6 +464,8 @@ class nnUNetTrainerText(nnUNetTrainer):
         tokens, mask = self.tokens_for(batch["keys"])
         if self.mirrored_patient > 0:
             data, tokens, mask = self.mirror_patients(data, tokens, mask, batch["keys"])
+        if self.location_free_reports > 0:  # after mirroring: a report without place words has no side to swap
+            tokens, mask = self.strip_locations(tokens, mask, batch["keys"])
         drop = torch.rand(tokens.shape[0], device=self.device) < self.report_dropout
         return data, target, tokens, mask, drop
 

@@ -101,6 +101,13 @@ class nnUNetTrainerBiCLIP_phraseMaps(nnUNetTrainerBiCLIP_pathwayWarmup):
     token_window = 3
 
 
+class nnUNetTrainerBiCLIP_locationFree(nnUNetTrainerBiCLIP_phraseMaps):
+    """_phraseMaps that also trains a quarter of the samples with their report's location words removed. Why: every
+    training report names places, so _phraseMaps read a report naming none ("Pulmonary infection, two infected
+    areas.") as "nowhere" and missed lesions it finds with no report at all (Dice 0.23-0.27 vs 0.59-0.62)."""
+    location_free_reports = 0.25
+
+
 class nnUNetTrainerBiCLIP_mirroredPatient(nnUNetTrainerBiCLIP):
     """Half the samples are shown as their mirror-image patient (patient-frame column negated, report with left and
     right swapped): twice the word-to-place examples from the same labelled cases. Why: trained alone on 20 cases,
@@ -204,7 +211,7 @@ _BASES = [nnUNetTrainerBiCLIP, nnUNetTrainerBiCLIP_noIAC, nnUNetTrainerBiCLIP_no
           nnUNetTrainerBiCLIP_efunet, nnUNetTrainerBiCLIP_textGen, nnUNetTrainerBiCLIP_noSegGrad, nnUNetTrainerBiCLIP_crossFit,
           nnUNetTrainerBiCLIP_safeAug, nnUNetTrainerBiCLIP_noPosition, nnUNetTrainerBiCLIP_mirroredPatient,
           nnUNetTrainerBiCLIP_crossFitTokens, nnUNetTrainerBiCLIP_pathwayWarmup,
-          nnUNetTrainerBiCLIP_phraseMaps,
+          nnUNetTrainerBiCLIP_phraseMaps, nnUNetTrainerBiCLIP_locationFree,
           nnUNetTrainerMedCLIPSeg, nnUNetTrainerMedCLIPSeg_noProb, nnUNetTrainerMedCLIPSeg_noContrastive,
           nnUNetTrainerMedCLIPSeg_noText, nnUNetTrainerMedCLIPSeg_safeAug, nnUNetTrainerMedCLIPSeg_mirroredPatient]
 for _base in _BASES:
