@@ -100,8 +100,9 @@ def diagnose_seed(cfg: argparse.Namespace, seed: int, data: dict) -> list[dict]:
 
 def diagnosis_row(seed: int, trainer: str, fraction: float, res: dict) -> dict:
     """One model's diagnosis.json as a flat row: ``dice_<variant>``, ``auc_<variant>`` (pseudo-image AUC over all
-    pixels) and ``region_auc_<variant>`` (within the pixels that are lesion in at least one test case). The AUCs
-    are null for a model without a pseudo-image (MedCLIPSeg) and the region AUC absent in diagnoses of earlier
+    pixels), ``region_auc_<variant>`` (within the pixels that are lesion in at least one test case) and
+    ``side_pseudo_<variant>`` / ``side_pred_<variant>`` (one-sided cases: share whose lesion half is higher in the
+    pseudo-image / predicted probability; real and contradictory report). The AUCs are null for a model without a pseudo-image (MedCLIPSeg) and the region AUC absent in diagnoses of earlier
     versions: those keys are then left out."""
     row = {"seed": seed, "trainer": trainer, "fraction": fraction,
            **{f"dice_{v}": d for v, d in res["dice"].items()}}
@@ -110,6 +111,11 @@ def diagnosis_row(seed: int, trainer: str, fraction: float, res: dict) -> dict:
     if res.get("lesion_region_fraction") is not None:
         row["lesion_region_fraction"] = res["lesion_region_fraction"]
     row.update(text_sensitivity=res["text_sensitivity"], reliance=res["reliance"])
+    # the side (diagnoses since the side score): share of one-sided cases whose lesion half is higher
+    for what, prefix in (("pseudo_image", "side_pseudo"), ("prediction", "side_pred")):
+        for v, score in ((res.get("side") or {}).get(what) or {}).items():
+            if score is not None:
+                row[f"{prefix}_{v}"] = score["named_side_brighter"]
     return row
 
 
@@ -161,20 +167,24 @@ def markdown(result: dict) -> str:
                       f"baseline."]
     if result["diagnosis"]:
         lines += ["", "Does it read the report? `nnUNetv2_textseg_diagnose` on the clean test set (mean ± std over "
-                      "seeds): Dice with the real, shuffled (another case's), contradictory, location-free and no "
-                      "report; pixel AUC of BiCLIP's pseudo-image for lesion vs background, over the whole image and "
-                      "within the lesion region (pixels that are lesion in at least one test case: what a report "
-                      "can add beyond where lesions can be at all; – for models without a pseudo-image).", "",
-                  "| fraction | trainer | Dice real | shuffled | contradictory | missing location | null | "
+                      "seeds): Dice with the real, shuffled (another case's), contradictory, location-free, "
+                      "generic (\"Pulmonary infection.\") and no report; pixel AUC of BiCLIP's pseudo-image for "
+                      "lesion vs background, over the whole image and within the lesion region (pixels that are "
+                      "lesion in at least one test case: what a report can add beyond where lesions can be at all; "
+                      "– for models without a pseudo-image); side: share of the cases with lesions in one half of "
+                      "the image whose pseudo-image is higher in that half, with the real and the contradictory "
+                      "report (which names the other side).", "",
+                  "| fraction | trainer | Dice real | shuffled | contradictory | missing location | generic | null | "
                   "AUC real | AUC shuffled | AUC contradictory | AUC in lesion region real | shuffled | null | "
-                  "text sensitivity |", "|---:|---|" + "---:|" * 12]
+                  "side real | side contradictory | text sensitivity |", "|---:|---|" + "---:|" * 15]
         keys = sorted({(d["fraction"], d["trainer"]) for d in result["diagnosis"]})
         for f, t in keys:
             ds = [d for d in result["diagnosis"] if d["fraction"] == f and d["trainer"] == t]
             cols = " | ".join(_ms([d.get(k) for d in ds]) for k in (
-                "dice_real", "dice_shuffled", "dice_contradictory", "dice_missing_location", "dice_null",
-                "auc_real", "auc_shuffled", "auc_contradictory", "region_auc_real", "region_auc_shuffled",
-                "region_auc_null", "text_sensitivity"))
+                "dice_real", "dice_shuffled", "dice_contradictory", "dice_missing_location",
+                "dice_underdescriptive", "dice_null", "auc_real", "auc_shuffled", "auc_contradictory",
+                "region_auc_real", "region_auc_shuffled", "region_auc_null", "side_pseudo_real",
+                "side_pseudo_contradictory", "text_sensitivity"))
             lines.append(f"| {100 * f:g}% | {t} | {cols} |")
     return "\n".join(lines) + "\n"
 

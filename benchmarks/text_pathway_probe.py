@@ -106,7 +106,7 @@ def mirrored_reports(data: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 def run(data: dict, settings: dict) -> dict:
     from nnunetv2_textseg.building_blocks.biclip import (AttentionPoolText, ImageToTextHead, PseudoImageGenerator,
                                                          TokenZoneMaps, noisy_or_logits)
-    from nnunetv2_textseg.diagnose import lesion_prone_region, pixel_auc
+    from nnunetv2_textseg.diagnose import lesion_prone_region, pixel_auc, side_score
     from nnunetv2_textseg.losses import blur_mask, cycle_loss, lesion_generation_loss
     s = {**DEFAULTS, **settings}
     torch.manual_seed(s["seed"])
@@ -176,23 +176,6 @@ def run(data: dict, settings: dict) -> dict:
             if split == "heldout":
                 result["heldout_side"] = side_score(torch.sigmoid(variants["real"])[:, 0].numpy(), ref[:, 0])
     return result
-
-
-def side_score(maps: np.ndarray, refs: np.ndarray) -> dict | None:
-    """maps, refs (N, H, W): over the cases whose lesions all lie in one half of the image (left or right columns),
-    how often the map is brighter on average in that half than in the other, and the median ratio of the two means.
-    Region AUC hides a map that ignores the side (most findings are bilateral); this does not. None without
-    one-sided cases."""
-    half = refs.shape[-1] // 2
-    left, right = refs[..., :half].any((1, 2)), refs[..., half:].any((1, 2))
-    one_sided = left ^ right
-    if not one_sided.any():
-        return None
-    mean_left, mean_right = maps[..., :half].mean((1, 2)), maps[..., half:].mean((1, 2))
-    named = np.where(left, mean_left, mean_right)[one_sided]
-    other = np.where(left, mean_right, mean_left)[one_sided]
-    return {"cases": int(one_sided.sum()), "named_side_brighter": float((named > other).mean()),
-            "median_ratio": float(np.median(named / np.maximum(other, 1e-6)))}
 
 
 def zone_reference(raw: Path, data: dict) -> dict[str, dict]:

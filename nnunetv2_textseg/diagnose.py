@@ -8,6 +8,8 @@ together, so both share the network's grid) and predicted with each **report var
 - ``real``: the case's report; ``shuffled``: another case's report (a fixed derangement);
 - ``contradictory``: sides and levels swapped / negated (:mod:`nnunetv2_textseg.report_variants`);
 - ``missing_location``: the report with its side, zone and laterality words removed;
+- ``underdescriptive``: only the most generic statement ("Pulmonary infection."): another report that names no
+  place, phrased unlike ``missing_location`` (which location-free training, ``_locationFree``, rewrites reports with);
 - ``null``: no report (the model's learned null report).
 
 Measured (written to OUT/diagnosis.json and printed as a table):
@@ -21,6 +23,11 @@ Measured (written to OUT/diagnosis.json and printed as a table):
   case, when all cases share one grid): the whole-image AUC rewards knowing where lesions can be at all
   (inside the lungs), the regional one only knowing where *this* case's lesion is, i.e. what a report can
   add — and the U-Net's first-convolution weight norm per input group (image, pseudo-image, position);
+- the side, on the cases whose lesions all lie in one half of the image (left or right columns): how often the
+  pseudo-image (BiCLIP) and the predicted foreground probability are higher in that half than in the other, with
+  the real and with the contradictory report (which names the other side for such cases). Region AUC hides a map
+  that ignores the side (most findings are bilateral); this does not. A model that reads the side: real near 1,
+  contradictory well below it;
 - OUT/diagnosis.png: for a few cases, image, reference, report and the pseudo-images / predictions.
 
 A model that reads its report shows real > shuffled/contradictory/null, in Dice and (BiCLIP) in AUC.
@@ -37,7 +44,7 @@ import torch
 
 from nnunetv2_textseg.errors import TextSegError, run_cli
 
-VARIANTS = ("real", "shuffled", "contradictory", "missing_location", "null")
+VARIANTS = ("real", "shuffled", "contradictory", "missing_location", "underdescriptive", "null")
 
 
 class DiagnoseError(TextSegError, RuntimeError):
@@ -64,6 +71,27 @@ def lesion_prone_region(refs: list[np.ndarray]) -> np.ndarray | None:
     return region if region.any() else None
 
 
+def side_score(maps, refs) -> dict | None:
+    """maps, refs: (N, H, W) arrays or sequences of 2-D arrays (cases may differ in size). Over the cases whose
+    lesions all lie in one half of the image (left or right columns): how often the map's mean is higher in that
+    half than in the other (``named_side_brighter``), and the median ratio of the two means. None without
+    one-sided cases."""
+    named, other = [], []
+    for m, r in zip(maps, refs):
+        half = r.shape[-1] // 2
+        left, right = bool(r[..., :half].any()), bool(r[..., half:].any())
+        if left == right:
+            continue
+        mean_left, mean_right = float(m[..., :half].mean()), float(m[..., half:].mean())
+        named.append(mean_left if left else mean_right)
+        other.append(mean_right if left else mean_left)
+    if not named:
+        return None
+    named, other = np.asarray(named), np.asarray(other)
+    return {"cases": int(named.size), "named_side_brighter": float((named > other).mean()),
+            "median_ratio": float(np.median(named / np.maximum(other, 1e-6)))}
+
+
 def dice(pred: np.ndarray, ref: np.ndarray) -> float:
     """Foreground Dice; NaN when both are empty (nnU-Net's evaluation convention)."""
     pred, ref = pred.astype(bool), ref.astype(bool)
@@ -86,6 +114,8 @@ def report_variants(reports: dict[str, str], seed: int = 0) -> dict[str, dict[st
                               for c in cases},
             "missing_location": {c: make_variant(reports[c], "missing_location",
                                                  _case_rng(seed, "missing_location", c)) for c in cases},
+            "underdescriptive": {c: make_variant(reports[c], "underdescriptive",
+                                                 _case_rng(seed, "underdescriptive", c)) for c in cases},
             "null": {c: None for c in cases}}
 
 
@@ -170,7 +200,8 @@ def diagnose(model: Path, fold: int, images: Path, labels: Path, reports_file: P
     reader = predictor.plans_manager.image_reader_writer_class()
     preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
     fg_labels = predictor.label_manager.foreground_labels
-    per_variant = {v: {"dice": [], "pseudo": [], "ref": [], "prob": []} for v in VARIANTS}
+    per_variant = {v: {"dice": [], "pseudo": [], "pseudo2d": [], "ref": [], "ref2d": [], "prob": []}
+                   for v in VARIANTS}
     figure_rows = []
     for n, case in enumerate(cases):
         img, props = reader.read_images([str(f) for f in files[case]])
@@ -188,6 +219,7 @@ def diagnose(model: Path, fold: int, images: Path, labels: Path, reports_file: P
             pred = logits.argmax(0).numpy()
             per_variant[v]["dice"].append(dice(np.isin(pred, fg_labels), ref))
             per_variant[v]["prob"].append(prob_fg[0])
+            per_variant[v]["ref2d"].append(ref[0])
             row[f"pred_{v}"] = np.isin(pred[0], fg_labels)
             if has_pseudo:
                 with torch.inference_mode():
@@ -196,6 +228,7 @@ def diagnose(model: Path, fold: int, images: Path, labels: Path, reports_file: P
                     pseudo = net.current_pseudo_image(x)[0, 0].float().cpu().numpy()
                     net.set_text(None)
                 per_variant[v]["pseudo"].append(pseudo.ravel())
+                per_variant[v]["pseudo2d"].append(pseudo)
                 per_variant[v]["ref"].append(ref[0].ravel())
                 row[f"pseudo_{v}"] = pseudo
         predictor._current_text = None
@@ -223,6 +256,10 @@ def diagnose(model: Path, fold: int, images: Path, labels: Path, reports_file: P
     p_contra = np.concatenate([p.ravel() for p in per_variant["contradictory"]["prob"]])
     result["text_sensitivity"] = float(np.abs(p_real - p_contra).mean() / max(np.abs(p_real).mean(), 1e-12))
     result["reliance"] = result["dice"]["real"] - result["dice"]["null"]
+    refs = per_variant["real"]["ref2d"]
+    result["side"] = {what: {v: side_score(per_variant[v][key], refs) for v in ("real", "contradictory")}
+                      for what, key in (("pseudo_image", "pseudo2d"), ("prediction", "prob"))
+                      if what == "prediction" or has_pseudo}
     if has_pseudo:
         result["first_conv_weight_norm"] = first_conv_norms(net, net.image_channels)
     else:
@@ -271,6 +308,14 @@ def format_table(result: dict) -> str:
         lines.append(f"| {v} | {result['dice'][v]:.4f} | {cells} |")
     lines.append(f"\ntext sensitivity |P_real − P_contra| / |P_real|: {result['text_sensitivity']:.4f}; "
                  f"reliance Dice(real) − Dice(null): {result['reliance']:+.4f}")
+    for what, scores in (result.get("side") or {}).items():
+        real, contra = scores.get("real"), scores.get("contradictory")
+        if real is None:
+            lines.append(f"side ({what}): no case with its lesions in one half of the image")
+            continue
+        lines.append(f"side ({what}, {real['cases']} one-sided cases): named half higher with the real report "
+                     f"{real['named_side_brighter']:.2f} (median ratio {real['median_ratio']:.2f}), with the "
+                     f"contradictory one {contra['named_side_brighter']:.2f} ({contra['median_ratio']:.2f})")
     if result.get("first_conv_weight_norm"):
         lines.append("first-convolution weight norm per input: " +
                      ", ".join(f"{k} {v:.3f}" for k, v in result["first_conv_weight_norm"].items()))

@@ -1,7 +1,7 @@
 """The diagnosis's numbers on hand-made inputs: pixel AUC and the lesion-prone region it can be restricted to."""
 import numpy as np
 
-from nnunetv2_textseg.diagnose import lesion_prone_region, pixel_auc
+from nnunetv2_textseg.diagnose import lesion_prone_region, pixel_auc, side_score
 
 
 def test_pixel_auc_perfect_chance_and_inverted():
@@ -33,3 +33,23 @@ def test_lesion_prone_region_needs_one_grid_and_a_lesion():
     assert lesion_prone_region([np.zeros(4, bool), np.zeros(5, bool)]) is None
     assert lesion_prone_region([np.zeros(4, bool)]) is None
     assert lesion_prone_region([]) is None
+
+
+def test_side_score_counts_one_sided_cases_whose_named_half_is_higher():
+    """A map the same on both sides, or on the wrong side, is never higher on the lesion's side; the lesion's own
+    mask always is; bilateral cases are left out; cases of different sizes are scored one by one."""
+    refs = np.zeros((4, 8, 8), bool)
+    refs[0, 2:4, 1:3] = refs[1, 5:7, 5:7] = True  # left, right
+    refs[2, 2:4, 1:3] = refs[2, 2:4, 5:7] = True  # both halves: not one-sided
+    refs[3, 1:2, 6:8] = True  # right
+    assert side_score(np.ones(refs.shape), refs)["named_side_brighter"] == 0.0
+    assert side_score(refs[:, :, ::-1].astype(float), refs)["named_side_brighter"] == 0.0
+    same = side_score(refs.astype(float), refs)
+    assert same["cases"] == 3 and same["named_side_brighter"] == 1.0 and same["median_ratio"] > 1e3
+    half = refs.astype(float)
+    half[3] = refs[3, :, ::-1]  # one case of three on the wrong side
+    assert abs(side_score(half, refs)["named_side_brighter"] - 2 / 3) < 1e-12
+    assert side_score(np.ones(refs.shape), np.ones(refs.shape, bool)) is None  # no one-sided case
+    sizes = [np.zeros((6, 10), bool), np.zeros((8, 8), bool)]
+    sizes[0][1, 8] = sizes[1][1, 1] = True
+    assert side_score([r.astype(float) for r in sizes], sizes)["named_side_brighter"] == 1.0

@@ -243,7 +243,13 @@ def test_diagnose_reports_every_variant_and_refuses_bad_input(trained_model, tmp
                  "--max_cases", "2", "--n_figure", "1"]) == 0
     result = json.loads((out / "diagnosis.json").read_text())
     assert set(result["dice"]) == set(result["pseudo_image_auc"]) == {"real", "shuffled", "contradictory",
-                                                                          "missing_location", "null"}
+                                                                          "missing_location", "underdescriptive",
+                                                                          "null"}
+    # the side: pseudo-image and prediction, real and contradictory report (None where no case is one-sided)
+    assert set(result["side"]) == {"pseudo_image", "prediction"}
+    for scores in result["side"].values():
+        assert set(scores) == {"real", "contradictory"}
+        assert all(s is None or (0 <= s["named_side_brighter"] <= 1 and s["cases"] >= 1) for s in scores.values())
     assert set(result["pseudo_image_auc_lesion_region"] or {}) <= set(result["dice"])
     assert result["cases"] == 2 and set(result["first_conv_weight_norm"]) == {"image", "pseudo_image", "position"}
     assert (out / "diagnosis.png").is_file()
