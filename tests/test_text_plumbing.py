@@ -165,3 +165,20 @@ def test_mirrored_patient_without_the_report_table_is_one_clear_error(tmp_path):
     t.plans_manager = SimpleNamespace(dataset_name="Dataset123_X")
     with pytest.raises(TextTrainingError, match=r"reportsTr\.csv.*Dataset123_X"):
         t._prepare_mirrored_reports(None, None, tmp_path, EncoderSpec())
+
+
+def test_a_model_folder_keeps_its_network(tmp_path):
+    """Continuing, validating or adding a fold to a model whose recorded network (report pathways, token maps, token
+    window) differs from what the trainer class builds now is one error naming the folder, what differs and the way
+    out; a model from before an entry existed is compared with that entry's old value; the same network passes."""
+    from nnunetv2_textseg.training.biclip import nnUNetTrainerBiCLIP
+    t = object.__new__(nnUNetTrainerBiCLIP)
+    t.output_folder_base = str(tmp_path / "nnUNetTrainerBiCLIP__nnUNetPlans__2d")
+    now = {"report_pathways": 4, "token_maps": True, "token_window": 3, "encoder": {}}
+    t._check_same_network({}, now)  # no recorded entry: nothing to compare
+    t._check_same_network(dict(now), now)
+    with pytest.raises(TextTrainingError, match=r"nnUNetTrainerBiCLIP__nnUNetPlans__2d.*report_pathways: 1 there, 4 "
+                                                r"now.*token_maps: False there.*nnUNetTrainerBiCLIP_endToEnd"):
+        t._check_same_network({"encoder": {}, "network_version": 2}, now)  # an earlier default's plans
+    with pytest.raises(TextTrainingError, match=r"token_window: 1 there, 3 now"):
+        t._check_same_network({"report_pathways": 4, "token_maps": True, "token_window": 1}, now)

@@ -131,7 +131,7 @@ def test_paper_batch_of_16_is_global_under_ddp(trained_model, monkeypatch):
                                      "nnUNetTrainerBiCLIP_noSegGrad", "nnUNetTrainerBiCLIP_crossFit",
                                      "nnUNetTrainerBiCLIP_mirroredPatient", "nnUNetTrainerBiCLIP_crossFitTokens",
                                      "nnUNetTrainerBiCLIP_pathwayWarmup", "nnUNetTrainerBiCLIP_phraseMaps",
-                                     "nnUNetTrainerBiCLIP_locationFree"])
+                                     "nnUNetTrainerBiCLIP_locationFree", "nnUNetTrainerBiCLIP_endToEnd"])
 def test_ablation_builds_and_trains_one_step(trained_model, variant, monkeypatch):
     """Each ablation builds its network from the plans and runs a real train_step on real batches."""
     from nnunetv2.run.run_training import get_trainer_from_args
@@ -211,6 +211,11 @@ def test_ablation_builds_and_trains_one_step(trained_model, variant, monkeypatch
         assert trainer.mirrored_tokens.shape == trainer.text_tokens.shape
         row = trainer.text_rows[sided[0]]
         assert not torch.equal(trainer.mirrored_tokens[row], trainer.text_tokens[row])
+    if variant.endswith("endToEnd"):  # the earlier default: one pathway trained end to end, nothing rewritten
+        assert len(net.pathways) == 1 and net.pathways[0].token_maps is None and net.seg_gradient_to_text
+        assert trainer.pathway_warmup_steps == 0 and not trainer.mirrored_patient and not trainer.location_free_reports
+        text_plans = trainer.plans_manager.plans["textseg"]
+        assert (text_plans["report_pathways"], text_plans["token_maps"], text_plans["token_window"]) == (1, False, 1)
     if variant.endswith("locationFree"):  # every training report also encoded without its location words
         from nnunetv2_textseg.cache import TextEmbeddingCache
         from nnunetv2_textseg.report_parsing import parse_report

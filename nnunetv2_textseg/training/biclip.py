@@ -53,20 +53,24 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
     # the report's own map G(t) ("text", the _textGen variant): see BiCLIPNetwork. "text" was tried and
     # measured worse: the U-Net's G(t') then has no target of its own and drifted (pseudo-image AUC 0.56).
     generation_source = "fused"
+    # The defaults below are the design that reads its report (README, "What a report could add"; the variants in
+    # variants.py add one change each, from the earlier end-to-end design, _endToEnd, to this one).
     # the segmentation loss's gradient reaches the text modules through the pseudo-image (the paper's, end to
     # end) or not (the pseudo-image is trained by the generation and cycle losses alone): see BiCLIPNetwork
-    seg_gradient_to_text = True
+    seg_gradient_to_text = False
     # cycle loss on layer-normalised t and t̂ (see losses.cycle_loss) rather than the raw ‖t − t̂‖²
-    cycle_normalized = False
+    cycle_normalized = True
     # 1 report pathway, or K cross-fitted ones (see BiCLIPNetwork): the U-Net then trains on maps of reports the
     # map's generator has not fitted, as at test time
-    cross_fit = 1
+    cross_fit = 4
     # per-token zone maps united with the generator's map (see BiCLIPNetwork / TokenZoneMaps)
-    token_maps = False
-    token_window = 1  # tokens each per-token map reads (TokenZoneMaps); recorded in the plans
+    token_maps = True
+    token_window = 3  # tokens each per-token map reads (TokenZoneMaps): side and level of one phrase bind
     # steps of training the report pathways alone (generation and cycle losses, the U-Net untouched) before the
     # U-Net's first epoch, so that it reads an informative map from its first step (see warm_up_report_pathways)
-    pathway_warmup_steps = 0
+    pathway_warmup_steps = 750
+    mirrored_patient = 0.5  # see nnUNetTrainerText
+    location_free_reports = 0.25  # see nnUNetTrainerText
     text_pooling = "attention"  # or "mean" (the paper's)
     pseudo_activation = "sigmoid"  # or "linear" (the paper's)
     text_dim = 784  # 28 x 28, as EF-UNet's pseudo-image seed
@@ -107,6 +111,9 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
                              position_to_unet=cls.position_to_unet, generation_source=cls.generation_source,
                              seg_gradient_to_text=cls.seg_gradient_to_text, cross_fit=pathways,
                              token_maps=token_maps, token_window=token_window)
+
+    network_plans_defaults = {"report_pathways": 1, "token_maps": False, "token_window": 1}
+    earlier_design_hint = "nnUNetTrainerBiCLIP_endToEnd (the default up to commit bfc641f)"
 
     def _text_plans_entry(self, identity: dict, spec) -> dict:
         return {**super()._text_plans_entry(identity, spec), "report_pathways": int(self.cross_fit),

@@ -184,7 +184,30 @@ class nnUNetTrainerText(nnUNetTrainer):
             self._prepare_mirrored_reports(cache, reports, pre, spec)
         if self.location_free_reports > 0:
             self._prepare_location_free_reports(cache, reports, pre, spec)
-        self.plans_manager.plans[PLANS_KEY] = self._text_plans_entry(cache.identity, spec)
+        entry = self._text_plans_entry(cache.identity, spec)
+        if recorded_plans.is_file():
+            self._check_same_network(json.loads(recorded_plans.read_text()).get(PLANS_KEY) or {}, entry)
+        self.plans_manager.plans[PLANS_KEY] = entry
+
+    # plans entries that shape the network, each with the value that models from before the entry existed had
+    network_plans_defaults: dict = {}
+
+    def _check_same_network(self, recorded: dict, entry: dict) -> None:
+        """A model folder keeps its network: continuing (``--c``), validating or adding a fold with a trainer class
+        whose network differs from the recorded one (e.g. after its defaults changed) is one clear error, not a
+        state-dict mismatch deep in nnU-Net's checkpoint loading or folds of two designs in one model."""
+        if not recorded:
+            return
+        differ = [f"{k}: {recorded.get(k, d)!r} there, {entry[k]!r} now" for k, d in self.network_plans_defaults.items()
+                  if recorded.get(k, d) != entry[k]]
+        if differ:
+            raise TextTrainingError(
+                f"{self.output_folder_base} holds a model whose network differs from what {type(self).__name__} builds "
+                f"now ({'; '.join(differ)}), e.g. one trained before this trainer's defaults changed. A model keeps "
+                f"its network: predict with it as it is (its plans rebuild it), train the earlier design with "
+                f"{self.earlier_design_hint}, or move this folder away to train anew.")
+
+    earlier_design_hint = "the trainer variant that matches it"
 
     def _prepare_mirrored_reports(self, cache: TextEmbeddingCache, reports: dict | None, pre: Path,
                                   spec: EncoderSpec) -> None:
