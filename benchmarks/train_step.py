@@ -1,5 +1,6 @@
-"""Seconds per training iteration (and peak memory) of nnUNetTrainer vs nnUNetTrainerBiCLIP vs _noIAC on the
-same preprocessed data, measured in one run, printed as ratios. Not a test.
+"""Seconds per training iteration (and peak memory) of nnUNetTrainer vs nnUNetTrainerBiCLIP vs _noIAC (and the
+earlier default, _endToEnd) on the same preprocessed data, measured in one run, printed as ratios, plus the time of
+BiCLIP's one-off report-pathway warm-up. Not a test.
 
     python benchmarks/train_step.py [--root benchmarks/results/work] [-d 990] [--iters 30] [--device cpu]
 
@@ -64,7 +65,19 @@ def time_trainer(name: str, dataset_id: int, device: str, iters: int, warmup: in
     sec = (time.perf_counter() - t) / iters
     peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # BiCLIP's report-pathway warm-up runs once, before the first epoch (outside the train step): its time per
+    # step on the same batches, and what its configured number of steps costs in all
+    warm_s, warm_steps = None, int(getattr(trainer, "pathway_warmup_steps", 0))
+    if warm_steps > 0:
+        import itertools
+        trainer.dataloader_train = itertools.cycle(batches)
+        t = time.perf_counter()
+        trainer.warm_up_report_pathways(iters)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        warm_s = (time.perf_counter() - t) / iters
     return {"trainer": name, "s_per_iter": sec, "peak_mem_mib": peak, "batch_size": trainer.batch_size,
+            "warmup_s_per_step": warm_s, "warmup_steps": warm_steps,
             "patch_size": list(trainer.configuration_manager.patch_size),
             "params_m": sum(p.numel() for p in trainer.network.parameters()) / 1e6, "rss_before_mib": rss0 / 1024}
 
@@ -78,7 +91,8 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--device", default="cpu")
     p.add_argument("--trainers", nargs="+",
-                   default=["nnUNetTrainer", "nnUNetTrainerBiCLIP_noIAC", "nnUNetTrainerBiCLIP"])
+                   default=["nnUNetTrainer", "nnUNetTrainerBiCLIP_noIAC", "nnUNetTrainerBiCLIP",
+                            "nnUNetTrainerBiCLIP_endToEnd"])
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "train_step.json"))
     a = p.parse_args(argv)
     root = Path(a.root)
@@ -95,13 +109,15 @@ def main(argv=None) -> None:
     import torch
     print(f"\nTrain step, {a.device}, torch {torch.__version__}, {os.cpu_count()} CPUs, patch {base['patch_size']}, "
           f"batch {base['batch_size']}, {a.iters} timed iterations (after {a.warmup} warm-up)\n")
-    print("| trainer | s/iter | × nnUNetTrainer | peak mem (MiB) | × mem | params (M) |")
-    print("|---|---|---|---|---|---|")
+    print("| trainer | s/iter | × nnUNetTrainer | peak mem (MiB) | × mem | params (M) | pathway warm-up (s/step × steps) |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         r["time_ratio"] = r["s_per_iter"] / base["s_per_iter"]
         r["mem_ratio"] = r["peak_mem_mib"] / base["peak_mem_mib"]
+        warm = "–" if not r.get("warmup_s_per_step") else \
+            f"{r['warmup_s_per_step']:.3f} × {r['warmup_steps']} = {r['warmup_s_per_step'] * r['warmup_steps']:.0f} s"
         print(f"| {r['trainer']} | {r['s_per_iter']:.3f} | {r['time_ratio']:.2f} | {r['peak_mem_mib']:.0f} | "
-              f"{r['mem_ratio']:.2f} | {r['params_m']:.2f} |")
+              f"{r['mem_ratio']:.2f} | {r['params_m']:.2f} | {warm} |")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"device": a.device, "torch": torch.__version__, "cpus": os.cpu_count(),
                                        "platform": platform.platform(), "rows": rows}, indent=2))

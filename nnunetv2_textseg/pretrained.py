@@ -94,7 +94,7 @@ def _text_in_dim(trainer: type[nnUNetTrainerText], preprocessed: Path) -> dict:
 
     dim = TextEmbeddingCache.load(path).identity["dim"] if path.is_file() else TextEncoder(spec).dim
     return {"text_in_dim": int(dim), "position_channels": POSITION_CHANNELS if trainer.patient_frame else 0,
-            "network_version": NETWORK_VERSION}
+            "network_version": NETWORK_VERSION, **trainer.network_plans_entry()}
 
 
 def convert_plain_checkpoint(plain_checkpoint: str | Path, trainer_name: str, dataset: str | int,

@@ -51,8 +51,10 @@ def test_converted_network_starts_as_the_plain_unet(trained_model, plain_model, 
     plain_net = get_network_from_plans(config.network_arch_class_name, config.network_arch_init_kwargs,
                                        config.network_arch_init_kwargs_req_import, 1, heads, deep_supervision=False)
     plain_net.load_state_dict(plain["network_weights"])
-    plans.plans["textseg"] = {"text_in_dim": 384, "position_channels": 3, "network_version": 2}
-    net = text_trainer_class(trainer).build_network_architecture(plans, config, 1, heads, False)
+    cls = text_trainer_class(trainer)  # the network the trainer records (BiCLIP: its report pathways, token maps)
+    plans.plans["textseg"] = {"text_in_dim": 384, "position_channels": 3, "network_version": 2,
+                              **cls.network_plans_entry()}
+    net = cls.build_network_architecture(plans, config, 1, heads, False)
     net.load_state_dict(converted["network_weights"])  # every key present, every shape right
     plain_net.eval(), net.eval()
     x = torch.randn(2, 1, *config.patch_size)

@@ -115,9 +115,10 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
     network_plans_defaults = {"report_pathways": 1, "token_maps": False, "token_window": 1}
     earlier_design_hint = "nnUNetTrainerBiCLIP_endToEnd (the default up to commit bfc641f)"
 
-    def _text_plans_entry(self, identity: dict, spec) -> dict:
-        return {**super()._text_plans_entry(identity, spec), "report_pathways": int(self.cross_fit),
-                "token_maps": bool(self.token_maps), "token_window": int(self.token_window)}
+    @classmethod
+    def network_plans_entry(cls) -> dict:
+        return {"report_pathways": int(cls.cross_fit), "token_maps": bool(cls.token_maps),
+                "token_window": int(cls.token_window)}
 
     # ---- data: two intensity views for IAC -----------------------------------------------------
     def get_training_transforms(self, *args, **kwargs):

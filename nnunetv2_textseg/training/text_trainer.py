@@ -126,7 +126,13 @@ class nnUNetTrainerText(nnUNetTrainer):
         return {"encoder": spec_to_dict(spec), "encoder_identity": identity, "text_in_dim": int(identity["dim"]),
                 "position_channels": POSITION_CHANNELS if self.patient_frame else 0,
                 "spatial_augmentation": "safe" if self.safe_spatial_augmentation else "nnunet",
-                "network_version": NETWORK_VERSION}
+                "network_version": NETWORK_VERSION, **self.network_plans_entry()}
+
+    @classmethod
+    def network_plans_entry(cls) -> dict:
+        """The plans entries that shape this trainer's network beyond nnU-Net's own (recorded, so prediction and
+        checkpoint conversion build the same network); their values for earlier models: network_plans_defaults."""
+        return {}
 
     def prepare_text(self) -> None:
         """Load (or lazily build) the report embeddings of every case this fold uses and record the
