@@ -634,6 +634,34 @@ def test_token_window_binds_side_to_level_where_single_token_maps_cannot():
         TokenZoneMaps(TEXT_IN, window=2)
 
 
+def test_cross_fitted_training_forward_routes_each_sample_through_two_pathways_with_the_same_numbers():
+    """Training with 4 cross-fitted pathways, each sample passes only its fold's pathway (the U-Net's map) and its
+    fitting one (the losses' inputs): segmentation, map, generated map, t and t̂ equal those of drawing every
+    pathway's map for every sample; the segmentation gradient stops at the map (a pathway that only drew maps for
+    the U-Net gets none), and IAC still runs."""
+    from nnunetv2_textseg.architectures.biclip import _per_sample
+    net = make_net(cross_fit=4, token_maps=True, token_window=3, seg_gradient_to_text=False, iac=True).eval()
+    x = with_pos(torch.randn(4, 1, 32, 32))
+    tokens, mask = report(4)
+    drop = torch.tensor([False, True, False, False])
+    fold = torch.tensor([0, 1, 0, 1])
+    fit = torch.tensor([2, 2, 3, 2])
+    out = net(x, tokens=tokens, mask=mask, drop=drop, return_aux=True, fold=fold, fit=fit, x_strong=x[:, :1] * 2)
+    with torch.no_grad():
+        image, position, ts, maps, _ = net._report_pathways(x, tokens, mask, drop, fold, fit, True)
+        seen = _per_sample(fold, [m[0] for m in maps])
+        seg = net.unet.decoder(net.unet.encoder(net.unet_input(image, seen, position)))
+        want = net._fitted_outputs(position, ts, maps, fit, seg, seen)
+    first = (lambda v: v[0] if isinstance(v, (list, tuple)) else v)
+    torch.testing.assert_close(first(out.seg), first(want.seg), atol=1e-5, rtol=1e-4)
+    for name in ("pseudo", "generated", "t", "t_hat", "inside"):
+        torch.testing.assert_close(getattr(out, name), getattr(want, name), atol=1e-5, rtol=1e-4)
+    assert out.p_weak is not None and out.p_strong is not None
+    first(out.seg).square().mean().backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in net.pathways[1].parameters())  # fold 1 reads it
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.unet.parameters())
+
+
 def test_report_pathways_alone_match_the_full_forward_and_leave_the_unet_out():
     """report_pathways_forward (the warm-up's pass: each sample through the one pathway it fits) gives the losses'
     inputs of the full forward pass — same generated map, t and t̂ per sample, dropped reports included — with no

@@ -255,6 +255,8 @@ class BiCLIPNetwork(TextConditionedNetwork):
         report's — and the generation and cycle losses train one of the other pathways on it (``fit`` (B,), drawn
         per step by the trainer; with K = 2 it is the other one). Without ``fold`` (prediction, validation) the
         U-Net sees the pathways' mean."""
+        if fold is not None and len(self.pathways) > 1 and return_aux:
+            return self._cross_fitted_training_forward(x, tokens, mask, drop, x_strong, fold, fit)
         image, position, ts, maps, fit = self._report_pathways(x, tokens, mask, drop, fold, fit, return_aux)
         n = len(self.pathways)
         if n == 1:
@@ -282,30 +284,60 @@ class BiCLIPNetwork(TextConditionedNetwork):
         None; ``pseudo`` is the map of the fitted pathway). Used to train the pathways before the U-Net starts
         (the trainer's pathway warm-up); arguments as in :meth:`forward`. Each sample passes only the pathway it
         fits (cross-fitted: K times less work than :meth:`forward`, which draws every pathway's map)."""
+        x, tokens, mask = self._batch_report(x, tokens, mask)
+        fit = self._routing(fold, fit, True)
+        fit = torch.zeros(x.shape[0], dtype=torch.long, device=x.device) if fit is None else fit
+        pseudo, raw, generated, t, t_hat = self._routed_pathways(x, tokens, mask, drop, fit, losses=True)
+        return BiCLIPOutput(None, pseudo, raw if self.sigmoid else None, generated, split_position(x)[1][:, 2:3], t,
+                            t_hat, None, None)
+
+    def _cross_fitted_training_forward(self, x, tokens, mask, drop, x_strong, fold, fit) -> BiCLIPOutput:
+        """Training with K > 1 cross-fitted pathways: each sample passes two pathways instead of all K — its fold's,
+        whose map the U-Net reads, and the one that fits it (the losses' inputs) — the same numbers as drawing every
+        pathway's map for every sample (tested), at 2/K of the pathway work."""
+        x, tokens, mask = self._batch_report(x, tokens, mask)
+        fit = self._routing(fold, fit, True)
+        image, position = split_position(x)
+        fitted = self._routed_pathways(x, tokens, mask, drop, fit, losses=True)
+        # the map the U-Net reads carries no gradient to the text modules unless the segmentation loss trains them
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.seg_gradient_to_text):
+            pseudo = self._routed_pathways(x, tokens, mask, drop, fold, losses=False)[0]
+        seen = pseudo if self.seg_gradient_to_text else pseudo.detach()
+        skips = self.unet.encoder(self.unet_input(image, seen, position))
+        _, raw, generated, t, t_hat = fitted
+        out = BiCLIPOutput(self.unet.decoder(skips), pseudo, raw if self.sigmoid else None, generated,
+                           position[:, 2:3], t, t_hat, None, None)
+        if self.iac_head is not None and x_strong is not None:
+            strong_bottleneck = self.unet.encoder(self.unet_input(x_strong, seen, position))[-1]
+            out.p_weak = self.iac_head(skips[-1].mean(dim=(2, 3)))
+            out.p_strong = self.iac_head(strong_bottleneck.mean(dim=(2, 3)))
+        return out
+
+    def _batch_report(self, x, tokens, mask):
+        """x with its position channels checked, and the report's tokens / mask on its device, one row per sample."""
         tokens, mask = self.report_for_forward(tokens, mask)
         x = ensure_position_channels(x, self.image_channels + POSITION_CHANNELS, type(self).__name__)
-        batch = x.shape[0]
         if tokens is not None:
             tokens, mask = tokens.to(x.device), mask.to(x.device)
             if tokens.shape[0] == 1:
-                tokens, mask = tokens.expand(batch, -1, -1), mask.expand(batch, -1)
-        fit = self._routing(fold, fit, True)
-        fit = torch.zeros(batch, dtype=torch.long, device=x.device) if fit is None else fit
+                tokens, mask = tokens.expand(x.shape[0], -1, -1), mask.expand(x.shape[0], -1)
+        return x, tokens, mask
+
+    def _routed_pathways(self, x, tokens, mask, drop, route: torch.Tensor, losses: bool) -> tuple:
+        """Each sample b through pathway ``route[b]`` only: (pseudo, raw, generated, t, t_hat) in batch order;
+        with ``losses`` False only pseudo (the rest None)."""
         parts, order = [], []
-        for k in fit.unique().tolist():
-            idx = (fit == k).nonzero()[:, 0]
+        for k in route.unique().tolist():
+            idx = (route == k).nonzero()[:, 0]
             sub = (lambda v: None if v is None else v[idx])
             t = self.text_embedding(sub(tokens), sub(mask), len(idx), sub(drop), pathway=k)
             read = self.token_mask(sub(tokens), sub(mask), len(idx), sub(drop))
             pseudo, raw, frame = self.pseudo_image(x[idx], t, pathway=k, tokens=sub(tokens), mask=read)
-            t_hat, generated = self._loss_inputs(k, t, raw, frame, split_position(x[idx])[1])
-            parts.append((pseudo, raw, generated, t, t_hat))
+            t_hat, generated = self._loss_inputs(k, t, raw, frame, split_position(x[idx])[1]) if losses else (None, None)
+            parts.append((pseudo, raw if losses else None, generated, t if losses else None, t_hat))
             order.append(idx)
         back = torch.argsort(torch.cat(order))  # batch order again
-        pseudo, raw, generated, t, t_hat = (None if parts[0][i] is None else torch.cat([q[i] for q in parts])[back]
-                                            for i in range(5))
-        return BiCLIPOutput(None, pseudo, raw if self.sigmoid else None, generated, split_position(x)[1][:, 2:3], t,
-                            t_hat, None, None)
+        return tuple(None if parts[0][i] is None else torch.cat([q[i] for q in parts])[back] for i in range(5))
 
     def _routing(self, fold: torch.Tensor | None, fit: torch.Tensor | None, training_losses: bool
                  ) -> torch.Tensor | None:
