@@ -102,8 +102,9 @@ def diagnosis_row(seed: int, trainer: str, fraction: float, res: dict) -> dict:
     """One model's diagnosis.json as a flat row: ``dice_<variant>``, ``auc_<variant>`` (pseudo-image AUC over all
     pixels), ``region_auc_<variant>`` (within the pixels that are lesion in at least one test case) and
     ``side_pseudo_<variant>`` / ``side_pred_<variant>`` (one-sided cases: share whose lesion half is higher in the
-    pseudo-image / predicted probability; real and contradictory report). The AUCs are null for a model without a pseudo-image (MedCLIPSeg) and the region AUC absent in diagnoses of earlier
-    versions: those keys are then left out."""
+    pseudo-image / predicted probability; real and contradictory report). The AUCs are null for a model without a
+    pseudo-image (MedCLIPSeg) and the region AUC and side absent in diagnoses of earlier versions: those keys are
+    then left out."""
     row = {"seed": seed, "trainer": trainer, "fraction": fraction,
            **{f"dice_{v}": d for v, d in res["dice"].items()}}
     for key, prefix in (("pseudo_image_auc", "auc"), ("pseudo_image_auc_lesion_region", "region_auc")):

@@ -92,3 +92,46 @@ def test_ddp_gradients_synchronised(tmp_path):
     # the ranks had different data: their losses differ, their (averaged) gradients do not
     assert res[0]["steps"][0]["loss"] != res[1]["steps"][0]["loss"]
     assert res[0]["steps"][1]["extra_norms"] == pytest.approx(res[1]["steps"][1]["extra_norms"], rel=1e-5)
+
+
+def _cross_fitted_worker(rank: int, port: int, out_dir: str):
+    """The default BiCLIP's network (4 cross-fitted pathways, token maps, segmentation gradient stopped) under DDP
+    with find_unused_parameters=False: each rank's batch routes through only some pathways, others differ."""
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        net = make_net(seed=0, cross_fit=4, token_maps=True, token_window=3, seg_gradient_to_text=False).train()
+        ddp = torch.nn.parallel.DistributedDataParallel(net, find_unused_parameters=False)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+        missing = []
+        for step in range(3):
+            g = torch.Generator().manual_seed(1000 * rank + step)
+            image = torch.randn(2, 1, 64, 64, generator=g)
+            target = (torch.rand(2, 64, 64, generator=g) * NUM_CLASSES).long()
+            tokens, mask = torch.randn(2, 5, TEXT_IN, generator=g), torch.ones(2, 5, dtype=torch.bool)
+            fold = torch.tensor([0, 0]) if rank == 0 else torch.tensor([1, 2])  # pathway 3 fits / reads nothing
+            fit = torch.tensor([1, 2]) if rank == 0 else torch.tensor([0, 0])   # on rank 0; pathway 3 nowhere
+            opt.zero_grad(set_to_none=True)
+            out = ddp(with_pos(image), tokens, mask, return_aux=True, fold=fold, fit=fit,
+                      x_strong=image + 0.1 * torch.randn(2, 1, 64, 64, generator=g))
+            trainer_style_loss(out, with_pos(image), target).backward()
+            missing.append([n for n, p in net.named_parameters() if p.grad is None])
+            opt.step()
+        params = torch.cat([p.detach().flatten() for p in net.parameters()])
+        gathered = [torch.zeros_like(params) for _ in range(WORLD)]
+        dist.all_gather(gathered, params)
+        torch.save({"missing": missing, "param_diff": float((gathered[0] - gathered[1]).abs().max())},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
+def test_ddp_cross_fitted_pathways_unused_on_a_rank(tmp_path):
+    mp.spawn(_cross_fitted_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    for r in res:
+        assert r["param_diff"] == 0  # replicas identical after three steps
+        assert not any(r["missing"]), r["missing"]  # every parameter in the graph (zero where unused)

@@ -283,7 +283,7 @@ class BiCLIPNetwork(TextConditionedNetwork):
         """The report pathways alone, without the U-Net: what the generation and cycle losses need (``seg`` is
         None; ``pseudo`` is the map of the fitted pathway). Used to train the pathways before the U-Net starts
         (the trainer's pathway warm-up); arguments as in :meth:`forward`. Each sample passes only the pathway it
-        fits (cross-fitted: K times less work than :meth:`forward`, which draws every pathway's map)."""
+        fits (the training forward also draws its fold's map for the U-Net)."""
         x, tokens, mask = self._batch_report(x, tokens, mask)
         fit = self._routing(fold, fit, True)
         fit = torch.zeros(x.shape[0], dtype=torch.long, device=x.device) if fit is None else fit
@@ -305,6 +305,11 @@ class BiCLIPNetwork(TextConditionedNetwork):
         seen = pseudo if self.seg_gradient_to_text else pseudo.detach()
         skips = self.unet.encoder(self.unet_input(image, seen, position))
         _, raw, generated, t, t_hat = fitted
+        if torch.is_grad_enabled():
+            # nnU-Net's DDP (find_unused_parameters=False) needs a gradient for every parameter on every rank, and a
+            # pathway no sample of this rank's batch was routed through has none: keep it in the graph at weight 0
+            generated = generated + 0.0 * sum(q.flatten()[0] for name, q in self.named_parameters()
+                                              if q.requires_grad and not name.startswith("unet."))
         out = BiCLIPOutput(self.unet.decoder(skips), pseudo, raw if self.sigmoid else None, generated,
                            position[:, 2:3], t, t_hat, None, None)
         if self.iac_head is not None and x_strong is not None:
