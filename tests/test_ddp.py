@@ -2,6 +2,8 @@
 find_unused_parameters=False, different data per rank, report dropout (also all reports dropped on one rank)."""
 from __future__ import annotations
 
+import contextlib
+import datetime
 import os
 import socket
 import sys
@@ -26,12 +28,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, port: int, out_dir: str):
+@contextlib.contextmanager
+def _process_group(rank: int, port: int):
+    """gloo group for one worker. The ranks meet at a barrier and drop DDP before tearing the group down, so no
+    rank closes its connections while its peer still uses them (the suspected cause of one worker's abort,
+    "terminate called without an active exception", once in CI). A failing rank skips the barrier; the timeout
+    ends its peer's wait."""
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
     try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _worker(rank: int, port: int, out_dir: str):
+    with _process_group(rank, port):
         net = make_net(seed=0).train()  # same weights on every rank (DDP also broadcasts rank 0's)
         ddp = torch.nn.parallel.DistributedDataParallel(net, find_unused_parameters=False)
         opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
@@ -69,8 +84,7 @@ def _worker(rank: int, port: int, out_dir: str):
         dist.all_gather(gathered, params)
         torch.save({"steps": results, "param_diff": float((gathered[0] - gathered[1]).abs().max())},
                    os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+        del ddp  # its reducer holds the group: release it before the group goes
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
@@ -97,11 +111,7 @@ def test_ddp_gradients_synchronised(tmp_path):
 def _cross_fitted_worker(rank: int, port: int, out_dir: str):
     """The default BiCLIP's network (4 cross-fitted pathways, token maps, segmentation gradient stopped) under DDP
     with find_unused_parameters=False: each rank's batch routes through only some pathways, others differ."""
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
+    with _process_group(rank, port):
         net = make_net(seed=0, cross_fit=4, token_maps=True, token_window=3, seg_gradient_to_text=False).train()
         ddp = torch.nn.parallel.DistributedDataParallel(net, find_unused_parameters=False)
         opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
@@ -124,8 +134,7 @@ def _cross_fitted_worker(rank: int, port: int, out_dir: str):
         dist.all_gather(gathered, params)
         torch.save({"missing": missing, "param_diff": float((gathered[0] - gathered[1]).abs().max())},
                    os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+        del ddp
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
