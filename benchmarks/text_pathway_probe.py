@@ -14,8 +14,7 @@ case's) and the learned null report, and on the held-out cases with lesions in o
 map is brighter in that half (the side, which region AUC hides). Runs are ``key=value`` settings: ``lr``, ``steps``, ``drop`` (report
 dropout), ``cycle`` (λ of the cycle loss), ``normalized`` (layer-normalised cycle), ``mirror`` (probability of
 training on the left↔right-swapped report with the mirrored mask), ``token_maps`` (1: per-token zone maps),
-``window`` (tokens each per-token map reads), ``components`` (axis-profile components per token map; 0: a free
-map), ``seed``. Needs 2D images of one size.
+``window`` (tokens each per-token map reads), ``seed``. Needs 2D images of one size.
 """
 from __future__ import annotations
 
@@ -36,7 +35,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 DEFAULTS = dict(lr=1e-3, steps=750, drop=0.25, batch=2, cycle=0.0, normalized=False, mirror=0.0, seed=0, token_maps=0,
-                window=1, components=0)
+                window=1)
 
 
 from nnunetv2_textseg.errors import TextSegError, run_cli  # noqa: E402  (after the path line above)
@@ -116,8 +115,7 @@ def run(data: dict, settings: dict) -> dict:
     pool, generator, head = AttentionPoolText(tokens.shape[-1], dim), PseudoImageGenerator(dim, out_bias=-2.0), \
         ImageToTextHead(dim)
     null = torch.nn.Parameter(0.02 * torch.randn(dim))
-    token_maps = TokenZoneMaps(tokens.shape[-1], zone, window=int(s["window"]),
-                                                 components=int(s["components"])) if s["token_maps"] else None
+    token_maps = TokenZoneMaps(tokens.shape[-1], zone, window=int(s["window"])) if s["token_maps"] else None
     params = [*pool.parameters(), *generator.parameters(), null] + (list(head.parameters()) if s["cycle"] else []) \
         + (list(token_maps.parameters()) if token_maps is not None else [])
     opt = torch.optim.AdamW(params, lr=s["lr"], weight_decay=1e-4)

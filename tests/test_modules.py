@@ -634,46 +634,6 @@ def test_token_window_binds_side_to_level_where_single_token_maps_cannot():
         TokenZoneMaps(TEXT_IN, window=2)
 
 
-def test_token_zone_maps_of_axis_profiles():
-    """components > 0: a token's map is the noisy-OR of its components, each sigmoid(row(y) + column(x)) of the
-    decoder's profiles, and starts near empty; one component per phrase learns the named quadrant as the free map
-    does, from 2·S outputs instead of S²."""
-    from nnunetv2_textseg.building_blocks.biclip import TokenZoneMaps
-    from nnunetv2_textseg.losses import lesion_generation_loss
-    torch.manual_seed(0)
-    maps = TokenZoneMaps(TEXT_IN, side=8, window=3, components=2)
-    tokens, mask = report(2, length=5)
-    mask[1, 3:] = False
-    with torch.no_grad():
-        out = maps(tokens, mask)
-        h = maps.decoder[0]((maps.norm(tokens) * mask[..., None]).transpose(1, 2)).transpose(1, 2)
-        profiles = maps.decoder[2](maps.decoder[1](h)).view(2, 5, 2, 2, 8)  # (B, L, C, rows|columns, S)
-        p = torch.sigmoid(profiles[:, :, :, 0, :, None] + profiles[:, :, :, 1, None, :])  # (B, L, C, S, S)
-        absent = ((1 - p) ** mask[:, :, None, None, None].float()).prod(2).prod(1)
-    assert out.shape == (2, 1, 8, 8) and maps.decoder[2].out_features == 2 * 2 * 8
-    torch.testing.assert_close(torch.sigmoid(out)[:, 0], 1 - absent, atol=1e-5, rtol=1e-4)
-    assert float(torch.sigmoid(TokenZoneMaps(TEXT_IN, side=8, components=1)(tokens, mask)).mean()) < 0.1
-
-    words = torch.randn(4, TEXT_IN)  # upper, lower, left, right
-    tokens = torch.stack([torch.stack([words[level], words[2 + side]]) for level in (0, 1) for side in (0, 1)])
-    target = torch.zeros(4, 1, 8, 8)
-    for i, (level, side) in enumerate((l, s) for l in (0, 1) for s in (0, 1)):
-        target[i, 0, 4 * level:4 * level + 4, 4 * side:4 * side + 4] = 1
-    maps = TokenZoneMaps(TEXT_IN, side=8, rank=32, window=3, components=1)
-    opt = torch.optim.Adam(maps.parameters(), lr=3e-3)
-    for _ in range(300):
-        loss = lesion_generation_loss(maps(tokens, torch.ones(4, 2, dtype=torch.bool)), target,
-                                      torch.ones_like(target, dtype=torch.bool))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        p = torch.sigmoid(maps(tokens, torch.ones(4, 2, dtype=torch.bool)))
-    assert float((p * target).sum() / p.sum()) > 0.9
-    with pytest.raises(ValueError, match="components"):
-        TokenZoneMaps(TEXT_IN, components=-1)
-
-
 def test_cross_fitted_training_forward_routes_each_sample_through_two_pathways_with_the_same_numbers():
     """Training with 4 cross-fitted pathways, each sample passes only its fold's pathway (the U-Net's map) and its
     fitting one (the losses' inputs): segmentation, map, generated map, t and t̂ equal those of drawing every

@@ -174,7 +174,7 @@ def test_a_model_folder_keeps_its_network(tmp_path):
     from nnunetv2_textseg.training.biclip import nnUNetTrainerBiCLIP
     t = object.__new__(nnUNetTrainerBiCLIP)
     t.output_folder_base = str(tmp_path / "nnUNetTrainerBiCLIP__nnUNetPlans__2d")
-    now = {"report_pathways": 4, "token_maps": True, "token_window": 3, "token_map_components": 0, "encoder": {}}
+    now = {"report_pathways": 4, "token_maps": True, "token_window": 3, "encoder": {}}
     t._check_same_network({}, now)  # no recorded entry: nothing to compare
     t._check_same_network(dict(now), now)
     with pytest.raises(TextTrainingError, match=r"nnUNetTrainerBiCLIP__nnUNetPlans__2d.*report_pathways: 1 there, 4 "
@@ -182,6 +182,3 @@ def test_a_model_folder_keeps_its_network(tmp_path):
         t._check_same_network({"encoder": {}, "network_version": 2}, now)  # an earlier default's plans
     with pytest.raises(TextTrainingError, match=r"token_window: 1 there, 3 now"):
         t._check_same_network({"report_pathways": 4, "token_maps": True, "token_window": 1}, now)
-    t._check_same_network({"report_pathways": 4, "token_maps": True, "token_window": 3}, now)  # before components
-    with pytest.raises(TextTrainingError, match=r"token_map_components: 2 there, 0 now"):
-        t._check_same_network({**now, "token_map_components": 2}, now)

@@ -131,8 +131,7 @@ def test_paper_batch_of_16_is_global_under_ddp(trained_model, monkeypatch):
                                      "nnUNetTrainerBiCLIP_noSegGrad", "nnUNetTrainerBiCLIP_crossFit",
                                      "nnUNetTrainerBiCLIP_mirroredPatient", "nnUNetTrainerBiCLIP_crossFitTokens",
                                      "nnUNetTrainerBiCLIP_pathwayWarmup", "nnUNetTrainerBiCLIP_phraseMaps",
-                                     "nnUNetTrainerBiCLIP_locationFree", "nnUNetTrainerBiCLIP_endToEnd",
-                                     "nnUNetTrainerBiCLIP_profileMaps"])
+                                     "nnUNetTrainerBiCLIP_locationFree", "nnUNetTrainerBiCLIP_endToEnd"])
 def test_ablation_builds_and_trains_one_step(trained_model, variant, monkeypatch):
     """Each ablation builds its network from the plans and runs a real train_step on real batches."""
     from nnunetv2.run.run_training import get_trainer_from_args
@@ -201,9 +200,6 @@ def test_ablation_builds_and_trains_one_step(trained_model, variant, monkeypatch
     if variant.endswith("phraseMaps"):  # windowed token maps, recorded in the plans so prediction rebuilds them
         assert all(p.token_maps.window == 3 for p in net.pathways) and trainer.pathway_warmup_steps > 0
         assert trainer.plans_manager.plans["textseg"]["token_window"] == 3
-    if variant.endswith("profileMaps"):  # axis-profile token maps, recorded in the plans so prediction rebuilds them
-        assert all(p.token_maps.components == 2 for p in net.pathways)
-        assert trainer.plans_manager.plans["textseg"]["token_map_components"] == 2
     if variant.endswith("mirroredPatient"):  # every training report also encoded with left and right swapped
         from nnunetv2_textseg.cache import TextEmbeddingCache
         pre = Path(trainer.preprocessed_dataset_folder_base)

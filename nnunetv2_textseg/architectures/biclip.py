@@ -81,8 +81,6 @@ class BiCLIPNetwork(TextConditionedNetwork):
         token_maps: add per-token zone maps (:class:`TokenZoneMaps`) to the generator's whole-image map by noisy-OR,
             so a report with several findings is the union of one map per phrase (needs ``frame_resolution``).
         token_window: tokens each per-token map is drawn from (odd; 1 = the token alone), see :class:`TokenZoneMaps`.
-        token_map_components: 0 (a free zone map per token) or that many axis-profile components per token map, see
-            :class:`TokenZoneMaps`.
     """
 
     text_input = "tokens"  # what set_text expects: token embeddings + mask
@@ -93,7 +91,7 @@ class BiCLIPNetwork(TextConditionedNetwork):
                  ignore_text: bool = False, text_pooling: str = "attention", pseudo_activation: str = "sigmoid",
                  frame_resolution: int | None = 16, position_to_unet: bool = True, generation_source: str = "fused",
                  seg_gradient_to_text: bool = True, cross_fit: int = 1, token_maps: bool = False,
-                 token_window: int = 1, token_map_components: int = 0):
+                 token_window: int = 1):
         super().__init__()
         if not (hasattr(unet, "encoder") and hasattr(unet, "decoder")):
             raise TypeError(f"{type(unet).__name__} has no encoder/decoder; BiCLIP needs a "
@@ -116,7 +114,7 @@ class BiCLIPNetwork(TextConditionedNetwork):
         self.seg_gradient_to_text = seg_gradient_to_text
         pathway = dict(image_channels=image_channels, text_in_dim=text_in_dim, text_dim=text_dim,
                        image_dim=image_dim, bidirectional=bidirectional, cycle=cycle, text_pooling=text_pooling,
-                       token_maps=token_maps, token_window=token_window, token_map_components=token_map_components)
+                       token_maps=token_maps, token_window=token_window)
         # the report pathway's modules live on the network itself (pathway 0; the state-dict names of every
         # model trained so far), the cross-fitted twin's in ``cross_fit_twin`` (pathway 1), further ones in
         # ``cross_fit_more`` (pathways 2..K-1)
@@ -132,7 +130,7 @@ class BiCLIPNetwork(TextConditionedNetwork):
 
     def _add_report_pathway(self, owner: nn.Module, image_channels: int, text_in_dim: int, text_dim: int,
                             image_dim: int, bidirectional: bool, cycle: bool, text_pooling: str,
-                            token_maps: bool, token_window: int = 1, token_map_components: int = 0) -> nn.Module:
+                            token_maps: bool, token_window: int = 1) -> nn.Module:
         """Put one report pathway's modules on ``owner``: text pooling, null report, BMF (image encoder and
         fusion), generator, token maps and image-to-text head."""
         owner.text_pool = AttentionPoolText(text_in_dim, text_dim) if text_pooling == "attention" \
@@ -144,8 +142,8 @@ class BiCLIPNetwork(TextConditionedNetwork):
         owner.fusion = BidirectionalFusion(text_dim, image_dim) if bidirectional else None
         # lesions are rare: start the probability map low (sigmoid(-2) ~ 0.12) rather than at 0.5
         owner.generator = PseudoImageGenerator(text_dim, out_bias=-2.0 if self.sigmoid else 0.0)
-        owner.token_maps = TokenZoneMaps(text_in_dim, self.frame_resolution, window=token_window,
-                                         components=token_map_components) if token_maps else None
+        owner.token_maps = TokenZoneMaps(text_in_dim, self.frame_resolution, window=token_window) if token_maps \
+            else None
         owner.image_to_text = ImageToTextHead(text_dim) if cycle else None
         return owner
 

@@ -83,33 +83,22 @@ class TokenZoneMaps(nn.Module):
     ``window`` = 1 the union lets "lower" learn both lower zones and "left" the whole left lung — the contextual
     embedding of "lower" barely says which side it goes with — and the side is lost (measured: trained alone on 20
     cases, maps for unilateral reports put no more on the named side than on the other, 59 % of cases right;
-    with a window of 5, 98 %).
+    with a window of 5, 98 %)."""
 
-    ``components`` > 0: each token's map is a union of that many *axis profiles* instead of a free S×S map — a
-    component's logit at (y, x) is ``row(y) + column(x)``, so "upper" and "left" of one phrase meet where both
-    profiles are high. Why: a free map has S² outputs to learn per phrase from a few labelled cases; a profile pair
-    has 2S, and it is still any box, band, half or centre of the image (a ring needs several components)."""
-
-    def __init__(self, in_dim: int, side: int = 16, rank: int | None = None, out_bias: float = -5.0, window: int = 1,
-                 components: int = 0):
+    def __init__(self, in_dim: int, side: int = 16, rank: int | None = None, out_bias: float = -5.0, window: int = 1):
         super().__init__()
         if window < 1 or window % 2 == 0:
             raise ValueError(f"window must be an odd number of tokens (1, 3, 5, ...), got {window}")
-        if components < 0:
-            raise ValueError(f"components must be 0 (a free map per token) or a positive number, got {components}")
         # default rank: 64 for one token; a window reads more, so 128 (measured with the pathway trained alone: rank
         # 128 kept the side on both development datasets, 64 on one)
         rank = rank if rank is not None else (64 if window == 1 else 128)
         self.side = side
         self.window = window
-        self.components = components
         self.norm = nn.LayerNorm(in_dim)
         first = nn.Linear(in_dim, rank) if window == 1 else nn.Conv1d(in_dim, rank, window, padding=window // 2)
-        outputs = side * side if components == 0 else components * 2 * side
-        self.decoder = nn.Sequential(first, nn.GELU(), nn.Linear(rank, outputs))
-        # each token starts nearly empty (sigmoid(-5) ~ 0.007), so the union starts near the empty map; a
-        # component's logit is the sum of two profiles, so each profile starts at half of it
-        nn.init.constant_(self.decoder[-1].bias, out_bias if components == 0 else out_bias / 2)
+        self.decoder = nn.Sequential(first, nn.GELU(), nn.Linear(rank, side * side))
+        # each token starts nearly empty (sigmoid(-5) ~ 0.007), so the union starts near the empty map
+        nn.init.constant_(self.decoder[-1].bias, out_bias)
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         weight = mask[..., None].to(tokens.dtype)
@@ -118,14 +107,8 @@ class TokenZoneMaps(nn.Module):
             h = self.decoder[0](h)
         else:  # padding tokens are zeroed, so a window never reads past the report's end
             h = self.decoder[0]((h * weight).transpose(1, 2)).transpose(1, 2)
-        logits = self.decoder[2](self.decoder[1](h))  # (B, L, S²) or (B, L, C·2S)
-        if self.components:
-            b, length = logits.shape[:2]
-            rows, columns = logits.view(b, length, self.components, 2, self.side).unbind(3)  # (B, L, C, S) each
-            log_absent = F.logsigmoid(-(rows[..., :, None] + columns[..., None, :])).sum(2).flatten(2)  # (B, L, S²)
-        else:
-            log_absent = F.logsigmoid(-logits)
-        log_absent = (log_absent * weight).sum(1)  # log Π (1 − p_l) over the report's tokens (and components)
+        logits = self.decoder[2](self.decoder[1](h))  # (B, L, S²)
+        log_absent = (F.logsigmoid(-logits) * weight).sum(1)  # log Π (1 − p_l)
         return absent_to_logits(log_absent).view(-1, 1, self.side, self.side)
 
 

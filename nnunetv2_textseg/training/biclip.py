@@ -66,7 +66,6 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
     # per-token zone maps united with the generator's map (see BiCLIPNetwork / TokenZoneMaps)
     token_maps = True
     token_window = 3  # tokens each per-token map reads (TokenZoneMaps): side and level of one phrase bind
-    token_map_components = 0  # a free zone map per token; > 0: that many axis-profile components (TokenZoneMaps)
     # steps of training the report pathways alone (generation and cycle losses, the U-Net untouched) before the
     # U-Net's first epoch, so that it reads an informative map from its first step (see warm_up_report_pathways)
     pathway_warmup_steps = 750
@@ -102,7 +101,6 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
         pathways = int(text.get("report_pathways", 1))
         token_maps = bool(text.get("token_maps", False))
         token_window = int(text.get("token_window", 1))  # models from before the entry: 1
-        components = int(text.get("token_map_components", 0))  # models from before the entry: free maps
         unet = cls.planned_unet(configuration_manager,
                                 num_input_channels + 1 + (POSITION_CHANNELS if cls.position_to_unet else 0),
                                 num_output_channels, enable_deep_supervision)
@@ -112,16 +110,15 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
                              pseudo_activation=cls.pseudo_activation, frame_resolution=cls.frame_resolution,
                              position_to_unet=cls.position_to_unet, generation_source=cls.generation_source,
                              seg_gradient_to_text=cls.seg_gradient_to_text, cross_fit=pathways,
-                             token_maps=token_maps, token_window=token_window, token_map_components=components)
+                             token_maps=token_maps, token_window=token_window)
 
-    network_plans_defaults = {"report_pathways": 1, "token_maps": False, "token_window": 1,
-                              "token_map_components": 0}
+    network_plans_defaults = {"report_pathways": 1, "token_maps": False, "token_window": 1}
     earlier_design_hint = "nnUNetTrainerBiCLIP_endToEnd (the default up to commit bfc641f)"
 
     @classmethod
     def network_plans_entry(cls) -> dict:
         return {"report_pathways": int(cls.cross_fit), "token_maps": bool(cls.token_maps),
-                "token_window": int(cls.token_window), "token_map_components": int(cls.token_map_components)}
+                "token_window": int(cls.token_window)}
 
     # ---- data: two intensity views for IAC -----------------------------------------------------
     def get_training_transforms(self, *args, **kwargs):

@@ -126,13 +126,6 @@ class nnUNetTrainerBiCLIP_locationFree(nnUNetTrainerBiCLIP_phraseMaps):
     location_free_reports = 0.25
 
 
-class nnUNetTrainerBiCLIP_profileMaps(nnUNetTrainerBiCLIP):
-    """The default whose per-phrase maps are each a union of 2 axis-profile components (row + column logits; see
-    TokenZoneMaps) instead of a free 16×16 map. Why: a phrase's map must be learnt from the few labelled cases that
-    use it; a box, band or half is 2·16 numbers instead of 256."""
-    token_map_components = 2
-
-
 class nnUNetTrainerBiCLIP_mirroredPatient(nnUNetTrainerBiCLIP_endToEnd):
     """Half the samples are shown as their mirror-image patient (patient-frame column negated, report with left and
     right swapped): twice the word-to-place examples from the same labelled cases. Why: trained alone on 20 cases,
@@ -239,7 +232,7 @@ _BASES = [nnUNetTrainerBiCLIP, nnUNetTrainerBiCLIP_endToEnd, nnUNetTrainerBiCLIP
           nnUNetTrainerBiCLIP_efunet, nnUNetTrainerBiCLIP_textGen, nnUNetTrainerBiCLIP_noSegGrad, nnUNetTrainerBiCLIP_crossFit,
           nnUNetTrainerBiCLIP_safeAug, nnUNetTrainerBiCLIP_noPosition, nnUNetTrainerBiCLIP_mirroredPatient,
           nnUNetTrainerBiCLIP_crossFitTokens, nnUNetTrainerBiCLIP_pathwayWarmup,
-          nnUNetTrainerBiCLIP_phraseMaps, nnUNetTrainerBiCLIP_locationFree, nnUNetTrainerBiCLIP_profileMaps,
+          nnUNetTrainerBiCLIP_phraseMaps, nnUNetTrainerBiCLIP_locationFree,
           nnUNetTrainerMedCLIPSeg, nnUNetTrainerMedCLIPSeg_noProb, nnUNetTrainerMedCLIPSeg_noContrastive,
           nnUNetTrainerMedCLIPSeg_noText, nnUNetTrainerMedCLIPSeg_safeAug, nnUNetTrainerMedCLIPSeg_mirroredPatient]
 for _base in _BASES:
