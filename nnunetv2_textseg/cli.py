@@ -274,7 +274,7 @@ def convert_pretrained_main(argv=None) -> None:
     from nnunetv2_textseg.pretrained import write_converted
     p = argparse.ArgumentParser(description="Make a plain nnU-Net model's checkpoint loadable by a text trainer: "
                                 "nnUNetv2_train DATASET 2d FOLD -tr TRAINER -pretrained_weights OUTPUT then fine-tunes "
-                                "it with reports (the U-Net's weights are kept; the pseudo-image channel starts at "
+                                "it with reports (the U-Net's weights are kept; the added input channels start at "
                                 "zero weight; the text modules start fresh).")
     p.add_argument("-i", required=True, help="the plain model's checkpoint (fold_X/checkpoint_final.pth)")
     p.add_argument("-o", required=True, help="output file to pass to -pretrained_weights")

@@ -65,7 +65,7 @@ def install_clean_error_hook() -> None:
         elif (issubclass(exc_type, AssertionError) and _raised_in(tb, "load_pretrained_weights")
               and _plain_weights_for_text_trainer(sys.argv)):
             print(f"ERROR: -pretrained_weights does not fit this text trainer's network ({exc}).\n"
-                  f"A plain nnU-Net model has no text modules (and BiCLIP's U-Net takes one more input channel). "
+                  f"A plain nnU-Net model has no text modules (and our U-Nets take more input channels). "
                   f"Convert its checkpoint first, then pass the converted file:\n  {_convert_hint(sys.argv)}",
                   file=sys.stderr)
         else:

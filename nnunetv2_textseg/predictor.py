@@ -190,11 +190,9 @@ class nnUNetTextPredictor(nnUNetPredictor):
     def predict_from_files_sequential(self, list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files,
                                       save_probabilities: bool = False, overwrite: bool = True,
                                       folder_with_segs_from_prev_stage: str = None):
-        """nnU-Net's sequential loop does not say which case it is predicting, so run it one case at a time
-        with that case's report set. (Uncertainty maps and pseudo-images need the multiprocess path.)"""
-        if self.save_uncertainty or self.save_pseudo_images:
-            warnings.warn("--save_uncertainty/--save_pseudo_images are written by the multiprocess path only; "
-                          "use -npp/-nps > 0.")
+        """nnU-Net's sequential loop (``-npp 0 -nps 0``) does not say which case it is predicting, so run it one
+        case at a time with that case's report set; uncertainty maps and pseudo-images are saved after each case as
+        on the multiprocess path."""
         lists, outs, _ = self._manage_input_and_output_lists(
             list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files,
             folder_with_segs_from_prev_stage, overwrite, 0, 1, save_probabilities)
@@ -205,6 +203,11 @@ class nnUNetTextPredictor(nnUNetPredictor):
             try:
                 r = super().predict_from_files_sequential([li], [of] if of else None, save_probabilities, True,
                                                           folder_with_segs_from_prev_stage)
+                if of and (self.save_uncertainty or self.save_pseudo_images):
+                    # nnU-Net's loop keeps the case's properties to itself: preprocess its files again for them
+                    _, _, properties = self.configuration_manager.preprocessor_class(verbose=False).run_case(
+                        li, None, self.plans_manager, self.configuration_manager, self.dataset_json)
+                    self._save_extras({"data_properties": properties, "ofile": of})
             finally:
                 self._current_case = None
             results.extend(r or [])

@@ -2,9 +2,9 @@
 
 nnU-Net's ``load_pretrained_weights`` requires every parameter of the new network to be in the file,
 with the same shape. A text network holds nnU-Net's planned U-Net under ``unet.`` plus text modules,
-and BiCLIP's U-Net takes one more input channel (the pseudo-image), so a plain checkpoint cannot be
-loaded as is. :func:`convert_plain_checkpoint` writes a file that can: the plain U-Net's weights under
-``unet.``, the extra input channel's weights set to zero (the converted U-Net's features are exactly the
+and its U-Net takes more input channels (BiCLIP: the pseudo-image and the position channels; MedCLIPSeg: the
+position channels), so a plain checkpoint cannot be loaded as is. :func:`convert_plain_checkpoint` writes a file
+that can: the plain U-Net's weights under ``unet.``, the extra input channels' weights set to zero (the converted U-Net's features are exactly the
 plain one's, whatever the pseudo-image, and it learns to use it during fine-tuning), and the text
 modules at their fresh initialisation (zero-initialised gates and FiLM stay zero). As for any
 ``-pretrained_weights``, nnU-Net itself re-initialises the segmentation layers (``.seg_layers.``).
@@ -147,7 +147,7 @@ def convert_plain_checkpoint(plain_checkpoint: str | Path, trainer_name: str, da
         net = trainer.build_network_architecture(plans, config, channels, heads, True)
     target = net.state_dict()
     first, conv = next((n, m) for n, m in net.unet.named_modules() if isinstance(m, torch.nn.modules.conv._ConvNd))
-    unet_in = conv.in_channels  # image channels (+ 1 for BiCLIP's pseudo-image)
+    unet_in = conv.in_channels  # image channels (+ pseudo-image and position channels)
     plain = {_strip_wrappers(k): v for k, v in plain.items()}
     plain_in = plain.get(f"{first}.weight")
     if plain_in is not None and plain_in.shape[1] != channels:
@@ -166,7 +166,7 @@ def convert_plain_checkpoint(plain_checkpoint: str | Path, trainer_name: str, da
             out[name] = value.to(want.dtype)
         elif (unet_in > channels and value.ndim == want.ndim >= 3 and value.shape[1] == channels
               and want.shape[1] == unet_in and value.shape[0] == want.shape[0] and value.shape[2:] == want.shape[2:]):
-            padded = torch.zeros_like(want)  # an input conv: the added channel (pseudo-image) starts with no influence
+            padded = torch.zeros_like(want)  # an input conv: the added channels start with no influence
             padded[:, :channels] = value.to(want.dtype)
             out[name] = padded
         elif ".seg_layers." in key:

@@ -68,6 +68,23 @@ def test_outputs_have_nnunet_names_geometry_and_labels(trained_model, cli_predic
         assert ent.min() >= 0 and ent.max() <= np.log(2) + 1e-5 and ent.std() > 0
 
 
+def test_sequential_prediction_saves_the_same_maps(trained_model, cli_prediction, tmp_path):
+    """-npp 0 -nps 0 (nnU-Net's sequential loop) writes the same uncertainty maps and pseudo-images as the
+    multiprocess path, in the same geometry."""
+    out, _ = cli_prediction
+    cmd = predict_cmd(trained_model, tmp_path / "seq", "--save_uncertainty", "--save_pseudo_images")
+    for flag in ("-npp", "-nps"):
+        cmd[cmd.index(flag) + 1] = "0"
+    run(cmd, trained_model.env)
+    cases = sorted(p.name[:-len("_0000.png")] for p in (trained_model.raw / "imagesTs").glob("*_0000.png"))
+    for case in cases:
+        for name, sub in (("entropy", "uncertainty"), ("variance", "uncertainty"), ("pseudo", "pseudo_images")):
+            a, b = (sitk.ReadImage(str(o / sub / f"{case}_{name}.nii.gz")) for o in (out, tmp_path / "seq"))
+            assert a.GetSize() == b.GetSize() and a.GetSpacing() == b.GetSpacing()
+            np.testing.assert_allclose(sitk.GetArrayFromImage(b), sitk.GetArrayFromImage(a), atol=1e-4)
+            assert (tmp_path / "seq" / sub / f"{case}_{name}.png").is_file()
+
+
 def test_evaluate_folder_runs_on_predictions(trained_model, cli_prediction):
     out, _ = cli_prediction
     run([str(BIN / "nnUNetv2_evaluate_folder"), str(trained_model.raw / "labelsTs"), str(out),
