@@ -4,8 +4,9 @@ nnU-Net's ``load_pretrained_weights`` requires every parameter of the new networ
 with the same shape. A text network holds nnU-Net's planned U-Net under ``unet.`` plus text modules,
 and its U-Net takes more input channels (BiCLIP: the pseudo-image and the position channels; MedCLIPSeg: the
 position channels), so a plain checkpoint cannot be loaded as is. :func:`convert_plain_checkpoint` writes a file
-that can: the plain U-Net's weights under ``unet.``, the extra input channels' weights set to zero (the converted U-Net's features are exactly the
-plain one's, whatever the pseudo-image, and it learns to use it during fine-tuning), and the text
+that can: the plain U-Net's weights under ``unet.``, the extra input channels' weights set to zero (the converted
+U-Net's features are exactly the plain one's, whatever the pseudo-image and position, and it learns to use them
+during fine-tuning), and the text
 modules at their fresh initialisation (zero-initialised gates and FiLM stay zero). As for any
 ``-pretrained_weights``, nnU-Net itself re-initialises the segmentation layers (``.seg_layers.``).
 """

@@ -131,9 +131,11 @@ def test_paper_batch_of_16_is_global_under_ddp(trained_model, monkeypatch):
                                      "nnUNetTrainerBiCLIP_noSegGrad", "nnUNetTrainerBiCLIP_crossFit",
                                      "nnUNetTrainerBiCLIP_mirroredPatient", "nnUNetTrainerBiCLIP_crossFitTokens",
                                      "nnUNetTrainerBiCLIP_pathwayWarmup", "nnUNetTrainerBiCLIP_phraseMaps",
-                                     "nnUNetTrainerBiCLIP_locationFree", "nnUNetTrainerBiCLIP_endToEnd"])
+                                     "nnUNetTrainerBiCLIP_locationFree", "nnUNetTrainerBiCLIP_endToEnd",
+                                     "nnUNetTrainerMedCLIPSeg_locationFree"])
 def test_ablation_builds_and_trains_one_step(trained_model, variant, monkeypatch):
-    """Each ablation builds its network from the plans and runs a real train_step on real batches."""
+    """Each ablation builds its network from the plans and runs a real train_step on real batches (MedCLIPSeg's
+    location-free variant too: the rewritten reports are the trainer's, not the network's)."""
     from nnunetv2.run.run_training import get_trainer_from_args
 
     for k, v in trained_model.env.items():
@@ -222,7 +224,9 @@ def test_ablation_builds_and_trains_one_step(trained_model, variant, monkeypatch
         pre = Path(trainer.preprocessed_dataset_folder_base)
         cache = TextEmbeddingCache.load(next((pre / "text_embeddings").glob("*__TrLocationFree.npz")))
         assert set(trainer.text_rows) <= set(cache.case_ids) and trainer.location_free_reports > 0
-        assert trainer.location_free_tokens.shape == trainer.text_tokens.shape == trainer.mirrored_tokens.shape
+        assert trainer.location_free_tokens.shape == trainer.text_tokens.shape
+        if trainer.mirrored_patient:  # BiCLIP's: all token tables padded to one length
+            assert trainer.mirrored_tokens.shape == trainer.text_tokens.shape
         raw = next(Path(trained_model.env["nnUNet_raw"]).glob(f"Dataset{DATASET_ID:03d}_*"))
         reports = pd.read_csv(raw / "reportsTr.csv", dtype=str)
         located = [c for c, t in zip(reports["case_id"], reports["report"])
