@@ -37,11 +37,11 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunetv2_textseg.report_parsing import (LEVELS, SIDES, Finding, _match_case, _tokens, parse_report,
-                                             render_report, swap_laterality)
+from nnunetv2_textseg.report_parsing import (LEVELS, NUMBER_WORDS, SIDES, Finding, _match_case, _tokens,
+                                             parse_report, render_report, swap_laterality)
 from nnunetv2_textseg.reports import ReportError, ReportTable, read_report_table
 
-__all__ = ["VARIANT_KINDS", "make_variant", "write_variant_tables", "variant_table_name"]
+__all__ = ["VARIANT_KINDS", "make_variant", "write_variant_tables", "variant_table_name", "finding_only"]
 
 VARIANT_KINDS: tuple[str, ...] = ("original", "contradictory", "missing_location", "overdescriptive",
                                   "underdescriptive")
@@ -49,6 +49,7 @@ VARIANT_KINDS: tuple[str, ...] = ("original", "contradictory", "missing_location
 # canonical tokens (report_parsing's lexicon) that place a lesion
 _LOCATION_TOKENS = frozenset({"left", "right", "both", "upper", "middle", "lower", "all"})
 _LATERALITY_TOKENS = frozenset({"bilat", "unilat"})
+_COUNT_WORDS = frozenset(NUMBER_WORDS) | {"single", "multiple", "several"}
 # words that only lead into a location phrase ("... regions with involvement of [the middle left lung]")
 _CONNECTORS = frozenset({"with", "involvement", "involving", "of", "in", "the", "and", "affecting", "at", "on",
                          "within", "located", "mainly", "predominantly", "seen", "noted", "both", "a"})
@@ -180,6 +181,21 @@ def _missing_location(text: str, rng: np.random.Generator) -> str:
     if count:
         return f"Pulmonary infection, {count} infected area{'s' if count != 1 else ''}."
     return "Pulmonary infection."
+
+
+def finding_only(text: str) -> str:
+    """The report's first statement without place and count: "Bilateral pulmonary infection, two infected areas,
+    upper left lung." -> "Pulmonary infection." A training rewrite (not a variant kind): a terse report that says
+    only *what* is seen, so a model also learns that no place and no count is not "nowhere". Built from the
+    report's own words (the ``missing_location`` rewrite, cut at its first clause and its first count word)."""
+    stripped = _missing_location(text, np.random.default_rng(0))  # draws nothing
+    first = re.split(r"[,;.\n]+", stripped)[0].split()
+    cut = next((i for i, w in enumerate(first) if w.lower().strip(":-") in _COUNT_WORDS or w.isdigit()), None)
+    if cut is not None and cut > 0:
+        first = first[:cut]
+        while first and first[-1].lower().strip(":-") in _CONNECTORS | {"involving"}:
+            first.pop()
+    return _sentence([" ".join(first)]) or stripped
 
 
 def _overdescriptive(text: str, rng: np.random.Generator) -> str:

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 from nnunetv2_textseg.report_parsing import LEVELS, SIDES, _tokens, parse_report
-from nnunetv2_textseg.report_variants import (_LESION_DETAILS, _NEUTRAL_DETAILS, VARIANT_KINDS, main, make_variant,
-                                              write_variant_tables)
+from nnunetv2_textseg.report_variants import (_LESION_DETAILS, _NEUTRAL_DETAILS, VARIANT_KINDS, finding_only, main,
+                                              make_variant, write_variant_tables)
 from nnunetv2_textseg.reports import ReportError, ReportTable
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "reports"
@@ -127,6 +127,24 @@ def test_missing_location_keeps_the_count():
         counts = [tok for tok in _tokens(v) if tok in ("one", "two", "three", "four", "five")]
         if f.count is not None:
             assert counts, (t, v)
+
+
+def test_finding_only_keeps_the_finding_without_place_or_count():
+    """The training rewrite of the bare finding: no place, no count, the report's own finding words; negative reports
+    stay negative."""
+    for t in POSITIVE:
+        v = finding_only(t)
+        g = parse_report(v)
+        assert g is None or (not g.zones and g.count is None), (t, v)
+        assert "infection" in v.lower() and not {"one", "two", "three", "four", "five"} & set(_tokens(v)), (t, v)
+        assert len(v) < len(make_variant(t, "missing_location", _rng())), (t, v)
+    assert finding_only(BUILTIN[0]) == "Pulmonary infection."
+    assert finding_only(BUILTIN[9]) == "Pulmonary infection."  # "... involving one regions affecting ..."
+    assert finding_only("Pulmonary infection, 3 infected areas, lower left lung") == "Pulmonary infection."
+    assert finding_only("Two infected areas in the left lung.") == "Two infected areas."  # nothing but the count
+    for t in NEGATIVE:
+        g = parse_report(finding_only(t))
+        assert g is not None and g.is_negative, t
 
 
 @pytest.mark.parametrize("i", range(3))

@@ -132,27 +132,46 @@ def test_mirrored_patient_negates_the_column_channel_and_swaps_the_report_rows()
 
 
 def test_location_free_reports_replace_only_the_drawn_samples_report_rows():
-    """Location-free samples read their location-free report's tokens and mask; the others, and the image, keep
-    theirs; the share drawn follows ``location_free_reports``."""
+    """Location-free samples read their location-free report's tokens and mask, half of them the bare finding's;
+    the others, and the image, keep theirs; the share drawn follows ``location_free_reports``."""
     from nnunetv2_textseg.training.biclip import nnUNetTrainerBiCLIP
     t = object.__new__(nnUNetTrainerBiCLIP)
     t.text_rows = {"a": 0, "b": 1}
     t.location_free_tokens = torch.stack([torch.full((4, 3), -1.0), torch.full((4, 3), -2.0)]).half()
     t.location_free_token_mask = torch.tensor([[True, True, False, False], [True, False, False, False]])
+    t.finding_only_tokens = torch.stack([torch.full((4, 3), -10.0), torch.full((4, 3), -20.0)]).half()
+    t.finding_only_token_mask = torch.tensor([[True, False, False, False], [False, True, False, False]])
     tokens, mask = torch.ones(2, 4, 3), torch.tensor([[True, True, True, False]] * 2)
     t.location_free_reports = 1.0
-    tok, m = t.strip_locations(tokens, mask, ["b", "a"])
-    assert tok[:, 0, 0].tolist() == [-2.0, -1.0] and tok.dtype == torch.float32
-    assert m.tolist() == [[True, False, False, False], [True, True, False, False]]
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(50):
+        tok, m = t.strip_locations(tokens, mask, ["b", "a"])
+        assert tok.dtype == torch.float32
+        for i, key in enumerate(["b", "a"]):  # each sample reads one whole row of one of the two tables
+            row = t.text_rows[key]
+            value = float(tok[i, 0, 0])
+            table, table_mask = ((t.location_free_tokens, t.location_free_token_mask) if value > -5
+                                 else (t.finding_only_tokens, t.finding_only_token_mask))
+            assert torch.equal(tok[i], table[row].float()) and torch.equal(m[i], table_mask[row])
+            seen.add(value)
+    assert seen == {-1.0, -2.0, -10.0, -20.0}
     t.location_free_reports = 0.25
     torch.manual_seed(0)
-    picked = []
+    picked, terse = [], []
     for _ in range(400):
         tok, m = t.strip_locations(tokens, mask, ["a", "b"])
         stripped = tok[:, 0, 0] < 0
-        assert torch.equal(m[:, 2], ~stripped) and bool((tok[~stripped] == 1).all())
+        assert bool((tok[~stripped] == 1).all()) and bool(m[~stripped].eq(mask[~stripped]).all())
         picked += stripped.tolist()
-    assert 0.2 < np.mean(picked) < 0.3
+        terse += (tok[stripped, 0, 0] < -5).tolist()
+    assert 0.2 < np.mean(picked) < 0.3 and 0.4 < np.mean(terse) < 0.6
+    t.finding_only_share = 0.0  # the earlier _locationFree variants: the place-free rewrite only, no second table
+    del t.finding_only_tokens, t.finding_only_token_mask
+    tok, m = t.strip_locations(tokens, mask.clone(), ["a", "b"])
+    assert tok[:, 0, 0].tolist() in ([-1.0, -2.0], [1.0, -2.0], [-1.0, 1.0], [1.0, 1.0])
+    t.location_free_reports = 1.0
+    assert t.strip_locations(tokens, mask, ["a", "b"])[0][:, 0, 0].tolist() == [-1.0, -2.0]
 
 
 def test_mirrored_patient_without_the_report_table_is_one_clear_error(tmp_path):

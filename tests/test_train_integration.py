@@ -132,10 +132,11 @@ def test_paper_batch_of_16_is_global_under_ddp(trained_model, monkeypatch):
                                      "nnUNetTrainerBiCLIP_mirroredPatient", "nnUNetTrainerBiCLIP_crossFitTokens",
                                      "nnUNetTrainerBiCLIP_pathwayWarmup", "nnUNetTrainerBiCLIP_phraseMaps",
                                      "nnUNetTrainerBiCLIP_locationFree", "nnUNetTrainerBiCLIP_endToEnd",
-                                     "nnUNetTrainerMedCLIPSeg_locationFree"])
+                                     "nnUNetTrainerMedCLIPSeg", "nnUNetTrainerMedCLIPSeg_locationFree",
+                                     "nnUNetTrainerMedCLIPSeg_reportsAsWritten"])
 def test_ablation_builds_and_trains_one_step(trained_model, variant, monkeypatch):
     """Each ablation builds its network from the plans and runs a real train_step on real batches (MedCLIPSeg's
-    location-free variant too: the rewritten reports are the trainer's, not the network's)."""
+    default and variants too: the rewritten reports are the trainer's, not the network's)."""
     from nnunetv2.run.run_training import get_trainer_from_args
 
     for k, v in trained_model.env.items():
@@ -218,7 +219,9 @@ def test_ablation_builds_and_trains_one_step(trained_model, variant, monkeypatch
         assert trainer.pathway_warmup_steps == 0 and not trainer.mirrored_patient and not trainer.location_free_reports
         text_plans = trainer.plans_manager.plans["textseg"]
         assert (text_plans["report_pathways"], text_plans["token_maps"], text_plans["token_window"]) == (1, False, 1)
-    if variant.endswith("locationFree"):  # every training report also encoded without its location words
+    if variant.endswith("reportsAsWritten"):  # nothing rewritten, nothing encoded twice
+        assert not trainer.location_free_reports and getattr(trainer, "location_free_tokens", None) is None
+    if trainer.location_free_reports > 0:  # every training report also encoded without its location words
         from nnunetv2_textseg.cache import TextEmbeddingCache
         from nnunetv2_textseg.report_parsing import parse_report
         pre = Path(trainer.preprocessed_dataset_folder_base)
@@ -234,6 +237,13 @@ def test_ablation_builds_and_trains_one_step(trained_model, variant, monkeypatch
         assert located
         row = trainer.text_rows[located[0]]
         assert not torch.equal(trainer.location_free_tokens[row], trainer.text_tokens[row])
+        if variant.endswith("locationFree"):  # the earlier variants: the place-free rewrite only
+            assert trainer.finding_only_share == 0 and getattr(trainer, "finding_only_tokens", None) is None
+        else:  # the defaults: also the bare finding ("Pulmonary infection."), its own cache
+            terse = TextEmbeddingCache.load(next((pre / "text_embeddings").glob("*__TrFindingOnly.npz")))
+            assert set(trainer.text_rows) <= set(terse.case_ids) and trainer.finding_only_share > 0
+            assert trainer.finding_only_tokens.shape == trainer.text_tokens.shape
+            assert not torch.equal(trainer.finding_only_tokens[row], trainer.location_free_tokens[row])
     if variant.endswith("efunet"):
         assert not net.sigmoid and type(net.text_pool).__name__ == "MeanPoolText" and out["gen"] >= 0
 

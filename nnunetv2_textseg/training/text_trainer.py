@@ -113,6 +113,9 @@ class nnUNetTrainerText(nnUNetTrainer):
     # as report_variants' missing_location): a report that names no place must leave the network reading the
     # image, not tell it "nowhere" (0 = off)
     location_free_reports = 0.0
+    # share of those location-free samples that read the report's bare finding instead ("Pulmonary infection.",
+    # report_variants.finding_only): no place and no count either
+    finding_only_share = 0.5
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -228,12 +231,16 @@ class nnUNetTrainerText(nnUNetTrainer):
 
     def _prepare_location_free_reports(self, cache: TextEmbeddingCache, reports: dict | None, pre: Path,
                                        spec: EncoderSpec) -> None:
-        """Token embeddings of every training report without its location words (``..._TrLocationFree``)."""
-        from nnunetv2_textseg.report_variants import make_variant
+        """Token embeddings of every training report without its location words (``..._TrLocationFree``), and of
+        its first statement alone, without place and count (``..._TrFindingOnly``)."""
+        from nnunetv2_textseg.report_variants import finding_only, make_variant
         rng = np.random.default_rng(0)  # the missing_location rewrite draws nothing; make_variant wants one
         self.location_free_tokens, self.location_free_token_mask = self._rewritten_report_tokens(
             cache, reports, pre, spec, "TrLocationFree", lambda text: make_variant(text, "missing_location", rng),
             "removes the location words from")
+        if self.finding_only_share > 0:
+            self.finding_only_tokens, self.finding_only_token_mask = self._rewritten_report_tokens(
+                cache, reports, pre, spec, "TrFindingOnly", finding_only, "keeps only the finding of")
 
     def _rewritten_report_tokens(self, cache: TextEmbeddingCache, reports: dict | None, pre: Path, spec: EncoderSpec,
                                  suffix: str, rewrite, what: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,7 +269,7 @@ class nnUNetTrainerText(nnUNetTrainer):
                 tokens[i, :derived.tokens.shape[1]], mask[i, :derived.mask.shape[1]] = derived.tokens[r], derived.mask[r]
             else:
                 tokens[i, :cache.tokens.shape[1]], mask[i, :cache.mask.shape[1]] = cache.tokens[i], cache.mask[i]
-        for name in ("text", "mirrored", "location_free"):  # the tables made so far, padded to the new length
+        for name in ("text", "mirrored", "location_free", "finding_only"):  # the tables so far, padded to one length
             if getattr(self, f"{name}_tokens", None) is not None:
                 pad = length - getattr(self, f"{name}_tokens").shape[1]
                 if pad:
@@ -358,12 +365,20 @@ class nnUNetTrainerText(nnUNetTrainer):
         """Location-free reports: each sample, with probability ``location_free_reports``, reads its report without
         side, zone and laterality words. Its targets stay, so the report pathway learns where lesions of a report
         that names no place lie (anywhere they occur), and the U-Net that such a report does not mean "nowhere".
-        Without it, every training report names places, and one that names none reads like a normal study."""
-        pick = torch.rand(tokens.shape[0]) < self.location_free_reports  # drawn on the host: no device sync
-        if not bool(pick.any()):
-            return tokens, mask
-        return self._rows_from(self.location_free_tokens, self.location_free_token_mask, keys,
-                               pick.to(tokens.device), tokens, mask)
+        Without it, every training report names places, and one that names none reads like a normal study.
+        A share of them (``finding_only_share``) read the report's bare finding instead ("Pulmonary infection."):
+        the place-free rewrite keeps the count ("two infected areas"), and a terser report was still read as
+        "nowhere" (MedCLIPSeg trained with the place-free rewrite alone, 2 of 3 benchmark seeds)."""
+        draw = torch.rand(2, tokens.shape[0])  # drawn on the host: no device sync
+        pick = draw[0] < self.location_free_reports
+        terse = pick & (draw[1] < self.finding_only_share)
+        if bool((pick & ~terse).any()):
+            tokens, mask = self._rows_from(self.location_free_tokens, self.location_free_token_mask, keys,
+                                           (pick & ~terse).to(tokens.device), tokens, mask)
+        if bool(terse.any()):
+            tokens, mask = self._rows_from(self.finding_only_tokens, self.finding_only_token_mask, keys,
+                                           terse.to(tokens.device), tokens, mask)
+        return tokens, mask
 
     def _rows_from(self, table: torch.Tensor, table_mask: torch.Tensor, keys, pick: torch.Tensor,
                    tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
