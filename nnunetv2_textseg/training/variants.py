@@ -155,6 +155,14 @@ class nnUNetTrainerMedCLIPSeg_locationFree(nnUNetTrainerMedCLIPSeg):
     finding_only_share = 0.0
 
 
+class nnUNetTrainerBiCLIP_longWarmup(nnUNetTrainerBiCLIP):
+    """The default with 3000 warm-up steps instead of 750. Why: four cross-fitted pathways share the warm-up, each
+    sample fitting one of them, so each pathway sees about a quarter of its batches (~190 of 750) — the pathway
+    trained alone needed 750-1500 batches to bind side to level (text_pathway_probe.py), and the trained models'
+    maps named the lesion's side in only 15-18 of 24 one-sided cases."""
+    pathway_warmup_steps = 3000
+
+
 class nnUNetTrainerBiCLIP_noPosition(nnUNetTrainerBiCLIP):
     """The U-Net gets [image, pseudo-image] only: the patient frame reaches it through the pseudo-image."""
     position_to_unet = False
@@ -248,7 +256,7 @@ _BASES = [nnUNetTrainerBiCLIP, nnUNetTrainerBiCLIP_endToEnd, nnUNetTrainerBiCLIP
           nnUNetTrainerBiCLIP_efunet, nnUNetTrainerBiCLIP_textGen, nnUNetTrainerBiCLIP_noSegGrad, nnUNetTrainerBiCLIP_crossFit,
           nnUNetTrainerBiCLIP_safeAug, nnUNetTrainerBiCLIP_noPosition, nnUNetTrainerBiCLIP_mirroredPatient,
           nnUNetTrainerBiCLIP_crossFitTokens, nnUNetTrainerBiCLIP_pathwayWarmup,
-          nnUNetTrainerBiCLIP_phraseMaps, nnUNetTrainerBiCLIP_locationFree,
+          nnUNetTrainerBiCLIP_phraseMaps, nnUNetTrainerBiCLIP_locationFree, nnUNetTrainerBiCLIP_longWarmup,
           nnUNetTrainerMedCLIPSeg, nnUNetTrainerMedCLIPSeg_noProb, nnUNetTrainerMedCLIPSeg_noContrastive,
           nnUNetTrainerMedCLIPSeg_noText, nnUNetTrainerMedCLIPSeg_safeAug, nnUNetTrainerMedCLIPSeg_mirroredPatient,
           nnUNetTrainerMedCLIPSeg_locationFree, nnUNetTrainerMedCLIPSeg_reportsAsWritten]
