@@ -67,6 +67,11 @@ class nnUNetTextPredictor(nnUNetPredictor):
                 raise TextPredictionError(
                     f"The model in {model_training_output_dir} was not trained by a text trainer (its plans.json "
                     f"has no '{PLANS_KEY}' entry), so reports cannot be used. Predict it with nnUNetv2_predict.")
+        # nnU-Net finds the model's trainer class by name in nnUNet_extTrainer's folders; a text model's trainer is
+        # ours, so our folder is added (the user's folders stay, first) instead of failing deep in nnU-Net when the
+        # shell was not set up with nnUNetv2_textseg_env
+        from nnunetv2_textseg.harness import TRAINER_PATH_VAR, trainer_search_path
+        os.environ[TRAINER_PATH_VAR] = trainer_search_path(os.environ.get(TRAINER_PATH_VAR))
         super().initialize_from_trained_model_folder(model_training_output_dir, use_folds, checkpoint_name)
         self.text_config = self.plans_manager.plans[PLANS_KEY]
 

@@ -49,6 +49,19 @@ def make_predictor(tm, **kw):
     return p
 
 
+def test_predictor_finds_our_trainer_without_the_env_setup(trained_model, nnunet_environ, monkeypatch, tmp_path):
+    """A shell without nnUNetv2_textseg_env (nnUNet_extTrainer unset) still loads a text model — nnU-Net looks the
+    trainer class up by name — and a user's own trainer folder stays in the search path, first."""
+    from nnunetv2_textseg.harness import trainers_folder
+    monkeypatch.delenv("nnUNet_extTrainer", raising=False)
+    p = make_predictor(trained_model)
+    assert p.trainer_name.startswith("nnUNetTrainerBiCLIP") and p.text_config
+    assert os.environ["nnUNet_extTrainer"] == str(trainers_folder())
+    monkeypatch.setenv("nnUNet_extTrainer", str(tmp_path))
+    make_predictor(trained_model)
+    assert os.environ["nnUNet_extTrainer"].split(os.pathsep) == [str(tmp_path), str(trainers_folder())]
+
+
 def test_outputs_have_nnunet_names_geometry_and_labels(trained_model, cli_prediction):
     out, _ = cli_prediction
     images = sorted((trained_model.raw / "imagesTs").glob("*_0000.png"))
