@@ -10,6 +10,9 @@ together, so both share the network's grid) and predicted with each **report var
 - ``missing_location``: the report with its side, zone and laterality words removed;
 - ``underdescriptive``: only the most generic statement ("Pulmonary infection."): another report that names no
   place, phrased unlike ``missing_location`` (which location-free training, ``_locationFree``, rewrites reports with);
+- ``rephrased`` (only with ``--phrasings``): every report replaced by one of the user's own place-free phrasings, in
+  turn by case (``--negative_phrasing`` for the reports read as negative) — phrasings training never saw, so that a
+  model which learnt the variants above by heart is still caught reading "no place" as "nowhere";
 - ``null``: no report (the model's learned null report).
 
 Measured (written to OUT/diagnosis.json and printed as a table):
@@ -38,6 +41,7 @@ import argparse
 import json
 import textwrap
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -99,8 +103,26 @@ def dice(pred: np.ndarray, ref: np.ndarray) -> float:
     return float("nan") if denom == 0 else float(2 * (pred & ref).sum() / denom)
 
 
-def report_variants(reports: dict[str, str], seed: int = 0) -> dict[str, dict[str, str | None]]:
-    """variant -> case -> report text (None: the null report). Shuffled is a derangement (no case keeps its own)."""
+def rephrased_reports(reports: dict[str, str], phrasings: Sequence[str], negative_phrasing: str | None = None
+                      ) -> dict[str, str]:
+    """case -> one of ``phrasings`` in turn (cases sorted); a report the parser reads as negative gets
+    ``negative_phrasing`` when one is given, so that the variant changes the wording and the place, not the finding."""
+    from nnunetv2_textseg.report_parsing import parse_report
+    if not phrasings or any(not str(t).strip() for t in phrasings) or (
+            negative_phrasing is not None and not negative_phrasing.strip()):
+        raise DiagnoseError("--phrasings / --negative_phrasing need non-empty report texts, e.g. "
+                            "--phrasings \"Findings consistent with pneumonia.\" \"Lung opacities are present.\"")
+    out = {}
+    for i, case in enumerate(sorted(reports)):
+        finding = parse_report(reports[case]) if negative_phrasing is not None else None
+        out[case] = negative_phrasing if finding is not None and finding.is_negative else phrasings[i % len(phrasings)]
+    return out
+
+
+def report_variants(reports: dict[str, str], seed: int = 0, phrasings: Sequence[str] = (),
+                    negative_phrasing: str | None = None) -> dict[str, dict[str, str | None]]:
+    """variant -> case -> report text (None: the null report), in :data:`VARIANTS` order with ``rephrased`` before
+    ``null`` when ``phrasings`` are given. Shuffled is a derangement (no case keeps its own)."""
     from nnunetv2_textseg.report_variants import _case_rng, make_variant
     cases = sorted(reports)
     rng = np.random.default_rng(seed)
@@ -116,6 +138,7 @@ def report_variants(reports: dict[str, str], seed: int = 0) -> dict[str, dict[st
                                                  _case_rng(seed, "missing_location", c)) for c in cases},
             "underdescriptive": {c: make_variant(reports[c], "underdescriptive",
                                                  _case_rng(seed, "underdescriptive", c)) for c in cases},
+            **({"rephrased": rephrased_reports(reports, phrasings, negative_phrasing)} if phrasings else {}),
             "null": {c: None for c in cases}}
 
 
@@ -159,7 +182,7 @@ def _case_files(images: Path, ending: str) -> dict[str, list[Path]]:
 
 def diagnose(model: Path, fold: int, images: Path, labels: Path, reports_file: Path | None, out: Path,
              checkpoint: str = "checkpoint_final.pth", device: str = "cpu", n_figure: int = 4, max_cases: int = 0,
-             seed: int = 0) -> dict:
+             seed: int = 0, phrasings: Sequence[str] = (), negative_phrasing: str | None = None) -> dict:
     from nnunetv2_textseg.patient_frame import with_position_channels
     from nnunetv2_textseg.predictor import default_reports_file, nnUNetTextPredictor
     from nnunetv2_textseg.reports import read_report_table
@@ -184,7 +207,7 @@ def diagnose(model: Path, fold: int, images: Path, labels: Path, reports_file: P
     if no_label:
         raise DiagnoseError(f"{len(no_label)} case(s) have no reference {labels}/CASE{ending}: {no_label[:10]}.")
     cases = sorted(files)[:max_cases] if max_cases > 0 else sorted(files)
-    variants = report_variants({c: reports[c] for c in cases}, seed)
+    variants = report_variants({c: reports[c] for c in cases}, seed, phrasings, negative_phrasing)
 
     predictor = nnUNetTextPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
                                     perform_everything_on_device=device != "cpu", device=torch.device(device),
@@ -201,7 +224,7 @@ def diagnose(model: Path, fold: int, images: Path, labels: Path, reports_file: P
     preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
     fg_labels = predictor.label_manager.foreground_labels
     per_variant = {v: {"dice": [], "pseudo": [], "pseudo2d": [], "ref": [], "ref2d": [], "prob": []}
-                   for v in VARIANTS}
+                   for v in variants}
     figure_rows = []
     for n, case in enumerate(cases):
         img, props = reader.read_images([str(f) for f in files[case]])
@@ -211,7 +234,7 @@ def diagnose(model: Path, fold: int, images: Path, labels: Path, reports_file: P
         ref = np.isin(ref[0], fg_labels)
         data_t = torch.from_numpy(data)
         row = {"case": case, "image": data[0, 0], "ref": ref[0], "report": reports[case]}
-        for v in VARIANTS:
+        for v in variants:
             text = variants[v][case]
             predictor._current_text = None if text is None else predictor.embeddings[index[text]]
             logits = predictor.predict_logits_from_preprocessed_data(data_t).float()
@@ -239,7 +262,7 @@ def diagnose(model: Path, fold: int, images: Path, labels: Path, reports_file: P
     result = {"model": str(model), "fold": fold, "checkpoint": checkpoint, "cases": len(cases),
               "reports": str(reports_file), "dice": {}, "pseudo_image_auc": {}, "pseudo_image_auc_lesion_region": {}}
     region = lesion_prone_region(per_variant["real"]["ref"]) if has_pseudo else None
-    for v in VARIANTS:
+    for v in variants:
         result["dice"][v] = float(np.nanmean(per_variant[v]["dice"]))
         if has_pseudo:
             result["pseudo_image_auc"][v] = pixel_auc(np.concatenate(per_variant[v]["pseudo"]),
@@ -302,7 +325,7 @@ def _figure(rows: list[dict], has_pseudo: bool, path: Path) -> None:
 
 def format_table(result: dict) -> str:
     lines = ["| variant | Dice | pseudo-image AUC | AUC in the lesion-prone region |", "|---|---|---|---|"]
-    for v in VARIANTS:
+    for v in result["dice"]:
         aucs = [(result.get(k) or {}).get(v) for k in ("pseudo_image_auc", "pseudo_image_auc_lesion_region")]
         cells = " | ".join("—" if a is None else f"{a:.4f}" for a in aucs)
         lines.append(f"| {v} | {result['dice'][v]:.4f} | {cells} |")
@@ -341,7 +364,16 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--n_figure", type=int, default=4, help="cases shown in diagnosis.png")
     p.add_argument("--max_cases", type=int, default=0, help="diagnose only the first N cases (0: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffled / contradictory reports")
+    p.add_argument("--phrasings", nargs="+", default=(), metavar="TEXT",
+                   help="place-free reports worded unlike anything in training: adds the 'rephrased' variant (every "
+                        "report replaced by one of them, in turn by case)")
+    p.add_argument("--negative_phrasing", default=None, metavar="TEXT",
+                   help="with --phrasings: the text for reports the parser reads as negative (e.g. \"No acute "
+                        "findings.\"); without it every report gets one of --phrasings")
     a = p.parse_args(argv)
+    if a.negative_phrasing is not None and not a.phrasings:
+        raise DiagnoseError("--negative_phrasing is the negative reports' text of the 'rephrased' variant: give the "
+                            "positive ones with --phrasings too.")
     if a.device == "cuda" and not torch.cuda.is_available():
         raise DiagnoseError("-device cuda, but no CUDA GPU is available here: use -device cpu.")
     for folder, flag in ((a.i, "-i"), (a.ref, "-ref")):
@@ -349,7 +381,8 @@ def _main(argv: list[str] | None = None) -> int:
             raise DiagnoseError(f"{flag} {folder}: no such folder.")
     model = _model_folder(a.d, a.tr, a.p, a.c)
     out = a.o or model / f"fold_{a.f}" / "diagnosis"
-    result = diagnose(model, a.f, a.i, a.ref, a.reports, out, a.chk, a.device, a.n_figure, a.max_cases, a.seed)
+    result = diagnose(model, a.f, a.i, a.ref, a.reports, out, a.chk, a.device, a.n_figure, a.max_cases, a.seed,
+                      a.phrasings, a.negative_phrasing)
     print(format_table(result))
     print(f"[diagnose] wrote {out / 'diagnosis.json'} and {out / 'diagnosis.png'}")
     return 0

@@ -214,10 +214,49 @@ def test_low_label_control_rows_and_lesion_region_auc(tmp_path, monkeypatch):
     mcs_line = next(line for line in md.splitlines() if line.startswith(f"| 10% | {mcs} |"))
     assert text_line.count("|") == header.count("|") == mcs_line.count("|")
     # diagnoses without the generic-report variant show –, not 0
-    assert "0.4700 ± 0.0000 | – | 0.3000" in text_line and "0.7500 ± 0.0707 | 0.6000 ± 0.0000 | 0.5000" in text_line
+    assert "0.4700 ± 0.0000 | – | – | 0.3000" in text_line and "0.7500 ± 0.0707 | 0.6000 ± 0.0000 | 0.5000" in text_line
     assert "| 0.8500 ± 0.0707 | 0.2000 ± 0.0000 |" in text_line and "side real | side contradictory" in header
-    # MedCLIPSeg: generic –, AUC real/shuffled/contradictory, the three lesion-region AUCs, the two side columns
-    assert mcs_line.count("–") == 9
+    # MedCLIPSeg: generic and rephrased –, AUC real/shuffled/contradictory, the three lesion-region AUCs, the two
+    # side columns
+    assert mcs_line.count("–") == 10
+
+
+def test_low_label_diagnoses_text_models_with_the_rephrased_reports(tmp_path, monkeypatch):
+    """low_label's diagnosis passes its place-free phrasings to nnUNetv2_textseg_diagnose (none with an empty
+    --phrasings), diagnoses text models only, and the 'rephrased' Dice reaches the table."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import low_label
+
+    base, text = "nnUNetTrainer_debug", "nnUNetTrainerBiCLIP_debug"
+    cfg = low_label.parse_args(["--preset", "smoke", "--trainers", base, text, "--out", str(tmp_path)])
+    assert cfg.phrasings == list(low_label.UNSEEN_PHRASINGS)
+    data = {"dataset": {"id": 990, "raw": str(tmp_path / "raw")}, "fraction_folds": {"0.1": {"fold": 0,
+                                                                                          "fraction": 0.1}}}
+    calls = []
+
+    def fake_run(cmd, env, log=None, **kw):
+        calls.append(list(cmd))
+        target = Path(cmd[cmd.index("-o") + 1])
+        target.mkdir(parents=True, exist_ok=True)
+        rephrased = {"rephrased": 0.35} if "--phrasings" in cmd else {}
+        (target / "diagnosis.json").write_text(json.dumps({
+            "dice": {"real": 0.5, "shuffled": 0.4, **rephrased, "null": 0.3}, "pseudo_image_auc": None,
+            "pseudo_image_auc_lesion_region": None, "text_sensitivity": 0.1, "reliance": 0.2}))
+    monkeypatch.setattr(low_label, "run_command", fake_run)
+    rows = low_label.diagnose_seed(cfg, 0, data)
+    assert len(calls) == 1 and calls[0][calls[0].index("-tr") + 1] == text  # the plain model is not diagnosed
+    cmd = calls[0]
+    assert cmd[cmd.index("--phrasings") + 1: cmd.index("--negative_phrasing")] == list(low_label.UNSEEN_PHRASINGS)
+    assert cmd[cmd.index("--negative_phrasing") + 1] == low_label.UNSEEN_NEGATIVE_PHRASING
+    assert rows[0]["dice_rephrased"] == 0.35
+    md = low_label.markdown(low_label.aggregate(cfg, {0: {"commit": "abc", "entries": []}}, rows))
+    line = next(x for x in md.splitlines() if x.startswith(f"| 10% | {text} |"))
+    assert "| – | 0.3500 ± 0.0000 | 0.3000 ± 0.0000 |" in line  # generic (not run) –, rephrased, null
+
+    cfg_none = low_label.parse_args(["--preset", "smoke", "--trainers", text, "--phrasings",
+                                     "--out", str(tmp_path / "none")])
+    low_label.diagnose_seed(cfg_none, 0, data)
+    assert cfg_none.phrasings == [] and "--phrasings" not in calls[1]
 
 
 def test_text_pathway_probe_names_what_is_missing(tmp_path):

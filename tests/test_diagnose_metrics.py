@@ -1,7 +1,10 @@
-"""The diagnosis's numbers on hand-made inputs: pixel AUC and the lesion-prone region it can be restricted to."""
+"""The diagnosis's numbers on hand-made inputs: pixel AUC and the lesion-prone region it can be restricted to; the
+report variants it predicts with."""
 import numpy as np
+import pytest
 
-from nnunetv2_textseg.diagnose import lesion_prone_region, pixel_auc, side_score
+from nnunetv2_textseg.diagnose import (DiagnoseError, lesion_prone_region, pixel_auc, rephrased_reports,
+                                       report_variants, side_score)
 
 
 def test_pixel_auc_perfect_chance_and_inverted():
@@ -53,3 +56,19 @@ def test_side_score_counts_one_sided_cases_whose_named_half_is_higher():
     sizes = [np.zeros((6, 10), bool), np.zeros((8, 8), bool)]
     sizes[0][1, 8] = sizes[1][1, 1] = True
     assert side_score([r.astype(float) for r in sizes], sizes)["named_side_brighter"] == 1.0
+
+
+def test_rephrased_variant_gives_each_case_a_user_phrasing_in_turn_and_keeps_negative_reports_negative():
+    reports = {"c3": "No lung infection.", "c1": "Bilateral pulmonary infection, two infected areas, upper left "
+               "lung and lower right lung.", "c2": "Unilateral pulmonary infection, one infected area, middle "
+               "right lung.", "c4": "Unilateral pulmonary infection, one infected area, lower left lung."}
+    phrasings = ("Findings consistent with pneumonia.", "Lung opacities are present.")
+    out = rephrased_reports(reports, phrasings, "No acute findings.")
+    assert out == {"c1": phrasings[0], "c2": phrasings[1], "c3": "No acute findings.", "c4": phrasings[1]}
+    assert set(rephrased_reports(reports, phrasings).values()) == set(phrasings)  # no negative text: all rephrased
+    variants = report_variants(reports, phrasings=phrasings, negative_phrasing="No acute findings.")
+    assert list(variants)[-2:] == ["rephrased", "null"] and variants["rephrased"] == out
+    assert "rephrased" not in report_variants(reports)  # only when asked for
+    for bad in (((),), (("",),), (phrasings, " ")):
+        with pytest.raises(DiagnoseError, match="non-empty"):
+            rephrased_reports(reports, *bad)

@@ -270,11 +270,13 @@ def test_diagnose_reports_every_variant_and_refuses_bad_input(trained_model, tmp
     images, labels = trained_model.raw / "imagesTs", trained_model.raw / "labelsTs"
     out = tmp_path / "diag"
     assert main(["-d", str(DATASET_ID), "-tr", TRAINER, "-i", str(images), "-ref", str(labels), "-o", str(out),
-                 "--max_cases", "2", "--n_figure", "1"]) == 0
+                 "--max_cases", "2", "--n_figure", "1", "--phrasings", "Lung opacities are present.",
+                 "--negative_phrasing", "No acute findings."]) == 0
     result = json.loads((out / "diagnosis.json").read_text())
     assert set(result["dice"]) == set(result["pseudo_image_auc"]) == {"real", "shuffled", "contradictory",
                                                                           "missing_location", "underdescriptive",
-                                                                          "null"}
+                                                                          "rephrased", "null"}
+    assert "| rephrased |" in capsys.readouterr().out  # the printed table has its row
     # the side: pseudo-image and prediction, real and contradictory report (None where no case is one-sided)
     assert set(result["side"]) == {"pseudo_image", "prediction"}
     for scores in result["side"].values():
@@ -289,7 +291,9 @@ def test_diagnose_reports_every_variant_and_refuses_bad_input(trained_model, tmp
     shutil.copytree(images, bare)  # no reports.csv inside, no reportsTs.csv beside it
     cases = [(["-tr", "nnUNetTrainer_debug", "-i", str(images), "-ref", str(labels)], "No trained model"),
              (["-tr", TRAINER, "-i", str(bare), "-ref", str(labels)], "No report table"),
-             (["-tr", TRAINER, "-i", str(images), "-ref", str(tmp_path)], "have no reference")]
+             (["-tr", TRAINER, "-i", str(images), "-ref", str(tmp_path)], "have no reference"),
+             (["-tr", TRAINER, "-i", str(images), "-ref", str(labels), "--negative_phrasing", "No acute findings."],
+              "give the positive ones with --phrasings")]
     for args, message in cases:
         assert main(["-d", str(DATASET_ID), "-o", str(tmp_path / "o"), *args]) == 2
         err = capsys.readouterr().err
