@@ -146,6 +146,9 @@ def predict_main(argv=None) -> None:
     import torch
     from nnunetv2.utilities.file_path_utilities import get_output_folder
 
+    import json
+
+    from nnunetv2_textseg.atomic import atomic_write_text
     from nnunetv2_textseg.predictor import TextPredictionError, default_reports_file, nnUNetTextPredictor
     from nnunetv2_textseg.reports import ReportTable
 
@@ -160,6 +163,9 @@ def predict_main(argv=None) -> None:
     p.add_argument("--save_uncertainty", action="store_true",
                    help="write per-pixel entropy and across-fold variance maps (.nii.gz + .png overlays)")
     p.add_argument("--save_pseudo_images", action="store_true", help="write each case's pseudo-image (.nii.gz + .png)")
+    p.add_argument("--keep_unfamiliar_reports", action="store_true",
+                   help="read reports worded unlike every training report as given (default: predict them with the "
+                        "learned null report, listed in unfamiliar_reports.json)")
     p.add_argument("--mc_samples", type=int, default=0, help="Monte-Carlo samples of a stochastic model (MedCLIPSeg): "
                    "the prediction is their mean; with --save_uncertainty also mutual information and variance")
     p.add_argument("--mc_batch_size", type=int, default=8, help="Monte-Carlo samples computed together per tile "
@@ -201,7 +207,8 @@ def predict_main(argv=None) -> None:
                                     allow_tqdm=not a.disable_progress_bar,
                                     allow_missing_reports=a.allow_missing_reports,
                                     save_uncertainty=a.save_uncertainty, save_pseudo_images=a.save_pseudo_images,
-                                    mc_samples=a.mc_samples, mc_batch_size=a.mc_batch_size)
+                                    mc_samples=a.mc_samples, mc_batch_size=a.mc_batch_size,
+                                    keep_unfamiliar_reports=a.keep_unfamiliar_reports)
     predictor.initialize_from_trained_model_folder(model_folder, folds, checkpoint_name=a.chk)
     net = predictor._net()
     if a.mc_samples > 1 and not net.can_sample:
@@ -227,6 +234,11 @@ def predict_main(argv=None) -> None:
               f"they are ignored.")
     predictor.set_reports({c: table.reports[c] for c in case_ids if c in table.reports})
     predictor.check_cases(case_ids, source=f"{a.i} (reports: {reports_file})")
+    if predictor.report_references:  # which cases were unfamiliar, and what was done, stay with the predictions
+        atomic_write_text(Path(a.o) / "unfamiliar_reports.json", json.dumps(
+            {"read_as_given": a.keep_unfamiliar_reports,
+             "threshold": max(r.threshold for r in predictor.report_references),
+             "cosine_to_nearest_training_report": predictor.unfamiliar_reports}, indent=2))
     if a.nps == 0 and a.npp == 0:
         predictor.predict_from_files_sequential(a.i, a.o, save_probabilities=a.save_probabilities,
                                                 overwrite=not a.continue_prediction,

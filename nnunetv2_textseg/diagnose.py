@@ -182,7 +182,8 @@ def _case_files(images: Path, ending: str) -> dict[str, list[Path]]:
 
 def diagnose(model: Path, fold: int, images: Path, labels: Path, reports_file: Path | None, out: Path,
              checkpoint: str = "checkpoint_final.pth", device: str = "cpu", n_figure: int = 4, max_cases: int = 0,
-             seed: int = 0, phrasings: Sequence[str] = (), negative_phrasing: str | None = None) -> dict:
+             seed: int = 0, phrasings: Sequence[str] = (), negative_phrasing: str | None = None,
+             keep_unfamiliar_reports: bool = False) -> dict:
     from nnunetv2_textseg.patient_frame import with_position_channels
     from nnunetv2_textseg.predictor import default_reports_file, nnUNetTextPredictor
     from nnunetv2_textseg.reports import read_report_table
@@ -212,13 +213,15 @@ def diagnose(model: Path, fold: int, images: Path, labels: Path, reports_file: P
     predictor = nnUNetTextPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
                                     perform_everything_on_device=device != "cpu", device=torch.device(device),
                                     verbose=False, verbose_preprocessing=False, allow_tqdm=False,
-                                    allow_missing_reports=True)
+                                    allow_missing_reports=True, keep_unfamiliar_reports=keep_unfamiliar_reports)
     predictor.initialize_from_trained_model_folder(str(model), (fold,), checkpoint)
     net = predictor._net()
     has_pseudo = net.has_pseudo_image
     texts = sorted({t for v in variants.values() for t in v.values() if t is not None})
     predictor.set_reports({str(i): t for i, t in enumerate(texts)})
     index = {t: str(i) for i, t in enumerate(texts)}
+    # as nnUNetv2_textseg_predict would: reports worded unlike training are given the null report (unless kept)
+    replaced = {t for t in texts if index[t] in predictor.unfamiliar_reports and not keep_unfamiliar_reports}
 
     reader = predictor.plans_manager.image_reader_writer_class()
     preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
@@ -236,7 +239,7 @@ def diagnose(model: Path, fold: int, images: Path, labels: Path, reports_file: P
         row = {"case": case, "image": data[0, 0], "ref": ref[0], "report": reports[case]}
         for v in variants:
             text = variants[v][case]
-            predictor._current_text = None if text is None else predictor.embeddings[index[text]]
+            predictor._current_text = None if text is None or text in replaced else predictor.embeddings[index[text]]
             logits = predictor.predict_logits_from_preprocessed_data(data_t).float()
             prob_fg = 1 - torch.softmax(logits, 0)[0].numpy()  # P(any foreground)
             pred = logits.argmax(0).numpy()
@@ -260,7 +263,10 @@ def diagnose(model: Path, fold: int, images: Path, labels: Path, reports_file: P
         print(f"[diagnose] {n + 1}/{len(cases)} {case}", flush=True)
 
     result = {"model": str(model), "fold": fold, "checkpoint": checkpoint, "cases": len(cases),
-              "reports": str(reports_file), "dice": {}, "pseudo_image_auc": {}, "pseudo_image_auc_lesion_region": {}}
+              "reports": str(reports_file), "dice": {}, "pseudo_image_auc": {}, "pseudo_image_auc_lesion_region": {},
+              "unfamiliar_reports": {v: sum(t is not None and index[t] in predictor.unfamiliar_reports
+                                            for t in variants[v].values()) for v in variants},
+              "unfamiliar_reports_read_as_given": keep_unfamiliar_reports}
     region = lesion_prone_region(per_variant["real"]["ref"]) if has_pseudo else None
     for v in variants:
         result["dice"][v] = float(np.nanmean(per_variant[v]["dice"]))
@@ -339,6 +345,11 @@ def format_table(result: dict) -> str:
         lines.append(f"side ({what}, {real['cases']} one-sided cases): named half higher with the real report "
                      f"{real['named_side_brighter']:.2f} (median ratio {real['median_ratio']:.2f}), with the "
                      f"contradictory one {contra['named_side_brighter']:.2f} ({contra['median_ratio']:.2f})")
+    flagged = {v: n for v, n in (result.get("unfamiliar_reports") or {}).items() if n}
+    if flagged:
+        how = "read as given" if result.get("unfamiliar_reports_read_as_given") else "given the null report"
+        lines.append("reports worded unlike training (" + how + "): " +
+                     ", ".join(f"{v} {n}/{result['cases']}" for v, n in flagged.items()))
     if result.get("first_conv_weight_norm"):
         lines.append("first-convolution weight norm per input: " +
                      ", ".join(f"{k} {v:.3f}" for k, v in result["first_conv_weight_norm"].items()))
@@ -370,6 +381,9 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--negative_phrasing", default=None, metavar="TEXT",
                    help="with --phrasings: the text for reports the parser reads as negative (e.g. \"No acute "
                         "findings.\"); without it every report gets one of --phrasings")
+    p.add_argument("--keep_unfamiliar_reports", action="store_true",
+                   help="read reports worded unlike every training report as given (default, as prediction does: "
+                        "the learned null report)")
     a = p.parse_args(argv)
     if a.negative_phrasing is not None and not a.phrasings:
         raise DiagnoseError("--negative_phrasing is the negative reports' text of the 'rephrased' variant: give the "
@@ -382,7 +396,7 @@ def _main(argv: list[str] | None = None) -> int:
     model = _model_folder(a.d, a.tr, a.p, a.c)
     out = a.o or model / f"fold_{a.f}" / "diagnosis"
     result = diagnose(model, a.f, a.i, a.ref, a.reports, out, a.chk, a.device, a.n_figure, a.max_cases, a.seed,
-                      a.phrasings, a.negative_phrasing)
+                      a.phrasings, a.negative_phrasing, a.keep_unfamiliar_reports)
     print(format_table(result))
     print(f"[diagnose] wrote {out / 'diagnosis.json'} and {out / 'diagnosis.png'}")
     return 0

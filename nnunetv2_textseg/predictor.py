@@ -23,9 +23,13 @@ from torch._dynamo import OptimizedModule
 from nnunetv2_textseg.cache import CacheError
 from nnunetv2_textseg.encoders import EncoderSpec, TextEncoder, identity_diff, spec_from_record
 from nnunetv2_textseg.errors import TextSegError
+from nnunetv2_textseg.report_familiarity import REFERENCE_FILE, ReportReference, ReportReferenceError, familiarity
 from nnunetv2_textseg.uncertainty import UncertaintyAccumulator
 from nnunetv2_textseg.reports import ReportTable, pair_listing, unicode_twins
 from nnunetv2_textseg.training.text_trainer import PLANS_KEY
+
+
+_NULL_REPORT = object()  # set as the current text: predict with the learned null report on purpose
 
 
 class TextPredictionError(TextSegError, RuntimeError):
@@ -38,7 +42,7 @@ class nnUNetTextPredictor(nnUNetPredictor):
 
     def __init__(self, *args, allow_missing_reports: bool = False, encoder_override: EncoderSpec | None = None,
                  save_uncertainty: bool = False, save_pseudo_images: bool = False, mc_samples: int = 0,
-                 mc_batch_size: int = 8, **kwargs):
+                 mc_batch_size: int = 8, keep_unfamiliar_reports: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         if mc_batch_size < 1:
             raise ValueError(f"mc_batch_size must be >= 1, got {mc_batch_size}")
@@ -46,6 +50,10 @@ class nnUNetTextPredictor(nnUNetPredictor):
         self.mc_batch_size = mc_batch_size  # samples per network call (one sliding-window pass each batch)
         self._mc_rows = 1  # samples the current sliding-window pass computes per tile
         self.allow_missing_reports = allow_missing_reports
+        # reports worded unlike every training report are predicted with the null report unless kept
+        self.keep_unfamiliar_reports = keep_unfamiliar_reports
+        self.report_references: list[ReportReference] = []  # one per fold that has one
+        self.unfamiliar_reports: dict[str, float] = {}  # case -> cosine to its nearest training report
         self.encoder_override = encoder_override
         self.save_uncertainty = save_uncertainty
         self.save_pseudo_images = save_pseudo_images
@@ -74,6 +82,27 @@ class nnUNetTextPredictor(nnUNetPredictor):
         os.environ[TRAINER_PATH_VAR] = trainer_search_path(os.environ.get(TRAINER_PATH_VAR))
         super().initialize_from_trained_model_folder(model_training_output_dir, use_folds, checkpoint_name)
         self.text_config = self.plans_manager.plans[PLANS_KEY]
+        if use_folds is None:
+            use_folds = self.auto_detect_available_folds(model_training_output_dir, checkpoint_name)
+        self.report_references = self.load_report_references(
+            [Path(model_training_output_dir) / f"fold_{f}" for f in use_folds])
+
+    def load_report_references(self, fold_folders: Iterable[Path]) -> list[ReportReference]:
+        """The training-report references of these folds, checked against the model's encoder. Models trained
+        before references were kept have none: then every report is read as given (said once)."""
+        refs = []
+        for folder in fold_folders:
+            if (folder / REFERENCE_FILE).is_file():
+                ref = ReportReference.load(folder / REFERENCE_FILE)
+                diff = identity_diff(self.text_config["encoder_identity"], ref.encoder_identity)
+                if diff:
+                    raise ReportReferenceError(f"{folder / REFERENCE_FILE} was made with another text encoder than "
+                                               f"the model's ({diff}); delete it or retrain the fold.")
+                refs.append(ref)
+        if not refs:
+            print(f"Note: this model keeps no {REFERENCE_FILE} (trained by an older version), so reports worded "
+                  f"unlike its training reports cannot be recognised; each is read as given.")
+        return refs
 
     def manual_initialization(self, network, plans_manager, configuration_manager, parameters, dataset_json,
                               trainer_name, inference_allowed_mirroring_axes):
@@ -110,6 +139,23 @@ class nnUNetTextPredictor(nnUNetPredictor):
             return
         enc = self.load_encoder().encode(list(reports.values()), batch_size=batch_size, progress=self.allow_tqdm)
         self.embeddings = {c: _one(enc, i) for i, c in enumerate(reports)}
+        self.unfamiliar_reports = self.find_unfamiliar({c: e[0].numpy() for c, e in self.embeddings.items()})
+
+    def find_unfamiliar(self, pooled: Mapping[str, np.ndarray]) -> dict[str, float]:
+        """{key: similarity} of the reports less similar to every training report than the model's threshold;
+        warns which, and how they are predicted."""
+        margins = familiarity(self.report_references, pooled)
+        threshold = max((r.threshold for r in self.report_references), default=0.0)
+        unfamiliar = {k: m + threshold for k, m in sorted(margins.items()) if m < 0}
+        if unfamiliar:
+            how = ("read as given (--keep_unfamiliar_reports)" if self.keep_unfamiliar_reports else
+                   "predicted with the learned null report instead (--keep_unfamiliar_reports reads them)")
+            listing = ", ".join(f"{k} ({v:.2f})" for k, v in list(unfamiliar.items())[:10])
+            warnings.warn(f"{len(unfamiliar)} report(s) are worded unlike every report this model was trained with "
+                          f"(cosine to the nearest below {threshold:.2f}): {listing}"
+                          f"{' ...' if len(unfamiliar) > 10 else ''}. A model reads only the wording it learned; "
+                          f"these are {how}.")
+        return unfamiliar
 
     def check_cases(self, case_ids: Iterable[str], source: str = "the input folder") -> list[str]:
         """Cases without a report: an error, or (with allow_missing_reports) a warning and the null report."""
@@ -129,10 +175,14 @@ class nnUNetTextPredictor(nnUNetPredictor):
         return missing
 
     def _text_of(self, case: str | None):
+        if self._current_text is _NULL_REPORT:
+            return None
         if self._current_text is not None:
             return self._current_text
         case = self._case_of_output.get(case, case)
         text = self.embeddings.get(case) if case is not None else None
+        if text is not None and case in self.unfamiliar_reports and not self.keep_unfamiliar_reports:
+            return None
         if text is None and not self.allow_missing_reports:
             raise TextPredictionError(
                 f"No report for case {case!r} (reports known for {len(self.embeddings)} case(s)). Call set_reports "
@@ -297,11 +347,13 @@ class nnUNetTextPredictor(nnUNetPredictor):
         if report is None:
             if not self.allow_missing_reports:
                 raise TextPredictionError("No report given; pass a report or allow_missing_reports=True.")
-            self._current_text = None
+            self._current_text = _NULL_REPORT
         else:
             if not str(report).strip():
                 raise TextPredictionError("The report is empty; pass the case's report text.")
             self._current_text = _one(self.load_encoder().encode([report]), 0)
+            if self.find_unfamiliar({"report": self._current_text[0].numpy()}) and not self.keep_unfamiliar_reports:
+                self._current_text = _NULL_REPORT
         try:
             return self.predict_single_npy_array(input_image, image_properties, None, output_file_truncated,
                                                  save_or_return_probabilities)

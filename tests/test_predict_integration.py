@@ -127,6 +127,58 @@ def test_report_changes_the_logits(trained_model, nnunet_environ):
     np.testing.assert_array_equal(prob_a, prob_a2)  # deterministic for identical inputs
 
 
+def test_unfamiliar_wording_gets_the_null_report_unless_kept(trained_model, nnunet_environ, capsys):
+    """Training kept the fold's report embeddings; a report worded unlike all of them is predicted exactly as the
+    null report (with a warning naming it), unless keep_unfamiliar_reports; template reports are read."""
+    from nnunetv2_textseg.report_familiarity import REFERENCE_FILE, ReportReference
+    ref = ReportReference.load(trained_model.fold0 / REFERENCE_FILE)
+    splits = Path(trained_model.env["nnUNet_preprocessed"]) / trained_model.model_folder.parent.name / "splits_final.json"
+    n_train = len(json.loads(splits.read_text())[0]["train"])
+    assert 1 <= len(ref.vectors) <= n_train and 0 < ref.threshold <= 0.70
+    data, props = _case(trained_model)
+    unseen, template = "Lung opacities are present.", "Unilateral pulmonary infection, one infected area, upper left lung."
+    p = make_predictor(trained_model, allow_missing_reports=True)
+    _, prob_null = p.predict_single_npy_array_with_report(data, props, None, save_or_return_probabilities=True)
+    with pytest.warns(UserWarning, match="worded unlike every report"):
+        _, prob_unseen = p.predict_single_npy_array_with_report(data, props, unseen, save_or_return_probabilities=True)
+    np.testing.assert_array_equal(prob_unseen, prob_null)
+    _, prob_template = p.predict_single_npy_array_with_report(data, props, template, save_or_return_probabilities=True)
+    assert not np.allclose(prob_template, prob_null)
+    kept = make_predictor(trained_model, keep_unfamiliar_reports=True)
+    _, prob_kept = kept.predict_single_npy_array_with_report(data, props, unseen, save_or_return_probabilities=True)
+    assert not np.allclose(prob_kept, prob_null)
+    kept.set_reports({"a": template, "b": unseen})
+    assert list(kept.unfamiliar_reports) == ["b"] and kept._text_of("b") is not None
+    p.set_reports({"a": template, "b": unseen})
+    assert p._text_of("b") is None and p._text_of("a") is not None
+
+
+def test_unfamiliar_reports_are_listed_with_the_predictions(trained_model, tmp_path):
+    inp = tmp_path / "in"
+    shutil.copytree(trained_model.raw / "imagesTs", inp)
+    reports = pd.read_csv(trained_model.raw / "reportsTs.csv", dtype=str, keep_default_na=False)
+    odd = reports["case_id"].iloc[0]
+    reports.loc[0, "report"] = "Signs of infection in the lungs, see prior study."
+    reports.to_csv(inp / "reports.csv", index=False)
+    r = run(predict_cmd(trained_model, tmp_path / "out", inp=inp), trained_model.env)
+    listed = json.loads((tmp_path / "out" / "unfamiliar_reports.json").read_text())
+    assert list(listed["cosine_to_nearest_training_report"]) == [odd] and listed["read_as_given"] is False
+    assert odd in r.stderr and "null report" in r.stderr
+    assert (tmp_path / "out" / f"{odd}.png").is_file()
+
+
+def test_older_models_without_a_reference_read_every_report(trained_model, tmp_path, nnunet_environ, capsys):
+    from nnunetv2_textseg.predictor import nnUNetTextPredictor
+    from nnunetv2_textseg.report_familiarity import REFERENCE_FILE
+    old = tmp_path / trained_model.model_folder.name
+    shutil.copytree(trained_model.model_folder, old, ignore=shutil.ignore_patterns(REFERENCE_FILE, "validation"))
+    p = nnUNetTextPredictor(perform_everything_on_device=False, device=torch.device("cpu"), allow_tqdm=False)
+    p.initialize_from_trained_model_folder(str(old), (0,), "checkpoint_final.pth")
+    assert p.report_references == [] and f"keeps no {REFERENCE_FILE}" in capsys.readouterr().out
+    p.set_reports({"b": "Lung opacities are present."})
+    assert p.unfamiliar_reports == {} and p._text_of("b") is not None
+
+
 def test_missing_report_is_an_error_that_names_the_case(trained_model, tmp_path):
     inp = tmp_path / "in"
     shutil.copytree(trained_model.raw / "imagesTs", inp)
@@ -277,6 +329,9 @@ def test_diagnose_reports_every_variant_and_refuses_bad_input(trained_model, tmp
                                                                           "missing_location", "underdescriptive",
                                                                           "rephrased", "null"}
     assert "| rephrased |" in capsys.readouterr().out  # the printed table has its row
+    # the rephrased reports are worded unlike training: given the null report, as prediction would
+    assert result["unfamiliar_reports"]["rephrased"] == 2 and result["unfamiliar_reports"]["real"] == 0
+    assert result["dice"]["rephrased"] == result["dice"]["null"]
     # the side: pseudo-image and prediction, real and contradictory report (None where no case is one-sided)
     assert set(result["side"]) == {"pseudo_image", "prediction"}
     for scores in result["side"].values():

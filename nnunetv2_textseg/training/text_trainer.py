@@ -18,6 +18,7 @@ from nnunetv2_textseg.cache import (CacheError, TextEmbeddingCache, build_or_upd
                                     load_checked_cache)
 from nnunetv2_textseg.encoders import EncoderSpec, spec_from_record, spec_to_dict
 from nnunetv2_textseg.errors import TextSegError
+from nnunetv2_textseg.report_familiarity import REFERENCE_FILE, ReportReference
 from nnunetv2_textseg.reports import ReportError, load_dataset_reports, reports_path
 
 PLANS_KEY = "textseg"  # our entry in the plans.json the trainer writes to its results folder
@@ -122,6 +123,7 @@ class nnUNetTrainerText(nnUNetTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.text_table: torch.Tensor | None = None  # (N, D_in) pooled embeddings, row per case id
         self.text_rows: dict[str, int] = {}
+        self.report_reference: ReportReference | None = None
 
     # ---- text preparation ----------------------------------------------------------------------
     def _text_plans_entry(self, identity: dict, spec: EncoderSpec) -> dict:
@@ -185,6 +187,9 @@ class nnUNetTrainerText(nnUNetTrainer):
                 f"Add a row per case to $nnUNet_raw/{self.plans_manager.dataset_name}/reportsTr.csv "
                 f"(nnUNetv2_textseg_attach_reports) and start again.")
         self.text_rows = {c: i for i, c in enumerate(cache.case_ids)}
+        # the training reports' embeddings, kept beside the checkpoint: prediction recognises wording never seen
+        self.report_reference = ReportReference.from_training_reports(
+            cache.pooled[[self.text_rows[c] for c in self.training_case_ids]], cache.identity)
         self.text_table = torch.from_numpy(np.ascontiguousarray(cache.pooled)).to(self.device)
         if self.uses_token_text:  # token-level embeddings stay in (float16) host memory; rows move per batch
             self.text_tokens = torch.from_numpy(np.ascontiguousarray(cache.tokens))
@@ -425,6 +430,8 @@ class nnUNetTrainerText(nnUNetTrainer):
 
     def on_train_start(self):
         super().on_train_start()
+        if self.local_rank == 0 and self.report_reference is not None:
+            self.report_reference.save(Path(self.output_folder) / REFERENCE_FILE)
         for k in self._logged_keys():
             self.logger.local_logger.my_fantastic_logging.setdefault(k, [])
 
