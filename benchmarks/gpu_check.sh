@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Prepared GPU check (about 5-8 minutes on one GPU; run it where a GPU is lent, CI never has one):
+# Prepared GPU check (about 6 minutes on one GPU; run it where a GPU is lent, CI never has one):
 #   1. train step of plain nnU-Net, BiCLIP (with and without IAC) and MedCLIPSeg at a 256² patch with
-#      nnU-Net's CUDA defaults (AMP, its grad scaler, torch.compile where nnU-Net enables it, pinned memory):
-#      s/iter and peak GPU memory as ratios to nnUNetTrainer (benchmarks/train_step.py --device cuda);
+#      nnU-Net's CUDA defaults (AMP, its grad scaler, pinned memory) but torch.compile off unless COMPILE=t
+#      (compiling four trainers took over 8 minutes on an H200): s/iter and peak GPU memory as ratios to
+#      nnUNetTrainer (benchmarks/train_step.py --device cuda);
 #   2. short _debug trainings of plain nnU-Net and MedCLIPSeg on the same data, then prediction of the test
 #      cases: nnUNetv2_predict (plain) vs nnUNetv2_textseg_predict --mc_samples 8 --save_uncertainty (seconds).
 # Writes OUT/train_step.json, OUT/predict.json and OUT/gpu_check.md (OUT=benchmarks/results/gpu_check).
+# A GPU machine without this project's environment: install wheels of nnunetv2 2.8.1 and its dependencies
+# that its Python lacks (pip download --platform manylinux... --python-version X here, pip install --no-index
+# --no-deps there), then this repo (pip install --no-deps --no-build-isolation .), and pass PY=<that python>.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu_check}
@@ -17,7 +21,8 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU visible'; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
 
 WORK="$OUT/work"
-"$PY" benchmarks/train_step.py --device cuda --size 256 --iters 40 --warmup 10 --root "$WORK" -d 989 \
+nnUNet_compile=${COMPILE:-f} "$PY" benchmarks/train_step.py --device cuda --size 256 --iters 20 --warmup 5 \
+  --root "$WORK" -d 989 \
   --trainers nnUNetTrainer nnUNetTrainerBiCLIP_noIAC nnUNetTrainerBiCLIP nnUNetTrainerMedCLIPSeg \
   --out "$OUT/train_step.json" | tee "$OUT/train_step.md"
 
