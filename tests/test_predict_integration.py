@@ -167,6 +167,17 @@ def test_unfamiliar_reports_are_listed_with_the_predictions(trained_model, tmp_p
     assert (tmp_path / "out" / f"{odd}.png").is_file()
 
 
+def test_damaged_reference_is_one_clear_error(trained_model, tmp_path):
+    from nnunetv2_textseg.report_familiarity import REFERENCE_FILE
+    res = tmp_path / "res"
+    target = res / trained_model.model_folder.parent.name / trained_model.model_folder.name
+    shutil.copytree(trained_model.model_folder, target, ignore=shutil.ignore_patterns("validation"))
+    (target / "fold_0" / REFERENCE_FILE).write_bytes(b"not an npz")
+    r = run(predict_cmd(trained_model, tmp_path / "out"), dict(trained_model.env, nnUNet_results=str(res)), check=False)
+    assert r.returncode == 2 and str(target / "fold_0" / REFERENCE_FILE) in r.stderr and "Delete it" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
 def test_older_models_without_a_reference_read_every_report(trained_model, tmp_path, nnunet_environ, capsys):
     from nnunetv2_textseg.predictor import nnUNetTextPredictor
     from nnunetv2_textseg.report_familiarity import REFERENCE_FILE
