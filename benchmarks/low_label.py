@@ -178,22 +178,24 @@ def markdown(result: dict) -> str:
         lines += ["", "Does it read the report? `nnUNetv2_textseg_diagnose` on the clean test set (mean ± std over "
                       "seeds): Dice with the real, shuffled (another case's), contradictory, location-free, "
                       "generic (\"Pulmonary infection.\"), rephrased (place-free wordings never seen in training: "
-                      "--phrasings) and no report; pixel AUC of BiCLIP's pseudo-image for "
+                      "--phrasings; given the null report by the unfamiliar-report guard, as prediction does, and "
+                      "'as given' without it) and no report; pixel AUC of BiCLIP's pseudo-image for "
                       "lesion vs background, over the whole image and within the lesion region (pixels that are "
                       "lesion in at least one test case: what a report can add beyond where lesions can be at all; "
                       "– for models without a pseudo-image); side: share of the cases with lesions in one half of "
                       "the image whose pseudo-image is higher in that half, with the real and the contradictory "
                       "report (which names the other side).", "",
                   "| fraction | trainer | Dice real | shuffled | contradictory | missing location | generic | "
-                  "rephrased | null | "
+                  "rephrased | rephrased as given | null | "
                   "AUC real | AUC shuffled | AUC contradictory | AUC in lesion region real | shuffled | null | "
-                  "side real | side contradictory | text sensitivity |", "|---:|---|" + "---:|" * 16]
+                  "side real | side contradictory | text sensitivity |", "|---:|---|" + "---:|" * 17]
         keys = sorted({(d["fraction"], d["trainer"]) for d in result["diagnosis"]})
         for f, t in keys:
             ds = [d for d in result["diagnosis"] if d["fraction"] == f and d["trainer"] == t]
             cols = " | ".join(_ms([d.get(k) for d in ds]) for k in (
                 "dice_real", "dice_shuffled", "dice_contradictory", "dice_missing_location",
-                "dice_underdescriptive", "dice_rephrased", "dice_null", "auc_real", "auc_shuffled", "auc_contradictory",
+                "dice_underdescriptive", "dice_rephrased", "dice_rephrased_as_given", "dice_null", "auc_real",
+                "auc_shuffled", "auc_contradictory",
                 "region_auc_real", "region_auc_shuffled", "region_auc_null", "side_pseudo_real",
                 "side_pseudo_contradictory", "text_sensitivity"))
             lines.append(f"| {100 * f:g}% | {t} | {cols} |")

@@ -209,6 +209,13 @@ def diagnose(model: Path, fold: int, images: Path, labels: Path, reports_file: P
         raise DiagnoseError(f"{len(no_label)} case(s) have no reference {labels}/CASE{ending}: {no_label[:10]}.")
     cases = sorted(files)[:max_cases] if max_cases > 0 else sorted(files)
     variants = report_variants({c: reports[c] for c in cases}, seed, phrasings, negative_phrasing)
+    if phrasings and not keep_unfamiliar_reports:  # what the guard below protects from stays measured
+        ordered = {}
+        for name, texts in variants.items():
+            ordered[name] = texts
+            if name == "rephrased":
+                ordered["rephrased_as_given"] = texts
+        variants = ordered
 
     predictor = nnUNetTextPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
                                     perform_everything_on_device=device != "cpu", device=torch.device(device),
@@ -239,7 +246,8 @@ def diagnose(model: Path, fold: int, images: Path, labels: Path, reports_file: P
         row = {"case": case, "image": data[0, 0], "ref": ref[0], "report": reports[case]}
         for v in variants:
             text = variants[v][case]
-            predictor._current_text = None if text is None or text in replaced else predictor.embeddings[index[text]]
+            null = text is None or (text in replaced and v != "rephrased_as_given")
+            predictor._current_text = None if null else predictor.embeddings[index[text]]
             logits = predictor.predict_logits_from_preprocessed_data(data_t).float()
             prob_fg = 1 - torch.softmax(logits, 0)[0].numpy()  # P(any foreground)
             pred = logits.argmax(0).numpy()
@@ -265,7 +273,8 @@ def diagnose(model: Path, fold: int, images: Path, labels: Path, reports_file: P
     result = {"model": str(model), "fold": fold, "checkpoint": checkpoint, "cases": len(cases),
               "reports": str(reports_file), "dice": {}, "pseudo_image_auc": {}, "pseudo_image_auc_lesion_region": {},
               "unfamiliar_reports": {v: sum(t is not None and index[t] in predictor.unfamiliar_reports
-                                            for t in variants[v].values()) for v in variants},
+                                            for t in variants[v].values())
+                                     for v in variants if v != "rephrased_as_given"},
               "unfamiliar_reports_read_as_given": keep_unfamiliar_reports}
     region = lesion_prone_region(per_variant["real"]["ref"]) if has_pseudo else None
     for v in variants:

@@ -214,11 +214,11 @@ def test_low_label_control_rows_and_lesion_region_auc(tmp_path, monkeypatch):
     mcs_line = next(line for line in md.splitlines() if line.startswith(f"| 10% | {mcs} |"))
     assert text_line.count("|") == header.count("|") == mcs_line.count("|")
     # diagnoses without the generic-report variant show –, not 0
-    assert "0.4700 ± 0.0000 | – | – | 0.3000" in text_line and "0.7500 ± 0.0707 | 0.6000 ± 0.0000 | 0.5000" in text_line
+    assert "0.4700 ± 0.0000 | – | – | – | 0.3000" in text_line and "0.7500 ± 0.0707 | 0.6000 ± 0.0000 | 0.5000" in text_line
     assert "| 0.8500 ± 0.0707 | 0.2000 ± 0.0000 |" in text_line and "side real | side contradictory" in header
-    # MedCLIPSeg: generic and rephrased –, AUC real/shuffled/contradictory, the three lesion-region AUCs, the two
-    # side columns
-    assert mcs_line.count("–") == 10
+    # MedCLIPSeg: generic, rephrased and rephrased as given –, AUC real/shuffled/contradictory, the three
+    # lesion-region AUCs, the two side columns
+    assert mcs_line.count("–") == 11
 
 
 def test_low_label_diagnoses_text_models_with_the_rephrased_reports(tmp_path, monkeypatch):
@@ -238,7 +238,7 @@ def test_low_label_diagnoses_text_models_with_the_rephrased_reports(tmp_path, mo
         calls.append(list(cmd))
         target = Path(cmd[cmd.index("-o") + 1])
         target.mkdir(parents=True, exist_ok=True)
-        rephrased = {"rephrased": 0.35} if "--phrasings" in cmd else {}
+        rephrased = {"rephrased": 0.35, "rephrased_as_given": 0.25} if "--phrasings" in cmd else {}
         (target / "diagnosis.json").write_text(json.dumps({
             "dice": {"real": 0.5, "shuffled": 0.4, **rephrased, "null": 0.3}, "pseudo_image_auc": None,
             "pseudo_image_auc_lesion_region": None, "text_sensitivity": 0.1, "reliance": 0.2}))
@@ -251,7 +251,7 @@ def test_low_label_diagnoses_text_models_with_the_rephrased_reports(tmp_path, mo
     assert rows[0]["dice_rephrased"] == 0.35
     md = low_label.markdown(low_label.aggregate(cfg, {0: {"commit": "abc", "entries": []}}, rows))
     line = next(x for x in md.splitlines() if x.startswith(f"| 10% | {text} |"))
-    assert "| – | 0.3500 ± 0.0000 | 0.3000 ± 0.0000 |" in line  # generic (not run) –, rephrased, null
+    assert "| – | 0.3500 ± 0.0000 | 0.2500 ± 0.0000 | 0.3000 ± 0.0000 |" in line  # generic –, rephrased (2), null
 
     cfg_none = low_label.parse_args(["--preset", "smoke", "--trainers", text, "--phrasings",
                                      "--out", str(tmp_path / "none")])

@@ -338,11 +338,12 @@ def test_diagnose_reports_every_variant_and_refuses_bad_input(trained_model, tmp
     result = json.loads((out / "diagnosis.json").read_text())
     assert set(result["dice"]) == set(result["pseudo_image_auc"]) == {"real", "shuffled", "contradictory",
                                                                           "missing_location", "underdescriptive",
-                                                                          "rephrased", "null"}
+                                                                          "rephrased", "rephrased_as_given", "null"}
     assert "| rephrased |" in capsys.readouterr().out  # the printed table has its row
     # the rephrased reports are worded unlike training: given the null report, as prediction would
     assert result["unfamiliar_reports"]["rephrased"] == 2 and result["unfamiliar_reports"]["real"] == 0
     assert result["dice"]["rephrased"] == result["dice"]["null"]
+    assert "rephrased_as_given" not in result["unfamiliar_reports"]  # read as given: nothing replaced
     # the side: pseudo-image and prediction, real and contradictory report (None where no case is one-sided)
     assert set(result["side"]) == {"pseudo_image", "prediction"}
     for scores in result["side"].values():
