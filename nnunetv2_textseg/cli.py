@@ -234,11 +234,12 @@ def predict_main(argv=None) -> None:
               f"they are ignored.")
     predictor.set_reports({c: table.reports[c] for c in case_ids if c in table.reports})
     predictor.check_cases(case_ids, source=f"{a.i} (reports: {reports_file})")
-    if predictor.report_references:  # which cases were unfamiliar, and what was done, stay with the predictions
-        atomic_write_text(Path(a.o) / "unfamiliar_reports.json", json.dumps(
-            {"read_as_given": a.keep_unfamiliar_reports,
-             "threshold": max(r.threshold for r in predictor.report_references),
-             "cosine_to_nearest_training_report": predictor.unfamiliar_reports}, indent=2))
+    # which cases were unfamiliar, and what was done with them, stay with the predictions (always written: never
+    # an earlier run's file left beside these predictions)
+    atomic_write_text(Path(a.o) / "unfamiliar_reports.json", json.dumps(
+        {"checked": bool(predictor.report_references), "read_as_given": a.keep_unfamiliar_reports,
+         "thresholds_per_fold": [r.threshold for r in predictor.report_references],
+         "cosine_to_nearest_training_report": predictor.unfamiliar_reports}, indent=2))
     if a.nps == 0 and a.npp == 0:
         predictor.predict_from_files_sequential(a.i, a.o, save_probabilities=a.save_probabilities,
                                                 overwrite=not a.continue_prediction,

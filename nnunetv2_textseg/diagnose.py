@@ -185,7 +185,7 @@ def diagnose(model: Path, fold: int, images: Path, labels: Path, reports_file: P
              seed: int = 0, phrasings: Sequence[str] = (), negative_phrasing: str | None = None,
              keep_unfamiliar_reports: bool = False) -> dict:
     from nnunetv2_textseg.patient_frame import with_position_channels
-    from nnunetv2_textseg.predictor import default_reports_file, nnUNetTextPredictor
+    from nnunetv2_textseg.predictor import _NULL_REPORT, default_reports_file, nnUNetTextPredictor
     from nnunetv2_textseg.reports import read_report_table
 
     if not (model / f"fold_{fold}" / checkpoint).is_file():
@@ -247,7 +247,7 @@ def diagnose(model: Path, fold: int, images: Path, labels: Path, reports_file: P
         for v in variants:
             text = variants[v][case]
             null = text is None or (text in replaced and v != "rephrased_as_given")
-            predictor._current_text = None if null else predictor.embeddings[index[text]]
+            predictor._current_text = _NULL_REPORT if null else predictor.embeddings[index[text]]
             logits = predictor.predict_logits_from_preprocessed_data(data_t).float()
             prob_fg = 1 - torch.softmax(logits, 0)[0].numpy()  # P(any foreground)
             pred = logits.argmax(0).numpy()

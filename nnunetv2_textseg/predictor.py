@@ -23,7 +23,8 @@ from torch._dynamo import OptimizedModule
 from nnunetv2_textseg.cache import CacheError
 from nnunetv2_textseg.encoders import EncoderSpec, TextEncoder, identity_diff, spec_from_record
 from nnunetv2_textseg.errors import TextSegError
-from nnunetv2_textseg.report_familiarity import REFERENCE_FILE, ReportReference, ReportReferenceError, familiarity
+from nnunetv2_textseg.report_familiarity import (REFERENCE_FILE, ReportReference, ReportReferenceError, familiarity,
+                                                 nearest_cosine)
 from nnunetv2_textseg.uncertainty import UncertaintyAccumulator
 from nnunetv2_textseg.reports import ReportTable, pair_listing, unicode_twins
 from nnunetv2_textseg.training.text_trainer import PLANS_KEY
@@ -82,33 +83,43 @@ class nnUNetTextPredictor(nnUNetPredictor):
         os.environ[TRAINER_PATH_VAR] = trainer_search_path(os.environ.get(TRAINER_PATH_VAR))
         super().initialize_from_trained_model_folder(model_training_output_dir, use_folds, checkpoint_name)
         self.text_config = self.plans_manager.plans[PLANS_KEY]
-        if use_folds is None:
-            use_folds = self.auto_detect_available_folds(model_training_output_dir, checkpoint_name)
+        if use_folds is None:  # as nnU-Net resolves them (its own detection has printed what it found)
+            use_folds = [p.name[len("fold_"):] for p in sorted(Path(model_training_output_dir).glob("fold_*"))
+                         if p.name != "fold_all" and (p / checkpoint_name).is_file()]
+        elif isinstance(use_folds, str):
+            use_folds = [use_folds]
         self.report_references = self.load_report_references(
             [Path(model_training_output_dir) / f"fold_{f}" for f in use_folds])
 
     def load_report_references(self, fold_folders: Iterable[Path]) -> list[ReportReference]:
         """The training-report references of these folds, checked against the model's encoder. Models trained
         before references were kept have none: then every report is read as given (said once)."""
-        refs = []
+        refs, lacking = [], []
         for folder in fold_folders:
-            if (folder / REFERENCE_FILE).is_file():
+            if not (folder / REFERENCE_FILE).is_file():
+                lacking.append(folder.name)
+            else:
                 ref = ReportReference.load(folder / REFERENCE_FILE)
                 diff = identity_diff(self.text_config["encoder_identity"], ref.encoder_identity)
                 if diff:
                     raise ReportReferenceError(f"{folder / REFERENCE_FILE} was made with another text encoder than "
                                                f"the model's ({diff}); delete it or retrain the fold.")
                 refs.append(ref)
-        if not refs:
-            print(f"Note: this model keeps no {REFERENCE_FILE} (trained by an older version), so reports worded "
-                  f"unlike its training reports cannot be recognised; each is read as given.")
+        if lacking:
+            print(f"Note: {', '.join(lacking)} of this model keep(s) no {REFERENCE_FILE} (trained by an older "
+                  f"version, or not copied with the model); "
+                  + ("reports worded unlike its training reports cannot be recognised and are read as given."
+                     if not refs else "the other folds' training reports decide which reports are unfamiliar."))
         return refs
 
     def manual_initialization(self, network, plans_manager, configuration_manager, parameters, dataset_json,
                               trainer_name, inference_allowed_mirroring_axes):
+        """No model folder, so no training-report reference: every report is read as given (set
+        ``report_references`` to check them)."""
         super().manual_initialization(network, plans_manager, configuration_manager, parameters, dataset_json,
                                       trainer_name, inference_allowed_mirroring_axes)
         self.text_config = plans_manager.plans.get(PLANS_KEY)
+        self.report_references, self.unfamiliar_reports = [], {}
 
     def _net(self) -> torch.nn.Module:
         return self.network._orig_mod if isinstance(self.network, OptimizedModule) else self.network
@@ -135,7 +146,7 @@ class nnUNetTextPredictor(nnUNetPredictor):
         """Encode all reports now, in batches, so prediction only looks them up."""
         reports = dict(reports.reports if isinstance(reports, ReportTable) else reports)
         if not reports:
-            self.embeddings = {}
+            self.embeddings, self.unfamiliar_reports = {}, {}
             return
         enc = self.load_encoder().encode(list(reports.values()), batch_size=batch_size, progress=self.allow_tqdm)
         self.embeddings = {c: _one(enc, i) for i, c in enumerate(reports)}
@@ -145,14 +156,17 @@ class nnUNetTextPredictor(nnUNetPredictor):
         """{key: similarity} of the reports less similar to every training report than the model's threshold;
         warns which, and how they are predicted."""
         margins = familiarity(self.report_references, pooled)
-        threshold = max((r.threshold for r in self.report_references), default=0.0)
-        unfamiliar = {k: m + threshold for k, m in sorted(margins.items()) if m < 0}
+        flagged = sorted(k for k, m in margins.items() if m < 0)
+        cosine = nearest_cosine(self.report_references, {k: pooled[k] for k in flagged})
+        unfamiliar = {k: cosine[k] for k in flagged}
+        thresholds = sorted({round(r.threshold, 2) for r in self.report_references})
+        threshold = " / ".join(f"{t:.2f}" for t in thresholds) + (" (per fold)" if len(thresholds) > 1 else "")
         if unfamiliar:
             how = ("read as given (--keep_unfamiliar_reports)" if self.keep_unfamiliar_reports else
                    "predicted with the learned null report instead (--keep_unfamiliar_reports reads them)")
             listing = ", ".join(f"{k} ({v:.2f})" for k, v in list(unfamiliar.items())[:10])
             warnings.warn(f"{len(unfamiliar)} report(s) are worded unlike every report this model was trained with "
-                          f"(cosine to the nearest below {threshold:.2f}): {listing}"
+                          f"(cosine to the nearest below {threshold}): {listing}"
                           f"{' ...' if len(unfamiliar) > 10 else ''}. A model reads only the wording it learned; "
                           f"these are {how}.")
         return unfamiliar

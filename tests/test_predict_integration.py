@@ -64,6 +64,8 @@ def test_predictor_finds_our_trainer_without_the_env_setup(trained_model, nnunet
 
 def test_outputs_have_nnunet_names_geometry_and_labels(trained_model, cli_prediction):
     out, _ = cli_prediction
+    listed = json.loads((out / "unfamiliar_reports.json").read_text())  # the test reports: the training wording
+    assert listed["checked"] is True and listed["cosine_to_nearest_training_report"] == {}
     images = sorted((trained_model.raw / "imagesTs").glob("*_0000.png"))
     for img in images:
         case = img.name[:-len("_0000.png")]
@@ -151,6 +153,10 @@ def test_unfamiliar_wording_gets_the_null_report_unless_kept(trained_model, nnun
     assert list(kept.unfamiliar_reports) == ["b"] and kept._text_of("b") is not None
     p.set_reports({"a": template, "b": unseen})
     assert p._text_of("b") is None and p._text_of("a") is not None
+    from nnunetv2_textseg.predictor import nnUNetTextPredictor
+    auto = nnUNetTextPredictor(perform_everything_on_device=False, device=torch.device("cpu"), allow_tqdm=False)
+    auto.initialize_from_trained_model_folder(str(trained_model.model_folder), None, "checkpoint_final.pth")
+    assert len(auto.report_references) == 1  # folds found as nnU-Net finds them
 
 
 def test_unfamiliar_reports_are_listed_with_the_predictions(trained_model, tmp_path):
@@ -163,8 +169,16 @@ def test_unfamiliar_reports_are_listed_with_the_predictions(trained_model, tmp_p
     r = run(predict_cmd(trained_model, tmp_path / "out", inp=inp), trained_model.env)
     listed = json.loads((tmp_path / "out" / "unfamiliar_reports.json").read_text())
     assert list(listed["cosine_to_nearest_training_report"]) == [odd] and listed["read_as_given"] is False
+    assert listed["checked"] is True and len(listed["thresholds_per_fold"]) == 1
     assert odd in r.stderr and "null report" in r.stderr
-    assert (tmp_path / "out" / f"{odd}.png").is_file()
+    # nnU-Net's multiprocess path predicted that case exactly as with no report at all
+    reports.iloc[1:].to_csv(inp / "reports.csv", index=False)
+    run(predict_cmd(trained_model, tmp_path / "none", "--allow_missing_reports", "--save_probabilities", inp=inp),
+        trained_model.env)
+    reports.to_csv(inp / "reports.csv", index=False)
+    run(predict_cmd(trained_model, tmp_path / "odd_p", "--save_probabilities", inp=inp), trained_model.env)
+    probs = {o: np.load(tmp_path / o / f"{odd}.npz")["probabilities"] for o in ("none", "odd_p")}
+    np.testing.assert_array_equal(probs["odd_p"], probs["none"])
 
 
 def test_damaged_reference_is_one_clear_error(trained_model, tmp_path):

@@ -323,7 +323,8 @@ class Runner:
         fold = split["fold"]
         mc = VARIANT_MC_SAMPLES if samples_at_inference(trainer) else 0
         signature = {"split_sha256": split["split_sha256"], "variant": kind, "dataset_id": dataset_id,
-                     "reports_sha256": hashlib.sha256(reports.read_bytes()).hexdigest(), "mc_samples": mc}
+                     "reports_sha256": hashlib.sha256(reports.read_bytes()).hexdigest(), "mc_samples": mc,
+                     "read_as_given": True}
         old = self.state.variant_entry(trainer, kind)
         step = f"{dataset_id}_{trainer}_fold{fold}_reports_{kind}"
         if old is not None and old.get("signature") == signature:
@@ -338,7 +339,8 @@ class Runner:
         cmd = ["nnUNetv2_textseg_predict", "-i", str(images), "-o", str(pred), "-d", str(dataset_id),
                "-c", CONFIGURATION, "-p", PLANS, "-f", str(fold), "-tr", trainer, "-device", self.cfg.device,
                "--disable_progress_bar", "-npp", str(n), "-nps", str(n), "-reports", str(reports),
-               "--save_uncertainty"] + (["--mc_samples", str(mc)] if mc else [])
+               "--save_uncertainty", "--keep_unfamiliar_reports"] + (["--mc_samples", str(mc)] if mc else [])
+        # variants measure how the model reads what it is given: the unfamiliar-report guard stays off here
         t_pred = self.run(f"predict_{step}", cmd)
         t_eval, summary = self.evaluate(step, raw, pred)
         fg = summary.foreground_mean

@@ -188,8 +188,12 @@ class nnUNetTrainerText(nnUNetTrainer):
                 f"(nnUNetv2_textseg_attach_reports) and start again.")
         self.text_rows = {c: i for i, c in enumerate(cache.case_ids)}
         # the training reports' embeddings, kept beside the checkpoint: prediction recognises wording never seen
-        self.report_reference = ReportReference.from_training_reports(
-            cache.pooled[[self.text_rows[c] for c in self.training_case_ids]], cache.identity)
+        # (one row per distinct report text: the same text encoded in two batches may differ in the last bits)
+        distinct = {}
+        for c in self.training_case_ids:
+            distinct.setdefault(cache.text_sha[self.text_rows[c]], self.text_rows[c])
+        self.report_reference = ReportReference.from_training_reports(cache.pooled[sorted(distinct.values())],
+                                                                      cache.identity)
         self.text_table = torch.from_numpy(np.ascontiguousarray(cache.pooled)).to(self.device)
         if self.uses_token_text:  # token-level embeddings stay in (float16) host memory; rows move per batch
             self.text_tokens = torch.from_numpy(np.ascontiguousarray(cache.tokens))
@@ -428,10 +432,16 @@ class nnUNetTrainerText(nnUNetTrainer):
     def _logged_keys(self) -> list[str]:
         return [f"train_{k}_loss" for k in self.aux_losses] + [f"train_{k}" for k in self.aux_stats]
 
+    def save_report_reference(self, only_if_missing: bool = False) -> None:
+        """fold_X/report_reference.npz: what prediction compares each report's wording with (rank 0 writes)."""
+        path = Path(self.output_folder) / REFERENCE_FILE
+        if self.local_rank == 0 and self.report_reference is not None and not (only_if_missing and path.is_file()):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.report_reference.save(path)
+
     def on_train_start(self):
         super().on_train_start()
-        if self.local_rank == 0 and self.report_reference is not None:
-            self.report_reference.save(Path(self.output_folder) / REFERENCE_FILE)
+        self.save_report_reference()
         for k in self._logged_keys():
             self.logger.local_logger.my_fantastic_logging.setdefault(k, [])
 
@@ -573,6 +583,7 @@ class nnUNetTrainerText(nnUNetTrainer):
                 return super().load_case(identifier)
 
         self.dataset_class = _ReportSettingDataset
+        self.save_report_reference(only_if_missing=True)  # `nnUNetv2_train --val` on a model trained before it
         try:
             super().perform_actual_validation(save_probabilities)
         finally:
