@@ -199,7 +199,8 @@ def test_older_models_without_a_reference_read_every_report(trained_model, tmp_p
     shutil.copytree(trained_model.model_folder, old, ignore=shutil.ignore_patterns(REFERENCE_FILE, "validation"))
     p = nnUNetTextPredictor(perform_everything_on_device=False, device=torch.device("cpu"), allow_tqdm=False)
     p.initialize_from_trained_model_folder(str(old), (0,), "checkpoint_final.pth")
-    assert p.report_references == [] and f"keeps no {REFERENCE_FILE}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert p.report_references == [] and f"fold_0 of this model keep(s) no {REFERENCE_FILE}" in out
     p.set_reports({"b": "Lung opacities are present."})
     assert p.unfamiliar_reports == {} and p._text_of("b") is not None
 
