@@ -103,22 +103,22 @@ class ReportReference:
         return cls(vectors.astype(np.float32), threshold, identity)
 
 
-def _stack(pooled: Mapping[str, np.ndarray]) -> np.ndarray:
-    return np.stack([np.asarray(v, dtype=np.float32).reshape(-1) for v in pooled.values()])
+def _similarities(references: Sequence[ReportReference], pooled: Mapping[str, np.ndarray]) -> np.ndarray:
+    """(R, M): each reference's (fold's) cosine to its nearest training report, per report."""
+    stacked = np.stack([np.asarray(v, dtype=np.float32).reshape(-1) for v in pooled.values()])
+    return np.stack([ref.nearest_similarity(stacked) for ref in references])
 
 
 def nearest_cosine(references: Sequence[ReportReference], pooled: Mapping[str, np.ndarray]) -> dict[str, float]:
     """Per key: cosine to the nearest training report of any reference (fold)."""
     if not references or not pooled:
         return {}
-    best = np.max([ref.nearest_similarity(_stack(pooled)) for ref in references], axis=0)
-    return {k: float(c) for k, c in zip(pooled, best)}
+    return {k: float(c) for k, c in zip(pooled, _similarities(references, pooled).max(0))}
 
 
 def familiarity(references: Sequence[ReportReference], pooled: Mapping[str, np.ndarray]) -> dict[str, float]:
     """Per key: its margin above the threshold, best over the references (folds); < 0 means unfamiliar to all."""
     if not references or not pooled:
         return {}
-    stacked = _stack(pooled)
-    margin = np.max([ref.nearest_similarity(stacked) - ref.threshold for ref in references], axis=0)
-    return {k: float(m) for k, m in zip(pooled, margin)}
+    thresholds = np.array([ref.threshold for ref in references])[:, None]
+    return {k: float(m) for k, m in zip(pooled, (_similarities(references, pooled) - thresholds).max(0))}

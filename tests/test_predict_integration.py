@@ -192,6 +192,20 @@ def test_damaged_reference_is_one_clear_error(trained_model, tmp_path):
     assert "Traceback" not in r.stderr
 
 
+def test_reference_from_another_encoder_is_refused(trained_model, tmp_path, nnunet_environ):
+    from nnunetv2_textseg.predictor import nnUNetTextPredictor
+    from nnunetv2_textseg.report_familiarity import REFERENCE_FILE, ReportReference, ReportReferenceError
+    copy = tmp_path / trained_model.model_folder.name
+    shutil.copytree(trained_model.model_folder, copy, ignore=shutil.ignore_patterns("validation"))
+    ref = ReportReference.load(copy / "fold_0" / REFERENCE_FILE)
+    ref.encoder_identity = dict(ref.encoder_identity, weights_sha="another-model")
+    ref.save(copy / "fold_0" / REFERENCE_FILE)
+    p = nnUNetTextPredictor(perform_everything_on_device=False, device=torch.device("cpu"), allow_tqdm=False)
+    with pytest.raises(ReportReferenceError, match="another text encoder") as e:
+        p.initialize_from_trained_model_folder(str(copy), (0,), "checkpoint_final.pth")
+    assert str(copy / "fold_0" / REFERENCE_FILE) in str(e.value) and "delete it or retrain" in str(e.value)
+
+
 def test_older_models_without_a_reference_read_every_report(trained_model, tmp_path, nnunet_environ, capsys):
     from nnunetv2_textseg.predictor import nnUNetTextPredictor
     from nnunetv2_textseg.report_familiarity import REFERENCE_FILE
