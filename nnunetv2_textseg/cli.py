@@ -305,6 +305,36 @@ def convert_pretrained_entry() -> None:
     sys.exit(_run(convert_pretrained_main))
 
 
+def export_model_main(argv=None) -> None:
+    from nnunetv2_textseg.model_sharing import CONFIGURATIONS, export_text_model
+    p = argparse.ArgumentParser(description="nnUNetv2_export_model_to_zip for text models: nnU-Net's zip (install it "
+                                "with nnUNetv2_install_pretrained_model_from_zip) plus each fold's "
+                                "report_reference.npz, which the unfamiliar-report guard reads at prediction.")
+    p.add_argument("-d", required=True, help="dataset name or id")
+    p.add_argument("-o", required=True, help="output zip file (never overwritten)")
+    p.add_argument("-c", nargs="+", default=None,
+                   help=f"configurations (default: those trained, of {', '.join(CONFIGURATIONS)})")
+    p.add_argument("-tr", default="nnUNetTrainerBiCLIP", help="trainer class (default: %(default)s)")
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: %(default)s)")
+    p.add_argument("-f", nargs="+", default=None, help="folds (default: every fold with the checkpoints)")
+    p.add_argument("-chk", nargs="+", default=["checkpoint_final.pth"], help="checkpoints (default: %(default)s)")
+    p.add_argument("--not_strict", action="store_true", help="skip given configurations and folds that were not "
+                   "trained instead of stopping")
+    p.add_argument("--exp_cv_preds", action="store_true", help="also export the cross-validation predictions")
+    a = p.parse_args(argv)
+    exported = export_text_model(a.d, a.o, a.c, a.tr, a.p, a.f, a.chk, strict=not a.not_strict,
+                                 export_crossval_predictions=a.exp_cv_preds)
+    print(f"Wrote {exported.zip_file}: {len(exported.folds)} fold(s), {len(exported.added)} report reference(s).")
+    if exported.lacking:
+        print(f"Note: {', '.join(str(f) for f in exported.lacking)} keep(s) no report reference (trained before "
+              f"references existed): that model reads every report as given. `nnUNetv2_train DATASET CONFIG FOLD "
+              f"-tr {a.tr} --val` writes it; then export again.", file=sys.stderr)
+
+
+def export_model_entry() -> None:
+    sys.exit(_run(export_model_main))
+
+
 def env_main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Print shell exports for nnU-Net's folders and nnUNet_extTrainer "
                                             "(use: eval \"$(nnUNetv2_textseg_env --root DIR)\").")

@@ -28,6 +28,11 @@ def dataset_name(dataset: str | int) -> str:
         raise DatasetConfigError(str(e)) from e
 
 
+def results_folder() -> Path:
+    """nnU-Net's results folder (``nnUNet_results``), or one clear error if it is not set."""
+    return _require("nnUNet_results")
+
+
 def raw_dataset_folder(dataset: str | int) -> Path:
     folder = _require("nnUNet_raw") / dataset_name(dataset)
     if not folder.is_dir():

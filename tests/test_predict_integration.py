@@ -394,3 +394,57 @@ def test_diagnose_reports_every_variant_and_refuses_bad_input(trained_model, tmp
         assert main(["-d", str(DATASET_ID), "-o", str(tmp_path / "o"), *args]) == 2
         err = capsys.readouterr().err
         assert err.startswith("ERROR: ") and message in err and "Traceback" not in err, err
+
+
+def test_exported_model_keeps_its_report_reference(trained_model, tmp_path):
+    """nnUNetv2_textseg_export_model_to_zip → nnU-Net's installer → prediction in a fresh nnUNet_results still
+    guards against unfamiliar wording (nnU-Net's own export would drop the reference)."""
+    import zipfile
+    from nnunetv2_textseg.report_familiarity import REFERENCE_FILE
+    export = str(BIN / "nnUNetv2_textseg_export_model_to_zip")
+    zip_file = tmp_path / "model.zip"
+    r = run([export, "-d", str(DATASET_ID), "-o", str(zip_file), "-tr", TRAINER], trained_model.env)
+    assert "1 report reference" in r.stdout
+    model_arc = f"{trained_model.model_folder.parent.name}/{trained_model.model_folder.name}"
+    names = zipfile.ZipFile(zip_file).namelist()
+    assert {f"{model_arc}/fold_0/{REFERENCE_FILE}", f"{model_arc}/fold_0/checkpoint_final.pth",
+            f"{model_arc}/plans.json"} <= set(names)
+    # never overwrites; a fold or trainer that was not trained is one clear error and writes nothing
+    before = zip_file.read_bytes()
+    for args, says in (([], "already exists"), (["-f", "3"], "fold_3"), (["-tr", "nnUNetTrainerNope"], "No model")):
+        target = zip_file if not args else tmp_path / "other.zip"
+        cmd = [export, "-d", str(DATASET_ID), "-o", str(target), "-tr", TRAINER, *args]
+        bad = run(cmd, trained_model.env, check=False)
+        assert bad.returncode == 2 and says in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+        assert not (tmp_path / "other.zip").exists()
+    assert zip_file.read_bytes() == before
+    # installed elsewhere by nnU-Net's own command, the model still flags a wording unlike its training reports
+    env = dict(trained_model.env, nnUNet_results=str(tmp_path / "installed"))
+    run([str(BIN / "nnUNetv2_install_pretrained_model_from_zip"), str(zip_file)], env)
+    inp = tmp_path / "in"
+    shutil.copytree(trained_model.raw / "imagesTs", inp)
+    reports = pd.read_csv(trained_model.raw / "reportsTs.csv", dtype=str, keep_default_na=False)
+    reports.loc[0, "report"] = "Signs of infection in the lungs, see prior study."
+    reports.to_csv(inp / "reports.csv", index=False)
+    run(predict_cmd(trained_model, tmp_path / "out", inp=inp), env)
+    listed = json.loads((tmp_path / "out" / "unfamiliar_reports.json").read_text())
+    assert listed["checked"] is True and list(listed["cosine_to_nearest_training_report"]) == [reports["case_id"][0]]
+
+
+def test_export_names_folds_without_a_reference(trained_model, tmp_path):
+    import zipfile
+    from nnunetv2_textseg.report_familiarity import REFERENCE_FILE
+    res = tmp_path / "res"
+    target = res / trained_model.model_folder.parent.name / trained_model.model_folder.name
+    shutil.copytree(trained_model.model_folder, target, ignore=shutil.ignore_patterns("*.npz", "*.nii.gz", "*.png"))
+    shutil.copy(trained_model.fold0 / "progress.png", target / "fold_0")
+    r = run([str(BIN / "nnUNetv2_textseg_export_model_to_zip"), "-d", str(DATASET_ID), "-o", str(tmp_path / "m.zip"),
+             "-tr", TRAINER, "-c", "2d", "-f", "0"], dict(trained_model.env, nnUNet_results=str(res)))
+    assert "0 report reference" in r.stdout and str(target / "fold_0") in r.stderr and "--val" in r.stderr
+    assert not any(n.endswith(REFERENCE_FILE) for n in zipfile.ZipFile(tmp_path / "m.zip").namelist())
+    # nnU-Net's export needs the fold's validation summary: its absence is named with the fix, and nothing is written
+    (target / "fold_0" / "validation" / "summary.json").unlink()
+    bad = run([str(BIN / "nnUNetv2_textseg_export_model_to_zip"), "-d", str(DATASET_ID), "-o", str(tmp_path / "n.zip"),
+               "-tr", TRAINER], dict(trained_model.env, nnUNet_results=str(res)), check=False)
+    assert bad.returncode == 2 and "summary.json" in bad.stderr and "--val" in bad.stderr, bad.stderr
+    assert "Traceback" not in bad.stderr and not (tmp_path / "n.zip").exists()

@@ -1,0 +1,148 @@
+"""Sharing a trained text model: nnU-Net's own zip export, plus the per-fold files a text model adds.
+
+``nnUNetv2_export_model_to_zip`` packs checkpoints, plans, dataset.json and validation summaries, but not
+``fold_X/report_reference.npz`` — the training reports' embeddings behind the unfamiliar-report guard
+(:mod:`nnunetv2_textseg.report_familiarity`). A model installed from such a zip predicts every report as given,
+whatever its wording. :func:`export_text_model` runs nnU-Net's export (its layout, so
+``nnUNetv2_install_pretrained_model_from_zip`` installs the result unchanged) and adds each exported fold's
+reference, after checking that it loads.
+"""
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from nnunetv2_textseg.errors import TextSegError
+from nnunetv2_textseg.paths import dataset_name, results_folder
+from nnunetv2_textseg.report_familiarity import REFERENCE_FILE, ReportReference
+
+CONFIGURATIONS = ("2d", "3d_lowres", "3d_fullres", "3d_cascade_fullres")  # nnU-Net's, in its export's order
+
+
+class ModelExportError(TextSegError, RuntimeError):
+    """The model to export is missing, incomplete, or the output file exists; the message says which and how."""
+
+
+@dataclass
+class ExportedModel:
+    """What went into the zip besides nnU-Net's own files."""
+    zip_file: Path
+    folds: list[Path]  # the exported fold folders
+    added: list[Path] = field(default_factory=list)  # per-fold text files added
+    lacking: list[Path] = field(default_factory=list)  # exported folds without a report reference
+
+
+def _fold_folder(model_folder: Path, fold: str) -> Path:
+    return model_folder / ("fold_all" if str(fold) == "all" else f"fold_{fold}")
+
+
+def _model_folders(dataset: str, trainer: str, plans: str, configurations: Sequence[str] | None,
+                   strict: bool) -> list[tuple[str, Path]]:
+    """(configuration, trained model folder) to export; the configurations trained with this trainer and plans if
+    none are given."""
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
+    wanted = list(configurations) if configurations else list(CONFIGURATIONS)
+    found = [(c, Path(get_output_folder(dataset, trainer, plans, c))) for c in wanted]
+    present = [(c, folder) for c, folder in found if folder.is_dir()]
+    missing = [folder for c, folder in found if not folder.is_dir()]
+    if configurations and strict and missing:
+        raise ModelExportError(f"No trained model at {missing[0]}: check -d, -tr, -p and -c (or pass --not_strict to "
+                               f"skip the configurations that were not trained).")
+    if not present:
+        raise ModelExportError(f"No model of {dataset} trained with -tr {trainer} -p {plans} "
+                               f"(configurations {', '.join(wanted)}) under {results_folder()}; check "
+                               f"-d, -tr, -p and nnUNet_results.")
+    return present
+
+
+def _folds(model_folder: Path, folds: Sequence[str] | None, checkpoints: Sequence[str], strict: bool) -> list[str]:
+    """The folds of ``model_folder`` to export: those given (checked), else every fold with all the checkpoints."""
+    trained = sorted(p.name[len("fold_"):] for p in model_folder.glob("fold_*")
+                     if p.is_dir() and all((p / chk).is_file() for chk in checkpoints))
+    if not folds:
+        if not trained:
+            raise ModelExportError(f"{model_folder} has no fold with {', '.join(checkpoints)}: train it first, or "
+                                   f"name the checkpoints with -chk.")
+        return trained
+    chosen = []
+    for fold in map(str, folds):
+        lacking = [chk for chk in checkpoints if not (_fold_folder(model_folder, fold) / chk).is_file()]
+        if not lacking:
+            chosen.append(fold)
+        elif strict:
+            raise ModelExportError(f"{_fold_folder(model_folder, fold) / lacking[0]} does not exist: pass -f with "
+                                   f"the folds that were trained (found: {', '.join(trained) or 'none'}) and -chk "
+                                   f"with their checkpoints.")
+    if not chosen:
+        raise ModelExportError(f"None of the folds {', '.join(map(str, folds))} of {model_folder} has "
+                               f"{', '.join(checkpoints)}.")
+    return chosen
+
+
+def _check_nnunet_files(model_folder: Path, folds: Sequence[str], crossval_predictions: bool) -> None:
+    """What nnU-Net's export reads without checking: one clear error instead of its FileNotFoundError mid-zip."""
+    needed = [model_folder / n for n in ("plans.json", "dataset.json", "dataset_fingerprint.json")]
+    for fold in folds:
+        needed.append(_fold_folder(model_folder, fold) / "progress.png")
+        needed.append(_fold_folder(model_folder, fold) / "validation" / ("" if crossval_predictions else "summary.json"))
+    for path in needed:
+        if not path.exists():
+            fix = (f"validate the fold first: nnUNetv2_train DATASET CONFIG FOLD -tr TRAINER --val"
+                   if "validation" in path.parts else "the model folder is incomplete; copy it whole from where it "
+                   "was trained")
+            raise ModelExportError(f"{path} does not exist, and nnU-Net's export needs it: {fix}.")
+
+
+def export_text_model(dataset: str | int, output_file: str | Path, configurations: Sequence[str] | None = None,
+                      trainer: str = "nnUNetTrainerBiCLIP", plans_identifier: str = "nnUNetPlans",
+                      folds: Sequence[str | int] | None = None,
+                      checkpoints: Sequence[str] = ("checkpoint_final.pth",), strict: bool = True,
+                      export_crossval_predictions: bool = False) -> ExportedModel:
+    """Write ``output_file`` (a zip nnU-Net installs) with nnU-Net's export and each fold's report reference.
+
+    Configurations and folds default to those trained (with every checkpoint in ``checkpoints``); given ones must
+    exist unless ``strict`` is False. An existing ``output_file`` is never replaced. A damaged reference stops the
+    export (nothing is left behind); a fold without one (trained before references existed) is exported and listed in
+    ``lacking``."""
+    from nnunetv2.model_sharing.model_export import export_pretrained_model
+    out = Path(output_file)
+    if out.exists():
+        raise ModelExportError(f"{out} already exists; choose another output file (nothing is overwritten).")
+    if not out.parent.is_dir():
+        raise ModelExportError(f"The folder of the output file, {out.parent}, does not exist.")
+    name = dataset_name(dataset)
+    results = results_folder()
+    models = _model_folders(name, trainer, plans_identifier, configurations, strict)
+    exported = ExportedModel(out, [])
+    fold_sets = {c: _folds(folder, [str(f) for f in folds] if folds else None, checkpoints, strict)
+                 for c, folder in models}
+    if len({tuple(v) for v in fold_sets.values()}) > 1:
+        # nnU-Net's export takes one fold list for every configuration
+        raise ModelExportError(f"The configurations have different trained folds ({fold_sets}); export them "
+                               f"separately with -c and -f.")
+    chosen = next(iter(fold_sets.values()))
+    for _, folder in models:
+        _check_nnunet_files(folder, chosen, export_crossval_predictions)
+        for fold in chosen:
+            exported.folds.append(_fold_folder(folder, fold))
+            reference = _fold_folder(folder, fold) / REFERENCE_FILE
+            if reference.is_file():
+                ReportReference.load(reference)  # a damaged reference is one clear error, before anything is written
+                exported.added.append(reference)
+            else:
+                exported.lacking.append(_fold_folder(folder, fold))
+    try:
+        export_pretrained_model(name, str(out), configurations=tuple(c for c, _ in models), trainer=trainer,
+                                plans_identifier=plans_identifier, folds=tuple(chosen), strict=True,
+                                save_checkpoints=tuple(checkpoints),
+                                export_crossval_predictions=export_crossval_predictions)
+        with zipfile.ZipFile(out, "a", zipfile.ZIP_DEFLATED) as zipf:
+            for path in exported.added:
+                zipf.write(path, os.path.relpath(path, results))  # nnU-Net's arcnames: relative to nnUNet_results
+    except BaseException:
+        out.unlink(missing_ok=True)  # ours, half written
+        raise
+    return exported
