@@ -14,7 +14,13 @@ case's) and the learned null report, and on the held-out cases with lesions in o
 map is brighter in that half (the side, which region AUC hides). Runs are ``key=value`` settings: ``lr``, ``steps``, ``drop`` (report
 dropout), ``cycle`` (λ of the cycle loss), ``normalized`` (layer-normalised cycle), ``mirror`` (probability of
 training on the left↔right-swapped report with the mirrored mask), ``token_maps`` (1: per-token zone maps),
-``window`` (tokens each per-token map reads), ``seed``. Needs 2D images of one size.
+``window`` (tokens each per-token map reads), ``seed``, ``pseudo`` (1: also train on the report-only cases below).
+
+``--pseudo_labels DIR``: segmentations predicted (e.g. by plain nnU-Net trained on the labelled cases) for training
+cases outside the labelled split. Those cases are report-only: their report is real, their target is the image
+model's guess, never their label. Runs with ``pseudo=1`` add them to the training cases, so the pathway learns where
+reports put lesions from every report of the dataset instead of the labelled few. Scored cases are then chosen among
+the cases without a file in DIR, identical for every run. Needs 2D images of one size.
 """
 from __future__ import annotations
 
@@ -35,7 +41,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 DEFAULTS = dict(lr=1e-3, steps=750, drop=0.25, batch=2, cycle=0.0, normalized=False, mirror=0.0, seed=0, token_maps=0,
-                window=1)
+                window=1, pseudo=0)
 
 
 from nnunetv2_textseg.errors import TextSegError, run_cli  # noqa: E402  (after the path line above)
@@ -60,19 +66,24 @@ def check_inputs(pre: Path, raw: Path) -> Path:
     return caches[-1]
 
 
-def load_cases(pre: Path, raw: Path, heldout: int) -> dict:
+def load_cases(pre: Path, raw: Path, heldout: int, pseudo_labels: Path | None = None) -> dict:
     from PIL import Image
 
     from nnunetv2_textseg.cache import TextEmbeddingCache
     from nnunetv2_textseg.encoders import record_precision
     cache = TextEmbeddingCache.load(check_inputs(pre, raw))
     train_ids = json.loads((pre / "splits_final.json").read_text())[0]["train"]
-    others = [c for c in cache.case_ids if c not in set(train_ids)][:heldout]
     ending = json.loads((raw / "dataset.json").read_text())["file_ending"]
+    unlabelled = [c for c in cache.case_ids if c not in set(train_ids)]
+    guessed = [c for c in unlabelled if pseudo_labels is not None and (pseudo_labels / f"{c}{ending}").is_file()]
+    if pseudo_labels is not None and not guessed:
+        raise ProbeInputError(f"text_pathway_probe: {pseudo_labels} holds no {ending} segmentation of a training case "
+                              f"outside the labelled split; predict those cases (imagesTr) into it first.")
+    others = [c for c in unlabelled if c not in set(guessed)][:heldout]
 
-    def part(ids):
+    def part(ids, labels: Path = raw / "labelsTr"):
         rows = cache.rows(ids)
-        masks = [np.asarray(Image.open(raw / "labelsTr" / f"{c}{ending}")) > 0 for c in ids]
+        masks = [np.asarray(Image.open(labels / f"{c}{ending}")) > 0 for c in ids]
         shapes = {m.shape for m in masks}
         if len(shapes) != 1 or len(next(iter(shapes))) != 2:
             raise ProbeInputError(f"text_pathway_probe: the label maps in {raw / 'labelsTr'} must be 2D and of one "
@@ -84,6 +95,7 @@ def load_cases(pre: Path, raw: Path, heldout: int) -> dict:
     with open(raw / "reportsTr.csv", newline="", encoding="utf-8") as f:
         reports = {r["case_id"]: r["report"] for r in csv.DictReader(f)}
     return {"train": part(train_ids), "heldout": part(others), "train_ids": train_ids, "heldout_ids": others,
+            "pseudo": part(guessed, pseudo_labels) if guessed else None, "pseudo_ids": guessed,
             "train_reports": [reports[c] for c in train_ids], "precision": record_precision(cache.identity)}
 
 
@@ -111,6 +123,10 @@ def run(data: dict, settings: dict) -> dict:
     s = {**DEFAULTS, **settings}
     torch.manual_seed(s["seed"])
     tokens, mask, masks = data["train"]
+    if s["pseudo"]:
+        if data.get("pseudo") is None:
+            raise ProbeInputError("text_pathway_probe: a run with pseudo=1 needs --pseudo_labels DIR")
+        tokens, mask, masks = (torch.cat([a, b]) for a, b in zip(data["train"], data["pseudo"]))
     size, dim, zone = masks.shape[-1], 784, 16
     pool, generator, head = AttentionPoolText(tokens.shape[-1], dim), PseudoImageGenerator(dim, out_bias=-2.0), \
         ImageToTextHead(dim)
@@ -122,6 +138,8 @@ def run(data: dict, settings: dict) -> dict:
     target = blur_mask(masks, size / zone)
     mirror = None
     if s["mirror"]:
+        if s["pseudo"]:
+            raise ProbeInputError("text_pathway_probe: mirror and pseudo cannot be combined in one run")
         m_tok, m_mask, m_masks = mirrored_reports(data)
         mirror = (m_tok, m_mask, blur_mask(m_masks, size / zone))
 
@@ -210,17 +228,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-d", required=True, help="dataset id or name (in $nnUNet_raw / $nnUNet_preprocessed)")
     p.add_argument("--runs", nargs="+", default=["", "cycle=0.1", "cycle=0.1,normalized=1", "mirror=0.5"])
     p.add_argument("--heldout", type=int, default=150, help="other training cases to score on")
+    p.add_argument("--pseudo_labels", type=Path, default=None, help="predicted segmentations of report-only training "
+                   "cases (outside the labelled split), for runs with pseudo=1")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "text_pathway_probe.json")
     a = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("TEXTSEG_PROBE_THREADS", "1")))
-    data = load_cases(preprocessed_dataset_folder(a.d), raw_dataset_folder(a.d), a.heldout)
+    data = load_cases(preprocessed_dataset_folder(a.d), raw_dataset_folder(a.d), a.heldout, a.pseudo_labels)
     rows = []
-    print(f"{len(data['train_ids'])} labelled cases, {len(data['heldout'][0])} other training cases scored\n")
+    print(f"{len(data['train_ids'])} labelled cases, {len(data['pseudo_ids'])} report-only cases with predicted "
+          f"masks, {len(data['heldout'][0])} other training cases scored\n")
     print("| run | train AUC region (real) | held-out AUC real | shuffled | null | region real | shuffled | null | "
           "one-sided cases: named side brighter |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for spec in a.runs:
         settings = {k: float(v) for k, v in (kv.split("=") for kv in spec.split(",") if kv)}
-        settings = {k: int(v) if k in ("steps", "batch", "seed") else v for k, v in settings.items()}
+        settings = {k: int(v) if k in ("steps", "batch", "seed", "pseudo") else v for k, v in settings.items()}
         t0 = time.time()
         r = run(data, settings)
         rows.append({"run": spec or "default", "settings": settings, "seconds": time.time() - t0, **r})

@@ -368,6 +368,17 @@ def test_text_pathway_probe_trains_token_maps_and_scores_the_true_zones(tmp_path
     assert r["heldout_side"]["cases"] == 6 and r["heldout_side"]["named_side_brighter"] == 1.0
     windowed = probe.run(data, {"token_maps": 1, "window": 3, "steps": 150, "drop": 0.0})
     assert windowed["heldout_side"]["named_side_brighter"] == 1.0 and windowed["heldout_side"]["median_ratio"] > 1.5
+    # labelled cases of one side only cannot teach the other side; report-only cases with (here exact) predicted masks
+    # can, and are used only by runs with pseudo=1
+    left_only = tuple(v[[0, 2]] for v in cases(4))
+    few = {"train": left_only, "heldout": cases(6), "pseudo": cases(8)}
+    labelled_only = probe.run(few, {"token_maps": 1, "steps": 150, "drop": 0.0})
+    with_report_only = probe.run(few, {"token_maps": 1, "steps": 150, "drop": 0.0, "pseudo": 1})
+    region = labelled_only["heldout_real"]["auc_region"], with_report_only["heldout_real"]["auc_region"]
+    assert region[1] > max(0.95, region[0] + 0.1), region
+    assert with_report_only["heldout_side"]["named_side_brighter"] == 1.0
+    with pytest.raises(probe.ProbeInputError, match="pseudo=1 needs --pseudo_labels"):
+        probe.run({**few, "pseudo": None}, {"steps": 1, "pseudo": 1})
 
     from nnunetv2_textseg.demo_data import generate_demo_dataset
     raw = generate_demo_dataset(tmp_path, n_train=6, n_test=1, image_size=32, seed=5, real_reports_dir=tmp_path / "none")
