@@ -96,16 +96,19 @@ def load_cases(pre: Path, raw: Path, heldout: int, pseudo_labels: Path | None = 
         reports = {r["case_id"]: r["report"] for r in csv.DictReader(f)}
     return {"train": part(train_ids), "heldout": part(others), "train_ids": train_ids, "heldout_ids": others,
             "pseudo": part(guessed, pseudo_labels) if guessed else None, "pseudo_ids": guessed,
-            "train_reports": [reports[c] for c in train_ids], "precision": record_precision(cache.identity)}
+            "train_reports": [reports[c] for c in train_ids], "pseudo_reports": [reports[c] for c in guessed],
+            "precision": record_precision(cache.identity)}
 
 
-def mirrored_reports(data: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Token embeddings of the left↔right-swapped training reports (padded to the cache's length), masks mirrored."""
+def mirrored_reports(data: dict, split: str = "train") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token embeddings of the left↔right-swapped reports of ``split`` ("train" or "pseudo"; padded to the cache's
+    length), masks mirrored."""
     from nnunetv2_textseg.encoders import EncoderSpec, load_encoder
     from nnunetv2_textseg.report_parsing import swap_laterality
     # the default encoder at the cache's precision, so swapped and original reports are encoded alike
-    enc = load_encoder(EncoderSpec(precision=data["precision"])).encode([swap_laterality(t) for t in data["train_reports"]])
-    tokens, mask, masks = data["train"]
+    texts = [swap_laterality(t) for t in data[f"{split}_reports"]]
+    enc = load_encoder(EncoderSpec(precision=data["precision"])).encode(texts)
+    tokens, mask, masks = data[split]
     length = tokens.shape[1]
     tok = torch.zeros_like(tokens)
     msk = torch.zeros_like(mask)
@@ -138,9 +141,10 @@ def run(data: dict, settings: dict) -> dict:
     target = blur_mask(masks, size / zone)
     mirror = None
     if s["mirror"]:
-        if s["pseudo"]:
-            raise ProbeInputError("text_pathway_probe: mirror and pseudo cannot be combined in one run")
         m_tok, m_mask, m_masks = mirrored_reports(data)
+        if s["pseudo"]:
+            m_tok, m_mask, m_masks = (torch.cat([a, b]) for a, b in zip((m_tok, m_mask, m_masks),
+                                                                         mirrored_reports(data, "pseudo")))
         mirror = (m_tok, m_mask, blur_mask(m_masks, size / zone))
 
     def frame(t, tok=None, msk=None, keep=None):  # zone-scale map, read back at full size
