@@ -306,7 +306,7 @@ def convert_pretrained_entry() -> None:
 
 
 def export_model_main(argv=None) -> None:
-    from nnunetv2_textseg.model_sharing import CONFIGURATIONS, export_text_model
+    from nnunetv2_textseg.model_sharing import CONFIGURATIONS, export_text_model, validate_command
     p = argparse.ArgumentParser(description="nnUNetv2_export_model_to_zip for text models: nnU-Net's zip (install it "
                                 "with nnUNetv2_install_pretrained_model_from_zip) plus each fold's "
                                 "report_reference.npz, which the unfamiliar-report guard reads at prediction.")
@@ -326,9 +326,10 @@ def export_model_main(argv=None) -> None:
                                  export_crossval_predictions=a.exp_cv_preds)
     print(f"Wrote {exported.zip_file}: {len(exported.folds)} fold(s), {len(exported.added)} report reference(s).")
     if exported.lacking:
+        commands = "; ".join(validate_command(f.parent, f.name[len("fold_"):]) for f in exported.lacking)
         print(f"Note: {', '.join(str(f) for f in exported.lacking)} keep(s) no report reference (trained before "
-              f"references existed): that model reads every report as given. `nnUNetv2_train DATASET CONFIG FOLD "
-              f"-tr {a.tr} --val` writes it; then export again.", file=sys.stderr)
+              f"references existed): that model reads every report as given. To add it: {commands}; then export "
+              f"again.", file=sys.stderr)
 
 
 def export_model_entry() -> None:

@@ -23,8 +23,8 @@ from torch._dynamo import OptimizedModule
 from nnunetv2_textseg.cache import CacheError
 from nnunetv2_textseg.encoders import EncoderSpec, TextEncoder, identity_diff, spec_from_record
 from nnunetv2_textseg.errors import TextSegError
-from nnunetv2_textseg.report_familiarity import (REFERENCE_FILE, ReportReference, ReportReferenceError, familiarity,
-                                                 nearest_cosine)
+from nnunetv2_textseg.report_familiarity import (REFERENCE_FILE, ReportReference, familiarity,
+                                                 load_reference_for_model, nearest_cosine)
 from nnunetv2_textseg.uncertainty import UncertaintyAccumulator
 from nnunetv2_textseg.reports import ReportTable, pair_listing, unicode_twins
 from nnunetv2_textseg.training.text_trainer import PLANS_KEY
@@ -99,12 +99,7 @@ class nnUNetTextPredictor(nnUNetPredictor):
             if not (folder / REFERENCE_FILE).is_file():
                 lacking.append(folder.name)
             else:
-                ref = ReportReference.load(folder / REFERENCE_FILE)
-                diff = identity_diff(self.text_config["encoder_identity"], ref.encoder_identity)
-                if diff:
-                    raise ReportReferenceError(f"{folder / REFERENCE_FILE} was made with another text encoder than "
-                                               f"the model's ({diff}); delete it or retrain the fold.")
-                refs.append(ref)
+                refs.append(load_reference_for_model(folder / REFERENCE_FILE, self.text_config["encoder_identity"]))
         if lacking:
             print(f"Note: {', '.join(lacking)} of this model keep(s) no {REFERENCE_FILE} (trained by an older "
                   f"version, or not copied with the model); "

@@ -103,6 +103,19 @@ class ReportReference:
         return cls(vectors.astype(np.float32), threshold, identity)
 
 
+def load_reference_for_model(path: str | Path, encoder_identity: dict) -> ReportReference:
+    """The reference at ``path``, checked (:meth:`ReportReference.load`) and made with the model's encoder
+    (``encoder_identity``, the model's plans record): another encoder's vectors cannot be compared with the reports
+    the model encodes."""
+    from nnunetv2_textseg.encoders import identity_diff
+    ref = ReportReference.load(path)
+    diff = identity_diff(encoder_identity, ref.encoder_identity)
+    if diff:
+        raise ReportReferenceError(f"{path} was made with another text encoder than the model's ({diff}); delete it "
+                                   f"or retrain the fold.")
+    return ref
+
+
 def _similarities(references: Sequence[ReportReference], pooled: Mapping[str, np.ndarray]) -> np.ndarray:
     """(R, M): each reference's (fold's) cosine to its nearest training report, per report."""
     stacked = np.stack([np.asarray(v, dtype=np.float32).reshape(-1) for v in pooled.values()])

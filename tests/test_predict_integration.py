@@ -404,7 +404,7 @@ def test_exported_model_keeps_its_report_reference(trained_model, tmp_path):
     export = str(BIN / "nnUNetv2_textseg_export_model_to_zip")
     zip_file = tmp_path / "model.zip"
     r = run([export, "-d", str(DATASET_ID), "-o", str(zip_file), "-tr", TRAINER], trained_model.env)
-    assert "1 report reference" in r.stdout
+    assert ": 1 fold(s), 1 report reference(s)." in r.stdout
     model_arc = f"{trained_model.model_folder.parent.name}/{trained_model.model_folder.name}"
     names = zipfile.ZipFile(zip_file).namelist()
     assert {f"{model_arc}/fold_0/{REFERENCE_FILE}", f"{model_arc}/fold_0/checkpoint_final.pth",
@@ -440,7 +440,8 @@ def test_export_names_folds_without_a_reference(trained_model, tmp_path):
     shutil.copy(trained_model.fold0 / "progress.png", target / "fold_0")
     r = run([str(BIN / "nnUNetv2_textseg_export_model_to_zip"), "-d", str(DATASET_ID), "-o", str(tmp_path / "m.zip"),
              "-tr", TRAINER, "-c", "2d", "-f", "0"], dict(trained_model.env, nnUNet_results=str(res)))
-    assert "0 report reference" in r.stdout and str(target / "fold_0") in r.stderr and "--val" in r.stderr
+    assert ": 1 fold(s), 0 report reference(s)." in r.stdout and str(target / "fold_0") in r.stderr
+    assert f"nnUNetv2_train {target.parent.name} 2d 0 -tr {TRAINER} -p nnUNetPlans --val" in r.stderr
     assert not any(n.endswith(REFERENCE_FILE) for n in zipfile.ZipFile(tmp_path / "m.zip").namelist())
     # nnU-Net's export needs the fold's validation summary: its absence is named with the fix, and nothing is written
     (target / "fold_0" / "validation" / "summary.json").unlink()
