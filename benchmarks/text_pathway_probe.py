@@ -80,13 +80,17 @@ def load_cases(pre: Path, raw: Path, heldout: int, pseudo_labels: Path | None = 
         raise ProbeInputError(f"text_pathway_probe: {pseudo_labels} holds no {ending} segmentation of a training case "
                               f"outside the labelled split; predict those cases (imagesTr) into it first.")
     others = [c for c in unlabelled if c not in set(guessed)][:heldout]
+    if not others:
+        raise ProbeInputError(f"text_pathway_probe: no training case is left to score on: every case outside the "
+                              f"labelled split has a segmentation in {pseudo_labels}. Leave some out (e.g. the "
+                              f"validation cases of splits_final.json).")
 
     def part(ids, labels: Path = raw / "labelsTr"):
         rows = cache.rows(ids)
         masks = [np.asarray(Image.open(labels / f"{c}{ending}")) > 0 for c in ids]
         shapes = {m.shape for m in masks}
         if len(shapes) != 1 or len(next(iter(shapes))) != 2:
-            raise ProbeInputError(f"text_pathway_probe: the label maps in {raw / 'labelsTr'} must be 2D and of one "
+            raise ProbeInputError(f"text_pathway_probe: the label maps in {labels} must be 2D and of one "
                                   f"size (found {sorted(shapes)[:3]}); the probe compares maps pixel by pixel.")
         masks = np.stack(masks)
         return (torch.from_numpy(cache.tokens[rows].astype(np.float32)), torch.from_numpy(cache.mask[rows]),
