@@ -326,7 +326,9 @@ def _bf16_mode_class():
       texts on exactly their tokens, without padding or mask. In float32 the number of padded positions changes
       the attention's sums by ~1e-7, far below float16; in bfloat16 such a change flips roundings that spread
       through the layers (~4e-3), so a text's embedding would depend on what it was batched with. Computed on its
-      own tokens, it does not: a text encoded alone, in any batch, with any thread count gives the same bits.
+      own tokens, it does not: a text encoded alone or in any batch gives the same bits with any thread count
+      where bfloat16 matrix products do not depend on the matrix's shape; on CPUs with bfloat16 matrix units
+      (AMX) oneDNN blocks its products by shape, and the batch moves a text by ~1e-4 in cosine at most.
       Anything but a plain padding mask (causal, dropout, additive biases, cross-attention, other shapes) runs
       unchanged."""
     global _BF16_MODE
