@@ -42,7 +42,8 @@ def _fold_folder(model_folder: Path, fold: str) -> Path:
 
 def _trained_folds(model_folder: Path, checkpoints: Sequence[str]) -> list[str]:
     """Folds of ``model_folder`` holding every checkpoint: numbered ones in numeric order; ``all`` only if there is
-    no numbered fold (as nnU-Net's predictor picks them)."""
+    no numbered fold. (nnU-Net's ``nnUNetPredictor.auto_detect_available_folds`` checks one checkpoint, prints, and
+    never returns ``all``.)"""
     trained = [p.name[len("fold_"):] for p in model_folder.glob("fold_*")
                if p.is_dir() and all((p / chk).is_file() for chk in checkpoints)]
     numbered = sorted((f for f in trained if f.isdigit()), key=int)
@@ -96,7 +97,8 @@ def _folds(model_folder: Path, folds: Sequence[str] | None, checkpoints: Sequenc
 def validate_command(model_folder: Path, fold: str) -> str:
     """The nnUNetv2_train command that validates ``fold`` of ``model_folder`` (…/DatasetX/TRAINER__PLANS__CONFIG);
     for a text model it also writes a missing report reference."""
-    trainer, plans, configuration = model_folder.name.split("__")
+    from nnunetv2.utilities.file_path_utilities import convert_identifier_to_trainer_plans_config
+    trainer, plans, configuration = convert_identifier_to_trainer_plans_config(str(model_folder))
     return f"nnUNetv2_train {model_folder.parent.name} {configuration} {fold} -tr {trainer} -p {plans} --val"
 
 

@@ -105,3 +105,5 @@ def test_configurations_with_different_folds_and_plain_models(results, tmp_path)
                                                f"{TRAINER} -p nnUNetPlans --val"):
         export_text_model(DATASET, tmp_path / "q.zip", configurations=["2d"], trainer=TRAINER)
     assert not (tmp_path / "p.zip").exists() and not (tmp_path / "q.zip").exists()
+    with pytest.raises(ModelExportError, match=f"folder of the output file, {tmp_path / 'nowhere'}, does not exist"):
+        export_text_model(DATASET, tmp_path / "nowhere" / "m.zip", trainer=TRAINER, strict=False)
