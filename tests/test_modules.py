@@ -683,3 +683,64 @@ def test_report_pathways_alone_match_the_full_forward_and_leave_the_unet_out():
     assert net.cross_fit_more[0].token_maps.decoder[0].weight.grad.abs().sum() > 0  # pathway 2 fitted sample 3
     with pytest.raises(ValueError, match="fit != fold"):
         net.report_pathways_forward(x, tokens=tokens, mask=mask, fold=fold, fit=fold)
+
+
+def test_map_logit_prior_adds_the_weighted_log_odds_at_every_output():
+    """MapLogitPrior: logits_c + w_c · logit(clamp(p)), the map resized to each deep-supervision output."""
+    from nnunetv2_textseg.building_blocks.biclip import MapLogitPrior
+
+    prior = MapLogitPrior(NUM_CLASSES)
+    with torch.no_grad():
+        prior.weight.copy_(torch.tensor([0.0, 1.0, 0.5]))
+    p = torch.rand(2, 1, 32, 32)
+    p[0, 0, 0, 0], p[0, 0, 0, 1] = 0.0, 1.0  # clamped: the prior stays finite
+    logits = [torch.randn(2, NUM_CLASSES, 32 // 2 ** i, 32 // 2 ** i) for i in range(3)]
+    out = prior(logits, p)
+    z = torch.log(p.clamp(0.02, 0.98) / (1 - p.clamp(0.02, 0.98)))
+    assert [o.shape for o in out] == [o.shape for o in logits]
+    assert torch.allclose(out[0] - logits[0], torch.cat([0 * z, z, 0.5 * z], 1), atol=1e-5)
+    assert torch.allclose(out[1][:, 1:2] - logits[1][:, 1:2], F.avg_pool2d(z, 2), atol=1e-5)
+    assert torch.isfinite(out[0]).all() and float((out[0] - logits[0]).detach().abs().max()) <= math.log(0.98 / 0.02) + 1e-5
+    single = prior(logits[0], p)  # a plain tensor (no deep supervision) stays one
+    assert torch.equal(single, out[0])
+    sum(o.sum() for o in out).backward()
+    assert prior.weight.grad is not None and prior.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="floor"):
+        MapLogitPrior(2, floor=0.5)
+
+
+def test_map_prior_raises_the_logits_where_the_report_map_is_bright():
+    """BiCLIPNetwork(map_prior=True): the same network's logits plus w · logit(pseudo-image) — at prediction, with
+    the report set, and in the cross-fitted training forward, where the segmentation loss trains the prior's weight
+    but (seg_gradient_to_text False) not the report pathway."""
+    plain = make_net(seed=3, cross_fit=2, seg_gradient_to_text=False)
+    prior = make_net(seed=3, cross_fit=2, seg_gradient_to_text=False, map_prior=True)
+    torch.manual_seed(4)
+    with torch.no_grad():  # an untrained generator draws a flat map: give it some structure
+        for n, p in plain.named_parameters():
+            if "generator" in n or "token_maps" in n:
+                p.add_(0.5 * torch.randn_like(p))
+    missing, unexpected = prior.load_state_dict(plain.state_dict(), strict=False)
+    assert missing == ["map_prior.weight"] and not unexpected
+    plain.eval(), prior.eval()
+    x = with_pos(torch.randn(2, 1, 64, 64))
+    tokens, mask = report(1, seed=5)
+    for net in (plain, prior):
+        net.set_text(tokens, mask)
+    with torch.no_grad():
+        pseudo = prior.current_pseudo_image(x)
+        z = prior.map_prior.log_odds(pseudo)
+        base, shifted = plain(x)[0], prior(x)[0]
+    assert torch.allclose(shifted - base, z.expand_as(base), atol=1e-4)  # weight 1 on every class at construction
+    assert float(z.std()) > 0.01  # the map is not flat: the prior moves some pixels more than others
+
+    prior.train()
+    tgt = (torch.rand(2, 64, 64) > 0.8).long()
+    tk, mk = report(2, seed=6)
+    out = prior(x, tk, mk, fold=torch.tensor([0, 1]), return_aux=True)
+    seg_like_loss(out.seg, tgt).backward()
+    assert prior.map_prior.weight.grad.abs().sum() > 0
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for n, p in prior.named_parameters()
+               if n.startswith(("generator", "text_pool", "token_maps", "cross_fit_twin")))
+    with pytest.raises(ValueError, match="sigmoid"):
+        make_net(map_prior=True, pseudo_activation="linear")

@@ -132,7 +132,7 @@ def test_paper_batch_of_16_is_global_under_ddp(trained_model, monkeypatch):
                                      "nnUNetTrainerBiCLIP_mirroredPatient", "nnUNetTrainerBiCLIP_crossFitTokens",
                                      "nnUNetTrainerBiCLIP_pathwayWarmup", "nnUNetTrainerBiCLIP_phraseMaps",
                                      "nnUNetTrainerBiCLIP_locationFree", "nnUNetTrainerBiCLIP_endToEnd",
-                                     "nnUNetTrainerMedCLIPSeg", "nnUNetTrainerMedCLIPSeg_locationFree",
+                                     "nnUNetTrainerBiCLIP_mapPrior", "nnUNetTrainerMedCLIPSeg", "nnUNetTrainerMedCLIPSeg_locationFree",
                                      "nnUNetTrainerMedCLIPSeg_reportsAsWritten"])
 def test_ablation_builds_and_trains_one_step(trained_model, variant, monkeypatch):
     """Each ablation builds its network from the plans and runs a real train_step on real batches (MedCLIPSeg's
@@ -171,6 +171,14 @@ def test_ablation_builds_and_trains_one_step(trained_model, variant, monkeypatch
         assert net.image_to_text is None and "cycle" not in out
     if variant.endswith("noText"):
         assert net.ignore_text
+    if variant.startswith("nnUNetTrainerBiCLIP"):
+        prior = net.map_prior
+        assert (prior is not None) == variant.endswith("mapPrior")
+        assert trainer.plans_manager.plans["textseg"]["map_prior"] == variant.endswith("mapPrior")
+        if prior is not None:  # softmax labels: the background's weight starts at 0, the lesion's at 1 (one step on)
+            w = prior.weight.detach().tolist()
+            assert abs(w[0]) < 0.01 and abs(w[1] - 1) < 0.01
+            assert prior.weight.grad is not None and float(prior.weight.grad.abs().sum()) > 0
     if variant.endswith("paper"):
         assert isinstance(trainer.optimizer, torch.optim.AdamW) and trainer.batch_size == 16
     if variant.endswith("noPosition"):

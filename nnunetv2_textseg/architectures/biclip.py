@@ -17,8 +17,8 @@ from torch import nn
 
 from nnunetv2_textseg.architectures.base import TextConditionedNetwork
 from nnunetv2_textseg.building_blocks.biclip import (AttentionPoolText, BidirectionalFusion, GlobalImageEncoder,
-                                             ImageToTextHead, MeanPoolText, ProjectionHead, PseudoImageGenerator,
-                                             TokenZoneMaps, noisy_or_logits)
+                                             ImageToTextHead, MapLogitPrior, MeanPoolText, ProjectionHead,
+                                             PseudoImageGenerator, TokenZoneMaps, noisy_or_logits)
 from nnunetv2_textseg.patient_frame import (POSITION_CHANNELS, ensure_position_channels, sample_patient_frame,
                                             split_position)
 
@@ -81,6 +81,9 @@ class BiCLIPNetwork(TextConditionedNetwork):
         token_maps: add per-token zone maps (:class:`TokenZoneMaps`) to the generator's whole-image map by noisy-OR,
             so a report with several findings is the union of one map per phrase (needs ``frame_resolution``).
         token_window: tokens each per-token map is drawn from (odd; 1 = the token alone), see :class:`TokenZoneMaps`.
+        map_prior: also add the pseudo-image's log-odds, with a learned weight per output channel, to the U-Net's
+            segmentation logits (:class:`MapLogitPrior`): the map is then a prior the U-Net corrects, not only an
+            input it may learn to ignore. Needs a sigmoid pseudo-image.
     """
 
     text_input = "tokens"  # what set_text expects: token embeddings + mask
@@ -91,7 +94,7 @@ class BiCLIPNetwork(TextConditionedNetwork):
                  ignore_text: bool = False, text_pooling: str = "attention", pseudo_activation: str = "sigmoid",
                  frame_resolution: int | None = 16, position_to_unet: bool = True, generation_source: str = "fused",
                  seg_gradient_to_text: bool = True, cross_fit: int = 1, token_maps: bool = False,
-                 token_window: int = 1):
+                 token_window: int = 1, map_prior: bool = False):
         super().__init__()
         if not (hasattr(unet, "encoder") and hasattr(unet, "decoder")):
             raise TypeError(f"{type(unet).__name__} has no encoder/decoder; BiCLIP needs a "
@@ -123,6 +126,10 @@ class BiCLIPNetwork(TextConditionedNetwork):
         self.cross_fit_more = nn.ModuleList(self._add_report_pathway(nn.Module(), **pathway)
                                             for _ in range(cross_fit - 2)) if cross_fit > 2 else None
         self.iac_head = ProjectionHead(unet.encoder.output_channels[-1]) if iac else None
+        if map_prior and not self.sigmoid:
+            raise ValueError("map_prior adds the pseudo-image's log-odds to the logits: it needs pseudo_activation "
+                             "'sigmoid'")
+        self.map_prior = MapLogitPrior(unet.decoder.num_classes) if map_prior else None
         self.ignore_text = ignore_text
         self._tokens: torch.Tensor | None = None  # set per case at inference; not part of the state dict
         self._mask: torch.Tensor | None = None
@@ -241,6 +248,11 @@ class BiCLIPNetwork(TextConditionedNetwork):
         parts = [image, p.to(image.dtype)] + ([position.to(image.dtype)] if self.position_to_unet else [])
         return torch.cat(parts, dim=1)
 
+    def segment(self, skips: list[torch.Tensor], seen: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """The U-Net decoder's logits (a list with deep supervision), plus the map's prior with ``map_prior``."""
+        seg = self.unet.decoder(skips)
+        return seg if self.map_prior is None else self.map_prior(seg, seen)
+
     def forward(self, x: torch.Tensor, tokens: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 drop: torch.Tensor | None = None, x_strong: torch.Tensor | None = None, return_aux: bool = False,
                 fold: torch.Tensor | None = None, fit: torch.Tensor | None = None):
@@ -267,7 +279,7 @@ class BiCLIPNetwork(TextConditionedNetwork):
             pseudo = _per_sample(fold, [m[0] for m in maps])
         seen = pseudo if self.seg_gradient_to_text else pseudo.detach()
         skips = self.unet.encoder(self.unet_input(image, seen, position))
-        seg = self.unet.decoder(skips)
+        seg = self.segment(skips, seen)
         if not return_aux:
             return seg
         out = self._fitted_outputs(position, ts, maps, fit, seg, pseudo)
@@ -310,7 +322,7 @@ class BiCLIPNetwork(TextConditionedNetwork):
             # pathway no sample of this rank's batch was routed through has none: keep it in the graph at weight 0
             generated = generated + 0.0 * sum(q.flatten()[0] for name, q in self.named_parameters()
                                               if q.requires_grad and not name.startswith("unet."))
-        out = BiCLIPOutput(self.unet.decoder(skips), pseudo, raw if self.sigmoid else None, generated,
+        out = BiCLIPOutput(self.segment(skips, seen), pseudo, raw if self.sigmoid else None, generated,
                            position[:, 2:3], t, t_hat, None, None)
         if self.iac_head is not None and x_strong is not None:
             strong_bottleneck = self.unet.encoder(self.unet_input(x_strong, seen, position))[-1]

@@ -229,3 +229,47 @@ class ProjectionHead(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.net(features)
+
+
+class MapLogitPrior(nn.Module):
+    """Segmentation logits + the report map's log-odds: ``logits_c + w_c · logit(p)`` per output channel c.
+
+    Why: fed only as an input channel, a zone-scale map is something the U-Net may learn to use; with few
+    labelled images it fits them from the image first and then has no reason left to read the map (measured:
+    images larger than the patch, no report cost 0.001 Dice). Added to the output, the map *is* part of the
+    prediction from the first step — a prior the U-Net corrects from the image, as Bayes' rule combines
+    p(lesion | report) with the image's evidence — and a learned weight per channel (``w``) says how far it is
+    trusted. The U-Net still gets the map as an input channel too.
+
+    Args:
+        channels: output channels of the segmentation head (classes or regions).
+        weight: initial ``w`` for every channel (the trainer zeroes the background class's).
+        floor: p is clamped to [floor, 1 − floor], so the prior's log-odds stay within ±logit(1 − floor).
+
+    Shapes: logits (B, K, h, w) or a deep-supervision list of them at decreasing resolution; p (B, 1, H, W)
+    in [0, 1], resized (area / bilinear) to each output's size.
+    """
+
+    def __init__(self, channels: int, weight: float = 1.0, floor: float = 0.02):
+        super().__init__()
+        if not 0 < floor < 0.5:
+            raise ValueError(f"floor must lie in (0, 0.5), got {floor}")
+        self.weight = nn.Parameter(torch.full((channels,), float(weight)))
+        self.floor = floor
+
+    def log_odds(self, p: torch.Tensor) -> torch.Tensor:
+        p = p.clamp(self.floor, 1 - self.floor)
+        return torch.log(p) - torch.log1p(-p)
+
+    def forward(self, logits: torch.Tensor | list[torch.Tensor], p: torch.Tensor
+                ) -> torch.Tensor | list[torch.Tensor]:
+        z = self.log_odds(p.float())
+        outputs = logits if isinstance(logits, (list, tuple)) else [logits]
+        shifted = []
+        for out in outputs:
+            size = tuple(out.shape[2:])
+            zs = z if tuple(z.shape[2:]) == size else (
+                F.adaptive_avg_pool2d(z, size) if size[0] <= z.shape[2] and size[1] <= z.shape[3]
+                else F.interpolate(z, size=size, mode="bilinear", align_corners=False))
+            shifted.append(out + (self.weight.view(1, -1, 1, 1) * zs).to(out.dtype))
+        return shifted if isinstance(logits, (list, tuple)) else shifted[0]

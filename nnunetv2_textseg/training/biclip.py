@@ -69,6 +69,9 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
     # steps of training the report pathways alone (generation and cycle losses, the U-Net untouched) before the
     # U-Net's first epoch, so that it reads an informative map from its first step (see warm_up_report_pathways)
     pathway_warmup_steps = 750
+    # also add the pseudo-image's log-odds, with a learned weight per class, to the U-Net's logits (see
+    # BiCLIPNetwork / MapLogitPrior): the map is a prior the U-Net corrects rather than an input it may ignore
+    map_prior = False
     mirrored_patient = 0.5  # see nnUNetTrainerText
     location_free_reports = 0.25  # see nnUNetTrainerText
     text_pooling = "attention"  # or "mean" (the paper's)
@@ -101,6 +104,7 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
         pathways = int(text.get("report_pathways", 1))
         token_maps = bool(text.get("token_maps", False))
         token_window = int(text.get("token_window", 1))  # models from before the entry: 1
+        map_prior = bool(text.get("map_prior", False))
         unet = cls.planned_unet(configuration_manager,
                                 num_input_channels + 1 + (POSITION_CHANNELS if cls.position_to_unet else 0),
                                 num_output_channels, enable_deep_supervision)
@@ -110,15 +114,25 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
                              pseudo_activation=cls.pseudo_activation, frame_resolution=cls.frame_resolution,
                              position_to_unet=cls.position_to_unet, generation_source=cls.generation_source,
                              seg_gradient_to_text=cls.seg_gradient_to_text, cross_fit=pathways,
-                             token_maps=token_maps, token_window=token_window)
+                             token_maps=token_maps, token_window=token_window, map_prior=map_prior)
 
-    network_plans_defaults = {"report_pathways": 1, "token_maps": False, "token_window": 1}
+    network_plans_defaults = {"report_pathways": 1, "token_maps": False, "token_window": 1, "map_prior": False}
     earlier_design_hint = "nnUNetTrainerBiCLIP_endToEnd (the default up to commit bfc641f)"
 
     @classmethod
     def network_plans_entry(cls) -> dict:
         return {"report_pathways": int(cls.cross_fit), "token_maps": bool(cls.token_maps),
-                "token_window": int(cls.token_window)}
+                "token_window": int(cls.token_window), "map_prior": bool(cls.map_prior)}
+
+    def initialize(self):
+        fresh = not self.was_initialized
+        super().initialize()
+        prior = self.unwrapped_network().map_prior
+        if fresh and prior is not None and not self.label_manager.has_regions:
+            # softmax classes: the map raises the lesion classes against the background, whose weight starts at 0
+            # (regions are sigmoids, each raised by the map); checkpoints (--c, prediction) overwrite this
+            with torch.no_grad():
+                prior.weight[0] = 0.0
 
     # ---- data: two intensity views for IAC -----------------------------------------------------
     def get_training_transforms(self, *args, **kwargs):
@@ -183,8 +197,13 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
         w = first.weight.detach().float()
         norms = w.transpose(0, 1).flatten(1).norm(dim=1)  # (in_channels,)
         c = self.num_input_channels
-        return {"wnorm_image": float(norms[:c].mean()), "wnorm_pseudo": float(norms[c]),
-                "wnorm_position": float(norms[c + 1:].mean()) if norms.numel() > c + 1 else float("nan")}
+        stats = {"wnorm_image": float(norms[:c].mean()), "wnorm_pseudo": float(norms[c]),
+                 "wnorm_position": float(norms[c + 1:].mean()) if norms.numel() > c + 1 else float("nan")}
+        prior = self.unwrapped_network().map_prior
+        if prior is not None:  # how far the map's prior is trusted: its weight on the lesion classes (or regions)
+            w = prior.weight.detach().float()
+            stats["prior_weight"] = float((w if self.label_manager.has_regions else w[1:]).mean())
+        return stats
 
     def cross_fit_folds(self, keys: list[str] | None) -> torch.Tensor | None:
         """Cross-fitting: each case's fold, i.e. the report pathway that never fits it and whose map the U-Net

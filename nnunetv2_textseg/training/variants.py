@@ -165,6 +165,14 @@ class nnUNetTrainerBiCLIP_longWarmup(nnUNetTrainerBiCLIP):
     pathway_warmup_steps = 3000
 
 
+class nnUNetTrainerBiCLIP_mapPrior(nnUNetTrainerBiCLIP):
+    """The map also enters the output as a prior: its log-odds, weighted per class (learned, starting at 1), are
+    added to the U-Net's logits. Why: the default's U-Net may learn to ignore its map channel, and with images
+    larger than the patch it did (no report cost 0.001 Dice)."""
+    map_prior = True
+    aux_stats = nnUNetTrainerBiCLIP.aux_stats + ("prior_weight",)
+
+
 class nnUNetTrainerBiCLIP_noPosition(nnUNetTrainerBiCLIP):
     """The U-Net gets [image, pseudo-image] only: the patient frame reaches it through the pseudo-image."""
     position_to_unet = False
@@ -259,6 +267,7 @@ _BASES = [nnUNetTrainerBiCLIP, nnUNetTrainerBiCLIP_endToEnd, nnUNetTrainerBiCLIP
           nnUNetTrainerBiCLIP_safeAug, nnUNetTrainerBiCLIP_noPosition, nnUNetTrainerBiCLIP_mirroredPatient,
           nnUNetTrainerBiCLIP_crossFitTokens, nnUNetTrainerBiCLIP_pathwayWarmup,
           nnUNetTrainerBiCLIP_phraseMaps, nnUNetTrainerBiCLIP_locationFree, nnUNetTrainerBiCLIP_longWarmup,
+          nnUNetTrainerBiCLIP_mapPrior,
           nnUNetTrainerMedCLIPSeg, nnUNetTrainerMedCLIPSeg_noProb, nnUNetTrainerMedCLIPSeg_noContrastive,
           nnUNetTrainerMedCLIPSeg_noText, nnUNetTrainerMedCLIPSeg_safeAug, nnUNetTrainerMedCLIPSeg_mirroredPatient,
           nnUNetTrainerMedCLIPSeg_locationFree, nnUNetTrainerMedCLIPSeg_reportsAsWritten]
