@@ -154,6 +154,13 @@ def first_conv_norms(net: torch.nn.Module, image_channels: int) -> dict[str, flo
     return out
 
 
+def map_prior_weights(net: torch.nn.Module) -> list[float] | None:
+    """The learned weight per output channel of a BiCLIP map prior (how far the report's map is trusted as a
+    prior on the logits; see MapLogitPrior), or None for a network without one."""
+    prior = getattr(net, "map_prior", None)
+    return None if prior is None else [float(w) for w in prior.weight.detach().float()]
+
+
 def _model_folder(dataset: str, trainer: str, plans: str, configuration: str) -> Path:
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
     from nnunetv2.utilities.file_path_utilities import get_output_folder
@@ -300,6 +307,8 @@ def diagnose(model: Path, fold: int, images: Path, labels: Path, reports_file: P
                       if what == "prediction" or has_pseudo}
     if has_pseudo:
         result["first_conv_weight_norm"] = first_conv_norms(net, net.image_channels)
+        if map_prior_weights(net) is not None:
+            result["map_prior_weight"] = map_prior_weights(net)
     else:
         result["pseudo_image_auc"] = result["pseudo_image_auc_lesion_region"] = None
         result["note"] = (f"{model.name}: no pseudo-image (not a BiCLIP model); its pseudo-image AUC and "
@@ -362,6 +371,9 @@ def format_table(result: dict) -> str:
     if result.get("first_conv_weight_norm"):
         lines.append("first-convolution weight norm per input: " +
                      ", ".join(f"{k} {v:.3f}" for k, v in result["first_conv_weight_norm"].items()))
+    if result.get("map_prior_weight"):
+        lines.append("map prior weight per output channel (the map's log-odds added to the logits): " +
+                     ", ".join(f"{w:.3f}" for w in result["map_prior_weight"]))
     if result.get("note"):
         lines.append(result["note"])
     return "\n".join(lines)

@@ -744,3 +744,17 @@ def test_map_prior_raises_the_logits_where_the_report_map_is_bright():
                if n.startswith(("generator", "text_pool", "token_maps", "cross_fit_twin")))
     with pytest.raises(ValueError, match="sigmoid"):
         make_net(map_prior=True, pseudo_activation="linear")
+
+
+def test_diagnosis_reads_the_map_prior_weight():
+    """nnUNetv2_textseg_diagnose reports the prior's learned weights (None for a network without a prior)."""
+    from nnunetv2_textseg.diagnose import format_table, map_prior_weights
+
+    assert map_prior_weights(make_net()) is None
+    net = make_net(map_prior=True)
+    with torch.no_grad():
+        net.map_prior.weight.copy_(torch.tensor([0.0, 0.75, 1.5]))
+    assert map_prior_weights(net) == [0.0, 0.75, 1.5]
+    table = format_table({"dice": {}, "text_sensitivity": 0.1, "reliance": 0.02, "side": {},
+                          "map_prior_weight": [0.0, 0.75, 1.5]})
+    assert "map prior weight per output channel" in table and "0.750" in table
