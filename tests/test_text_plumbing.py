@@ -193,7 +193,8 @@ def test_a_model_folder_keeps_its_network(tmp_path):
     from nnunetv2_textseg.training.biclip import nnUNetTrainerBiCLIP
     t = object.__new__(nnUNetTrainerBiCLIP)
     t.output_folder_base = str(tmp_path / "nnUNetTrainerBiCLIP__nnUNetPlans__2d")
-    now = {"report_pathways": 4, "token_maps": True, "token_window": 3, "encoder": {}}
+    now = {**nnUNetTrainerBiCLIP.network_plans_entry(), "encoder": {}}
+    assert now == {"report_pathways": 4, "token_maps": True, "token_window": 3, "map_prior": False, "encoder": {}}
     t._check_same_network({}, now)  # no recorded entry: nothing to compare
     t._check_same_network(dict(now), now)
     with pytest.raises(TextTrainingError, match=r"nnUNetTrainerBiCLIP__nnUNetPlans__2d.*report_pathways: 1 there, 4 "
@@ -201,3 +202,6 @@ def test_a_model_folder_keeps_its_network(tmp_path):
         t._check_same_network({"encoder": {}, "network_version": 2}, now)  # an earlier default's plans
     with pytest.raises(TextTrainingError, match=r"token_window: 1 there, 3 now"):
         t._check_same_network({"report_pathways": 4, "token_maps": True, "token_window": 1}, now)
+    with pytest.raises(TextTrainingError, match=r"map_prior: True there, False now"):  # a _mapPrior model's folder
+        t._check_same_network({"report_pathways": 4, "token_maps": True, "token_window": 3, "map_prior": True}, now)
+    t._check_same_network({"report_pathways": 4, "token_maps": True, "token_window": 3}, now)  # before map_prior
