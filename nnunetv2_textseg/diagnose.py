@@ -307,8 +307,9 @@ def diagnose(model: Path, fold: int, images: Path, labels: Path, reports_file: P
                       if what == "prediction" or has_pseudo}
     if has_pseudo:
         result["first_conv_weight_norm"] = first_conv_norms(net, net.image_channels)
-        if map_prior_weights(net) is not None:
-            result["map_prior_weight"] = map_prior_weights(net)
+        prior_weights = map_prior_weights(net)
+        if prior_weights is not None:
+            result["map_prior_weight"] = prior_weights
     else:
         result["pseudo_image_auc"] = result["pseudo_image_auc_lesion_region"] = None
         result["note"] = (f"{model.name}: no pseudo-image (not a BiCLIP model); its pseudo-image AUC and "

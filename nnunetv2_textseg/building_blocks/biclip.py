@@ -246,8 +246,8 @@ class MapLogitPrior(nn.Module):
         weight: initial ``w`` for every channel (the trainer zeroes the background class's).
         floor: p is clamped to [floor, 1 − floor], so the prior's log-odds stay within ±logit(1 − floor).
 
-    Shapes: logits (B, K, h, w) or a deep-supervision list of them at decreasing resolution; p (B, 1, H, W)
-    in [0, 1], resized (area / bilinear) to each output's size.
+    Shapes: logits (B, K, h, w) or a deep-supervision list of them at decreasing resolution (h ≤ H, w ≤ W);
+    p (B, 1, H, W) in [0, 1], its log-odds area-pooled to each output's size.
     """
 
     def __init__(self, channels: int, weight: float = 1.0, floor: float = 0.02):
@@ -258,8 +258,7 @@ class MapLogitPrior(nn.Module):
         self.floor = floor
 
     def log_odds(self, p: torch.Tensor) -> torch.Tensor:
-        p = p.clamp(self.floor, 1 - self.floor)
-        return torch.log(p) - torch.log1p(-p)
+        return torch.logit(p, eps=self.floor)  # p clamped to [floor, 1 − floor] first
 
     def forward(self, logits: torch.Tensor | list[torch.Tensor], p: torch.Tensor
                 ) -> torch.Tensor | list[torch.Tensor]:
@@ -267,9 +266,7 @@ class MapLogitPrior(nn.Module):
         outputs = logits if isinstance(logits, (list, tuple)) else [logits]
         shifted = []
         for out in outputs:
-            size = tuple(out.shape[2:])
-            zs = z if tuple(z.shape[2:]) == size else (
-                F.adaptive_avg_pool2d(z, size) if size[0] <= z.shape[2] and size[1] <= z.shape[3]
-                else F.interpolate(z, size=size, mode="bilinear", align_corners=False))
+            size = tuple(out.shape[2:])  # a U-Net's outputs are never larger than its input
+            zs = z if tuple(z.shape[2:]) == size else F.adaptive_avg_pool2d(z, size)
             shifted.append(out + (self.weight.view(1, -1, 1, 1) * zs).to(out.dtype))
         return shifted if isinstance(logits, (list, tuple)) else shifted[0]
