@@ -562,6 +562,28 @@ def test_four_cross_fitted_pathways_route_by_fold_and_fit():
         torch.testing.assert_close(net.current_pseudo_image(x[:1]), torch.stack([m[0][:1] for m in maps]).mean(0))
 
 
+def test_training_outputs_carry_the_fitted_pathways_whole_image_map():
+    """BiCLIPOutput.frame is the whole-image map of the pathway each sample fits (what the whole-case generation
+    loss trains): read at the sample's positions it is that sample's ``generated`` map, in every training path."""
+    from nnunetv2_textseg.patient_frame import sample_patient_frame
+    torch.manual_seed(0)
+    x = with_pos(torch.randn(3, 1, 32, 32))
+    tokens, mask = report(3)
+    pos = x[:, -POSITION_CHANNELS:]
+    net = make_net(cross_fit=4, seg_gradient_to_text=False, iac=False).train()
+    fold, fit = torch.tensor([3, 0, 2]), torch.tensor([1, 2, 0])
+    for out in (net(x, tokens=tokens, mask=mask, return_aux=True, fold=fold, fit=fit),
+                net.report_pathways_forward(x, tokens=tokens, mask=mask, fold=fold, fit=fit)):
+        assert out.frame.shape == (3, 1, 16, 16)
+        torch.testing.assert_close(sample_patient_frame(out.frame, pos), out.generated)
+    single = make_net(iac=False).train()
+    out = single(x, tokens=tokens, mask=mask, return_aux=True)
+    torch.testing.assert_close(sample_patient_frame(out.frame, pos), out.generated)
+    out.frame.sum().backward()
+    grads = {n.split(".")[0] for n, p in single.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert {"text_pool", "generator", "fusion"} <= grads and "unet" not in grads
+
+
 def test_token_zone_maps_unite_phrases_and_skip_dropped_reports():
     """Per-token maps are united by noisy-OR: a report's map is at least each of its tokens' maps; masked tokens
     add nothing; in BiCLIP the token maps join the generator's map, and a dropped report (or no report) gets the

@@ -103,6 +103,46 @@ def test_generation_target_ignores_the_ignore_label_and_handles_regions():
     assert valid.tolist() == [[[[False, True], [True, True]]]]
 
 
+def test_whole_case_generation_targets_pool_the_preprocessed_case_in_the_patient_frame(tmp_path):
+    """BiCLIP's whole-case generation term: each training case's lesion share per map cell, pooled from nnU-Net's
+    preprocessed segmentation (ignore label unlabelled, -1 background), read back where sample_patient_frame reads
+    the map; the loss prefers the map with the lesion on the case's side, and the other side for a mirrored
+    patient."""
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetNumpy
+    from nnunetv2_textseg.patient_frame import patient_frame_dataset, position_channels, sample_patient_frame
+    from nnunetv2_textseg.training.biclip import nnUNetTrainerBiCLIP
+    seg_a = np.zeros((1, 1, 8, 8), np.int16)
+    seg_a[..., :4, :2] = 1  # upper left, half of the upper-left cell
+    seg_a[..., 4:, 4:] = 3  # ignore label
+    seg_b = np.full((1, 1, 8, 8), -1, np.int16)
+    seg_b[..., 6:, 5:] = 2  # lower right
+    for case, seg in (("a", seg_a), ("b", seg_b)):
+        nnUNetDatasetNumpy.save_case(np.zeros((1, 1, 8, 8), np.float32), seg, {}, str(tmp_path / case))
+    t = object.__new__(nnUNetTrainerBiCLIP)
+    t.label_manager, t.device = _LM(ignore=3), torch.device("cpu")
+    t.dataset_class = patient_frame_dataset(nnUNetDatasetNumpy)  # the trainer's, after initialize()
+    t.preprocessed_dataset_folder, t.folder_with_segs_from_previous_stage = str(tmp_path), None
+    t.training_case_ids, t.pseudo_activation = ["a", "b"], "sigmoid"
+    rows, lesion, labelled = t.whole_case_targets((2, 2))
+    assert rows == {"a": 0, "b": 1} and lesion.shape == labelled.shape == (2, 1, 2, 2)
+    torch.testing.assert_close(lesion[0, 0], torch.tensor([[0.5, 0.0], [0.0, 0.0]]))
+    torch.testing.assert_close(labelled[0, 0], torch.tensor([[1.0, 1.0], [1.0, 0.0]]))
+    torch.testing.assert_close(lesion[1, 0], torch.tensor([[0.0, 0.0], [0.0, 6 / 16]]))
+    # the map cell a pixel is read from is the cell its pixels were pooled into
+    read = sample_patient_frame(lesion, torch.from_numpy(position_channels((8, 8)))[None].expand(2, -1, -1, -1))
+    torch.testing.assert_close(read[:, 0, 1, 1], lesion[:, 0, 0, 0])
+    torch.testing.assert_close(read[:, 0, 6, 6], lesion[:, 0, 1, 1])
+
+    right_side = torch.tensor([[[[4.0, -4.0], [-4.0, -4.0]]]])  # the lesion in case a's upper left
+    wrong_side = right_side.flip(-1)
+    t.patient_mirrored = torch.tensor([False])
+    assert t.whole_case_generation_loss(right_side, ["a"]) < t.whole_case_generation_loss(wrong_side, ["a"]) - 0.5
+    t.patient_mirrored = torch.tensor([True])  # the mirrored patient's lesion lies on the other side of the frame
+    assert t.whole_case_generation_loss(wrong_side, ["a"]) < t.whole_case_generation_loss(right_side, ["a"]) - 0.5
+    with pytest.raises(TextTrainingError, match="not training cases"):
+        t.whole_case_generation_loss(right_side, ["c"])
+
+
 def test_mirrored_patient_negates_the_column_channel_and_swaps_the_report_rows():
     """Mirrored-patient samples: only the patient-frame column channel changes sign (image, IAC view, row and inside
     channels untouched) and those samples read the laterality-swapped report's tokens; the others are unchanged."""
@@ -127,6 +167,7 @@ def test_mirrored_patient_negates_the_column_channel_and_swaps_the_report_rows()
         d, tok, m = t.mirror_patients(data, tokens, mask, ["a", "b"])
         flipped = (d[:, 3] != data[:, 3]).flatten(1).any(1)
         assert torch.equal(tok[:, 0, 0] < 0, flipped)  # the swapped report goes with the mirrored frame
+        assert torch.equal(t.patient_mirrored, flipped)  # recorded for targets kept in the patient frame
         flips += flipped.tolist()
     assert 0.4 < np.mean(flips) < 0.6
 

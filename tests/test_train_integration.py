@@ -132,7 +132,7 @@ def test_paper_batch_of_16_is_global_under_ddp(trained_model, monkeypatch):
                                      "nnUNetTrainerBiCLIP_mirroredPatient", "nnUNetTrainerBiCLIP_crossFitTokens",
                                      "nnUNetTrainerBiCLIP_pathwayWarmup", "nnUNetTrainerBiCLIP_phraseMaps",
                                      "nnUNetTrainerBiCLIP_locationFree", "nnUNetTrainerBiCLIP_endToEnd",
-                                     "nnUNetTrainerBiCLIP_mapPrior", "nnUNetTrainerMedCLIPSeg", "nnUNetTrainerMedCLIPSeg_locationFree",
+                                     "nnUNetTrainerBiCLIP_mapPrior", "nnUNetTrainerBiCLIP_wholeCase", "nnUNetTrainerMedCLIPSeg", "nnUNetTrainerMedCLIPSeg_locationFree",
                                      "nnUNetTrainerMedCLIPSeg_reportsAsWritten"])
 def test_ablation_builds_and_trains_one_step(trained_model, variant, monkeypatch):
     """Each ablation builds its network from the plans and runs a real train_step on real batches (MedCLIPSeg's
@@ -179,6 +179,10 @@ def test_ablation_builds_and_trains_one_step(trained_model, variant, monkeypatch
             w = prior.weight.detach().tolist()
             assert abs(w[0]) < 0.01 and abs(w[1] - 1) < 0.01
             assert prior.weight.grad is not None and float(prior.weight.grad.abs().sum()) > 0
+    if variant.startswith("nnUNetTrainerBiCLIP"):  # the whole-case term: only where switched on, a real number
+        assert ("whole_case" in out) == variant.endswith("wholeCase")
+    if variant.endswith("wholeCase"):
+        assert 0 < out["whole_case"] < 10 and len(trainer._whole_case_targets[1]) == len(trainer.training_case_ids)
     if variant.endswith("paper"):
         assert isinstance(trainer.optimizer, torch.optim.AdamW) and trainer.batch_size == 16
     if variant.endswith("noPosition"):

@@ -36,6 +36,8 @@ class BiCLIPOutput:
     t_hat: torch.Tensor | None  # reconstructed from the whole-image pseudo-image (B, D)
     p_weak: torch.Tensor | None  # IAC projections (B, P)
     p_strong: torch.Tensor | None
+    frame: torch.Tensor | None = None  # (B, 1, S, S) the fitted pathway's whole-image map (logits for a sigmoid
+    #                                    pseudo-image), in the patient frame the sample's report describes
 
 
 class BiCLIPNetwork(TextConditionedNetwork):
@@ -299,9 +301,9 @@ class BiCLIPNetwork(TextConditionedNetwork):
         x, tokens, mask = self._batch_report(x, tokens, mask)
         fit = self._routing(fold, fit, True)
         fit = torch.zeros(x.shape[0], dtype=torch.long, device=x.device) if fit is None else fit
-        pseudo, raw, generated, t, t_hat = self._routed_pathways(x, tokens, mask, drop, fit, losses=True)
+        pseudo, raw, generated, t, t_hat, frame = self._routed_pathways(x, tokens, mask, drop, fit, losses=True)
         return BiCLIPOutput(None, pseudo, raw if self.sigmoid else None, generated, split_position(x)[1][:, 2:3], t,
-                            t_hat, None, None)
+                            t_hat, None, None, frame)
 
     def _cross_fitted_training_forward(self, x, tokens, mask, drop, x_strong, fold, fit) -> BiCLIPOutput:
         """Training with K > 1 cross-fitted pathways: each sample passes two pathways instead of all K — its fold's,
@@ -316,14 +318,14 @@ class BiCLIPNetwork(TextConditionedNetwork):
             pseudo = self._routed_pathways(x, tokens, mask, drop, fold, losses=False)[0]
         seen = pseudo if self.seg_gradient_to_text else pseudo.detach()
         skips = self.unet.encoder(self.unet_input(image, seen, position))
-        _, raw, generated, t, t_hat = fitted
+        _, raw, generated, t, t_hat, frame = fitted
         if torch.is_grad_enabled():
             # nnU-Net's DDP (find_unused_parameters=False) needs a gradient for every parameter on every rank, and a
             # pathway no sample of this rank's batch was routed through has none: keep it in the graph at weight 0
             generated = generated + 0.0 * sum(q.flatten()[0] for name, q in self.named_parameters()
                                               if q.requires_grad and not name.startswith("unet."))
         out = BiCLIPOutput(self.segment(skips, seen), pseudo, raw if self.sigmoid else None, generated,
-                           position[:, 2:3], t, t_hat, None, None)
+                           position[:, 2:3], t, t_hat, None, None, frame)
         if self.iac_head is not None and x_strong is not None:
             strong_bottleneck = self.unet.encoder(self.unet_input(x_strong, seen, position))[-1]
             out.p_weak = self.iac_head(skips[-1].mean(dim=(2, 3)))
@@ -341,8 +343,8 @@ class BiCLIPNetwork(TextConditionedNetwork):
         return x, tokens, mask
 
     def _routed_pathways(self, x, tokens, mask, drop, route: torch.Tensor, losses: bool) -> tuple:
-        """Each sample b through pathway ``route[b]`` only: (pseudo, raw, generated, t, t_hat) in batch order;
-        with ``losses`` False only pseudo (the rest None)."""
+        """Each sample b through pathway ``route[b]`` only: (pseudo, raw, generated, t, t_hat, whole-image map) in
+        batch order; with ``losses`` False only pseudo (the rest None)."""
         parts, order = [], []
         for k in route.unique().tolist():
             idx = (route == k).nonzero()[:, 0]
@@ -351,10 +353,11 @@ class BiCLIPNetwork(TextConditionedNetwork):
             read = self.token_mask(sub(tokens), sub(mask), len(idx), sub(drop))
             pseudo, raw, frame = self.pseudo_image(x[idx], t, pathway=k, tokens=sub(tokens), mask=read)
             t_hat, generated = self._loss_inputs(k, t, raw, frame, split_position(x[idx])[1]) if losses else (None, None)
-            parts.append((pseudo, raw if losses else None, generated, t if losses else None, t_hat))
+            parts.append((pseudo, raw if losses else None, generated, t if losses else None, t_hat,
+                          frame if losses else None))
             order.append(idx)
         back = torch.argsort(torch.cat(order))  # batch order again
-        return tuple(None if parts[0][i] is None else torch.cat([q[i] for q in parts])[back] for i in range(5))
+        return tuple(None if parts[0][i] is None else torch.cat([q[i] for q in parts])[back] for i in range(6))
 
     def _routing(self, fold: torch.Tensor | None, fit: torch.Tensor | None, training_losses: bool
                  ) -> torch.Tensor | None:
@@ -406,7 +409,7 @@ class BiCLIPNetwork(TextConditionedNetwork):
         t_hat, generated = zip(*(self._loss_inputs(k, ts[k], m[1], m[2], position) for k, m in enumerate(maps)))
         t_hat, generated = (None if t_hat[0] is None else own(list(t_hat))), own(list(generated))
         return BiCLIPOutput(seg, pseudo, raw if self.sigmoid else None, generated, position[:, 2:3], t, t_hat,
-                            None, None)
+                            None, None, own([m[2] for m in maps]))
 
 
 def _per_sample(index: torch.Tensor, values: list[torch.Tensor]) -> torch.Tensor:

@@ -72,6 +72,10 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
     # also add the pseudo-image's log-odds, with a learned weight per class, to the U-Net's logits (see
     # BiCLIPNetwork / MapLogitPrior): the map is a prior the U-Net corrects rather than an input it may ignore
     map_prior = False
+    # weight of the whole-case generation term (0: off): the fitted pathway's whole-image map against the case's
+    # whole lesion mask at zone scale, not only against the part of it the sample's crop shows (see
+    # whole_case_generation_loss)
+    lambda_whole_case = 0.0
     mirrored_patient = 0.5  # see nnUNetTrainerText
     location_free_reports = 0.25  # see nnUNetTrainerText
     text_pooling = "attention"  # or "mean" (the paper's)
@@ -159,7 +163,8 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
             return lesion
         return image.mean(1, keepdim=True) * lesion
 
-    def compute_loss(self, out, image: torch.Tensor, target) -> tuple[torch.Tensor, dict]:
+    def compute_loss(self, out, image: torch.Tensor, target, keys: list[str] | None = None
+                     ) -> tuple[torch.Tensor, dict]:
         # None: the report pathways alone (the warm-up), no segmentation
         seg = None if out.seg is None else self.loss(out.seg, target)
         full_res = target[0] if isinstance(target, list) else target
@@ -181,7 +186,13 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
             terms["cycle"] = cycle_loss(out.t.detach().float(), out.t_hat.float(), normalized=self.cycle_normalized)
         if out.p_weak is not None:
             terms["iac"] = consistency_loss(out.p_weak.float(), out.p_strong.float())
-        weights = {"seg": 1.0, "gen": self.lambda_gen, "cycle": self.lambda_cycle, "iac": self.lambda_iac}
+        if self.lambda_whole_case > 0:
+            if keys is None or out.frame is None:
+                raise TextTrainingError(f"{type(self).__name__}'s whole-case generation loss needs the case ids "
+                                        f"and the whole-image map")
+            terms["whole_case"] = self.whole_case_generation_loss(out.frame, keys)
+        weights = {"seg": 1.0, "gen": self.lambda_gen, "cycle": self.lambda_cycle, "iac": self.lambda_iac,
+                   "whole_case": self.lambda_whole_case}
         total = sum(weights[k] * v for k, v in terms.items())
         logged = {k: float(v.detach().cpu()) for k, v in terms.items()}
         with torch.no_grad():
@@ -190,6 +201,60 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
                 logged.update(pseudo_mean=float(p.mean()), pseudo_std=float(out.pseudo.float().flatten(1).std(1).mean()),
                               pseudo_near_zero=float((p.abs() < 0.05).float().mean()))
         return total, logged
+
+    def whole_case_targets(self, size: tuple[int, int]) -> tuple[dict[str, int], torch.Tensor, torch.Tensor]:
+        """Each training case's whole lesion mask at the whole-image map's scale: (row of each case id, lesion
+        share (N, 1, S, S'), labelled share (N, 1, S, S')) per map cell, area-pooled from the preprocessed
+        segmentation (pixels of nnU-Net's ignore label are not labelled; its -1 outside the nonzero mask is
+        background). Area pooling puts cell j's centre where :func:`sample_patient_frame` reads cell j. Volumes
+        trained slice by slice (nnU-Net's 2d configuration of 3D data) pool over their slices: the report
+        describes the volume. Computed once per map size."""
+        import torch.nn.functional as F
+        from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+        cached = getattr(self, "_whole_case_targets", None)
+        if cached is not None and cached[0] == size:
+            return cached[1:]
+        dataset_class = self.dataset_class or infer_dataset_class(self.preprocessed_dataset_folder)
+        dataset = dataset_class(self.preprocessed_dataset_folder, self.training_case_ids,
+                                folder_with_segs_from_previous_stage=self.folder_with_segs_from_previous_stage)
+        ignore = self.label_manager.ignore_label
+        lesion, labelled = [], []
+        for case in self.training_case_ids:
+            seg = torch.from_numpy(np.asarray(dataset.load_case(case)[1][0], dtype=np.int16))  # (Z, Y, X)
+            seg = seg.reshape(-1, *seg.shape[-2:]).float()
+            known = torch.ones_like(seg) if ignore is None else (seg != ignore).float()
+            fg = (seg > 0).float() * known
+            lesion.append(F.adaptive_avg_pool2d(fg[:, None], size).mean(0))
+            labelled.append(F.adaptive_avg_pool2d(known[:, None], size).mean(0))
+        rows = {case: i for i, case in enumerate(self.training_case_ids)}
+        lesion_t, labelled_t = torch.stack(lesion).to(self.device), torch.stack(labelled).to(self.device)
+        # lesion share among labelled pixels: the target where the cell is labelled, weighted by how much of it is
+        lesion_t = lesion_t / labelled_t.clamp_min(1e-6)
+        self._whole_case_targets = (size, rows, lesion_t, labelled_t)
+        return rows, lesion_t, labelled_t
+
+    def whole_case_generation_loss(self, frame: torch.Tensor, keys) -> torch.Tensor:
+        """BCE + soft Dice of the whole-image map (logits (B, 1, S, S')) against each sample's whole case at zone
+        scale (:meth:`whole_case_targets`), mirrored for mirrored-patient samples (their report's sides are
+        swapped, so the lesion lies in the other half of their patient frame).
+
+        Why: the generation loss on the sample trains only the map cells its crop covers. With images larger than
+        the patch a crop shows a quarter of the image or less, mostly around the lesion (nnU-Net's foreground
+        oversampling), and a map trained that way did not know the side its report names (3 of 9 zoned reports,
+        the same with sides swapped); the whole case tells every cell where the lesion is and is not."""
+        if not self.pseudo_activation == "sigmoid":
+            raise TextTrainingError("the whole-case generation loss trains a sigmoid pseudo-image's logits")
+        rows, lesion, labelled = self.whole_case_targets(tuple(frame.shape[-2:]))
+        missing = [str(k) for k in keys if str(k) not in rows]
+        if missing:
+            raise TextTrainingError(f"cases {missing[:5]} are not training cases of this fold: no whole-case target")
+        idx = torch.tensor([rows[str(k)] for k in keys], device=lesion.device)
+        target, weight = lesion[idx], labelled[idx]
+        mirrored = getattr(self, "patient_mirrored", None)
+        if mirrored is not None and bool(mirrored.any()):
+            f = mirrored.to(target.device)[:, None, None, None]
+            target, weight = torch.where(f, target.flip(-1), target), torch.where(f, weight.flip(-1), weight)
+        return lesion_generation_loss(frame.float(), target, weight)
 
     def epoch_statistics(self) -> dict[str, float]:
         """First-convolution weight norm per input group: image channels, pseudo-image, position."""
@@ -258,7 +323,7 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
             text_optimizer.zero_grad(set_to_none=True)
             out = net.report_pathways_forward(torch.cat([data[:, :c], data[:, -POSITION_CHANNELS:]], 1),
                                               tokens=tokens, mask=mask, drop=drop, **routing)
-            loss, terms = self.compute_loss(out, data[:, :c], target)
+            loss, terms = self.compute_loss(out, data[:, :c], target, keys)
             loss.backward()
             if self.is_ddp:  # the U-Net's DDP wrapper is bypassed: average the pathways' gradients by hand; every
                 import torch.distributed as dist  # rank reduces every parameter (a pathway none of its samples fit
@@ -287,4 +352,4 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
         routing = {} if folds is None else {"fold": folds, "fit": self.fitting_pathways(folds)}
         out = self.network(torch.cat([weak, position], 1), tokens=tokens, mask=mask, drop=drop,
                            x_strong=strong, return_aux=True, **routing)
-        return self.compute_loss(out, weak, target)
+        return self.compute_loss(out, weak, target, keys)

@@ -361,6 +361,8 @@ class nnUNetTrainerText(nnUNetTrainer):
         lie in the patient changes, so the report's side words must be read again to put the lesion there."""
         from nnunetv2_textseg.patient_frame import POSITION_CHANNELS
         flip = torch.rand(data.shape[0]) < self.mirrored_patient  # drawn on the host: no device sync per step
+        # which samples are mirrored patients, for targets kept in the patient frame (BiCLIP's whole-case map)
+        self.patient_mirrored = flip
         if not bool(flip.any()):
             return data, tokens, mask
         column = data.shape[1] - POSITION_CHANNELS + 1  # position channels are (row, column, inside)
@@ -523,6 +525,7 @@ class nnUNetTrainerText(nnUNetTrainer):
         target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
             else target.to(self.device, non_blocking=True)
         tokens, mask = self.tokens_for(batch["keys"])
+        self.patient_mirrored = torch.zeros(len(batch["keys"]), dtype=torch.bool)
         if self.mirrored_patient > 0:
             data, tokens, mask = self.mirror_patients(data, tokens, mask, batch["keys"])
         if self.location_free_reports > 0:  # after mirroring: a report without place words has no side to swap

@@ -175,6 +175,14 @@ class nnUNetTrainerBiCLIP_mapPrior(nnUNetTrainerBiCLIP):
     aux_stats = nnUNetTrainerBiCLIP.aux_stats + ("prior_weight",)
 
 
+class nnUNetTrainerBiCLIP_wholeCase(nnUNetTrainerBiCLIP):
+    """The report pathway's whole-image map is also trained against the sample's whole case at zone scale, not
+    only against the crop it shows (nnUNetTrainerBiCLIP.whole_case_generation_loss). Why: with images larger than
+    the patch the default's map did not know the side its report names."""
+    lambda_whole_case = 1.0
+    aux_losses = nnUNetTrainerBiCLIP.aux_losses + ("whole_case",)
+
+
 class nnUNetTrainerBiCLIP_noPosition(nnUNetTrainerBiCLIP):
     """The U-Net gets [image, pseudo-image] only: the patient frame reaches it through the pseudo-image."""
     position_to_unet = False
