@@ -112,8 +112,8 @@ def test_whole_case_generation_targets_pool_the_preprocessed_case_in_the_patient
     from nnunetv2_textseg.patient_frame import patient_frame_dataset, position_channels, sample_patient_frame
     from nnunetv2_textseg.training.biclip import nnUNetTrainerBiCLIP
     seg_a = np.zeros((1, 1, 8, 8), np.int16)
-    seg_a[..., :4, :2] = 1  # upper left, half of the upper-left cell
-    seg_a[..., 4:, 4:] = 3  # ignore label
+    seg_a[..., :4, 5:] = 1  # upper right, 3/4 of the upper-right cell (asymmetric: a transpose shows)
+    seg_a[..., 6:, :2] = 3  # ignore label, a quarter of the lower-left cell
     seg_b = np.full((1, 1, 8, 8), -1, np.int16)
     seg_b[..., 6:, 5:] = 2  # lower right
     for case, seg in (("a", seg_a), ("b", seg_b)):
@@ -122,23 +122,29 @@ def test_whole_case_generation_targets_pool_the_preprocessed_case_in_the_patient
     t.label_manager, t.device = _LM(ignore=3), torch.device("cpu")
     t.dataset_class = patient_frame_dataset(nnUNetDatasetNumpy)  # the trainer's, after initialize()
     t.preprocessed_dataset_folder, t.folder_with_segs_from_previous_stage = str(tmp_path), None
-    t.training_case_ids, t.pseudo_activation = ["a", "b"], "sigmoid"
+    t.training_case_ids, t.pseudo_activation, t.generation_source = ["a", "b"], "sigmoid", "fused"
     rows, lesion, labelled = t.whole_case_targets((2, 2))
     assert rows == {"a": 0, "b": 1} and lesion.shape == labelled.shape == (2, 1, 2, 2)
-    torch.testing.assert_close(lesion[0, 0], torch.tensor([[0.5, 0.0], [0.0, 0.0]]))
-    torch.testing.assert_close(labelled[0, 0], torch.tensor([[1.0, 1.0], [1.0, 0.0]]))
+    torch.testing.assert_close(lesion[0, 0], torch.tensor([[0.0, 0.75], [0.0, 0.0]]))
+    torch.testing.assert_close(labelled[0, 0], torch.tensor([[1.0, 1.0], [0.75, 1.0]]))
     torch.testing.assert_close(lesion[1, 0], torch.tensor([[0.0, 0.0], [0.0, 6 / 16]]))
-    # the map cell a pixel is read from is the cell its pixels were pooled into
-    read = sample_patient_frame(lesion, torch.from_numpy(position_channels((8, 8)))[None].expand(2, -1, -1, -1))
-    torch.testing.assert_close(read[:, 0, 1, 1], lesion[:, 0, 0, 0])
-    torch.testing.assert_close(read[:, 0, 6, 6], lesion[:, 0, 1, 1])
+    # at the image's own resolution, the map read at each pixel's patient-frame position is the mask again
+    _, fine, _ = t.whole_case_targets((8, 8))
+    read = sample_patient_frame(fine, torch.from_numpy(position_channels((8, 8)))[None].expand(2, -1, -1, -1))
+    torch.testing.assert_close(read[0, 0], torch.from_numpy((seg_a[0, 0] == 1).astype(np.float32)))
+    torch.testing.assert_close(read[1, 0], torch.from_numpy((seg_b[0, 0] == 2).astype(np.float32)))
 
-    right_side = torch.tensor([[[[4.0, -4.0], [-4.0, -4.0]]]])  # the lesion in case a's upper left
-    wrong_side = right_side.flip(-1)
+    rows, lesion, labelled = t.whole_case_targets((2, 2))
+    right_side = torch.tensor([[[[-4.0, 4.0], [-4.0, -4.0]]]])  # the lesion in case a's upper right
+    candidates = {"as is": right_side, "left-right": right_side.flip(-1), "up-down": right_side.flip(-2)}
     t.patient_mirrored = torch.tensor([False])
-    assert t.whole_case_generation_loss(right_side, ["a"]) < t.whole_case_generation_loss(wrong_side, ["a"]) - 0.5
-    t.patient_mirrored = torch.tensor([True])  # the mirrored patient's lesion lies on the other side of the frame
-    assert t.whole_case_generation_loss(wrong_side, ["a"]) < t.whole_case_generation_loss(right_side, ["a"]) - 0.5
+    losses = {k: float(t.whole_case_generation_loss(v, ["a"])) for k, v in candidates.items()}
+    assert min(losses, key=losses.get) == "as is", losses
+    t.patient_mirrored = torch.tensor([True])  # the mirrored patient's lesion lies in the other half of the frame
+    losses = {k: float(t.whole_case_generation_loss(v, ["a"])) for k, v in candidates.items()}
+    assert min(losses, key=losses.get) == "left-right", losses
+    with pytest.raises(TextTrainingError, match="batch_inputs"):  # a draw of another batch is never used
+        t.whole_case_generation_loss(right_side.expand(2, -1, -1, -1), ["a", "b"])
     with pytest.raises(TextTrainingError, match="not training cases"):
         t.whole_case_generation_loss(right_side, ["c"])
 

@@ -215,6 +215,8 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
         if cached is not None and cached[0] == size:
             return cached[1:]
         dataset_class = self.dataset_class or infer_dataset_class(self.preprocessed_dataset_folder)
+        if getattr(dataset_class, "adds_position_channels", False):  # only the segmentation is needed here
+            dataset_class = dataset_class.__mro__[1]
         dataset = dataset_class(self.preprocessed_dataset_folder, self.training_case_ids,
                                 folder_with_segs_from_previous_stage=self.folder_with_segs_from_previous_stage)
         ignore = self.label_manager.ignore_label
@@ -242,16 +244,20 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
         the patch a crop shows a quarter of the image or less, mostly around the lesion (nnU-Net's foreground
         oversampling), and a map trained that way did not know the side its report names (3 of 9 zoned reports,
         the same with sides swapped); the whole case tells every cell where the lesion is and is not."""
-        if not self.pseudo_activation == "sigmoid":
-            raise TextTrainingError("the whole-case generation loss trains a sigmoid pseudo-image's logits")
+        if self.pseudo_activation != "sigmoid" or self.generation_source != "fused":
+            raise TextTrainingError("the whole-case generation loss trains the map the U-Net reads (generation_source "
+                                    "'fused') as a sigmoid pseudo-image's logits")
         rows, lesion, labelled = self.whole_case_targets(tuple(frame.shape[-2:]))
         missing = [str(k) for k in keys if str(k) not in rows]
         if missing:
             raise TextTrainingError(f"cases {missing[:5]} are not training cases of this fold: no whole-case target")
         idx = torch.tensor([rows[str(k)] for k in keys], device=lesion.device)
         target, weight = lesion[idx], labelled[idx]
-        mirrored = getattr(self, "patient_mirrored", None)
-        if mirrored is not None and bool(mirrored.any()):
+        mirrored = getattr(self, "patient_mirrored", None)  # set by batch_inputs for the batch being trained
+        if mirrored is None or len(mirrored) != len(keys):
+            raise TextTrainingError("the whole-case generation loss needs the batch's mirrored-patient draw: prepare "
+                                    "the batch with batch_inputs right before its loss")
+        if bool(mirrored.any()):
             f = mirrored.to(target.device)[:, None, None, None]
             target, weight = torch.where(f, target.flip(-1), target), torch.where(f, weight.flip(-1), weight)
         return lesion_generation_loss(frame.float(), target, weight)
