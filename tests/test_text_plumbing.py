@@ -147,6 +147,9 @@ def test_whole_case_generation_targets_pool_the_preprocessed_case_in_the_patient
         t.whole_case_generation_loss(right_side.expand(2, -1, -1, -1), ["a", "b"])
     with pytest.raises(TextTrainingError, match="not training cases"):
         t.whole_case_generation_loss(right_side, ["c"])
+    t.generation_source = "text"  # the term trains the map the U-Net reads, which is not G(t) then
+    with pytest.raises(TextTrainingError, match="generation_source"):
+        t.whole_case_generation_loss(right_side, ["a"])
 
 
 def test_mirrored_patient_negates_the_column_channel_and_swaps_the_report_rows():

@@ -242,8 +242,9 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
 
         Why: the generation loss on the sample trains only the map cells its crop covers. With images larger than
         the patch a crop shows a quarter of the image or less, mostly around the lesion (nnU-Net's foreground
-        oversampling), and a map trained that way did not know the side its report names (3 of 9 zoned reports,
-        the same with sides swapped); the whole case tells every cell where the lesion is and is not."""
+        oversampling), and a map trained that way did not know the side its report names (brighter on the named side
+        in 6 of 9 one-sided cases, and as often with the sides swapped); the whole case tells every cell where the
+        lesion is and is not."""
         if self.pseudo_activation != "sigmoid" or self.generation_source != "fused":
             raise TextTrainingError("the whole-case generation loss trains the map the U-Net reads (generation_source "
                                     "'fused') as a sigmoid pseudo-image's logits")
