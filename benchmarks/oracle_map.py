@@ -10,7 +10,10 @@ and test. This script measures what such a map is worth: for each few-labels ben
 ``low_label.py`` seed's ``work`` folder, whose dataset, label subset in ``splits_final.json`` and degraded test
 images it reuses), it writes a copy of the dataset whose images carry a second channel computed from the true mask
 (``zones``: the lung zones the case's report names, re-drawn from the demo generator's random stream — exactly
-what a report says about where, the most a perfect reader of it could know; ``fine``: the mask blurred with
+what a report says about where, the most a perfect reader of it could know; ``zonesBlurred``: those zones blurred
+with σ = side/16, the soft map a perfect probabilistic reader would draw; ``zonesTextOnly``: the named zones drawn on
+the *average* lung of the dataset and blurred alike, what a perfect reader of the report that ignores the image could
+draw; ``fine``: the mask blurred with
 σ = side/16, BiCLIP's generation target, which knows the outline too; ``coarse``: σ = side/8) and trains and evaluates plain nnU-Net on it with nnU-Net's own commands (``nnUNetv2_preprocess`` with the
 run's plans, ``nnUNetv2_train``, ``nnUNetv2_predict``, ``nnUNetv2_evaluate_folder``). Test images get the map of their
 own true mask (or zones); on clean images also another case's map (``shuffled``) and an empty one (``none``), which show how
@@ -18,7 +21,7 @@ much the model relies on the channel. The difference to plain nnU-Net of the sam
 folder) bounds what any pathway that hands the U-Net such a map can add on that data; a real report, which names
 zones and not outlines, carries less than ``fine``; ``zones`` is its content.
 
-Writes only under each ``--work`` folder, never over a dataset it did not write (datasets ``<id + 100>``, ``+ 101``, ``+ 102`` for fine, coarse, zones) and ``--out``.
+Writes only under each ``--work`` folder, never over a dataset it did not write (datasets ``<id + 100>``, ``+ 101``, ``+ 102``, ``+ 103``, ``+ 104`` for fine, coarse, zones, zonesBlurred, zonesTextOnly) and ``--out``.
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ if str(REPO) not in sys.path:
 from nnunetv2_textseg.errors import TextSegError, run_cli  # noqa: E402  (after the path line above)
 
 MAP_BLUR = {"fine": 1 / 16, "coarse": 1 / 8}  # σ as a fraction of the image side
-MAP_KINDS = (*MAP_BLUR, "zones")  # dataset id offsets 100, 101, 102
+MAP_KINDS = (*MAP_BLUR, "zones", "zonesBlurred", "zonesTextOnly")  # dataset id offsets 100 ... 104
 CONFIGURATION, PLANS, FOLD = "2d", "nnUNetPlans", 0
 
 
@@ -71,13 +74,39 @@ def _map_function(kind: str, raw: Path, meta: dict):
                                    "found now; set NNUNET_TEXTSEG_SHARED_REPORTS to their folder.")
         pool = load_real_reports(folder)
 
+    if kind == "zonesTextOnly":
+        return text_only_zones(raw, demo, pool)
+
     def zones(case: str, label: Path) -> np.ndarray:
         z = named_zones(demo["seed"], int(case.rsplit("_", 1)[1]) - 1, demo["image_size"], pool)
         if (_read(label).astype(bool) & ~z).any():  # the re-drawn case must be the case on disk
             raise OracleInputError(f"oracle_map: {label} has lesion pixels outside the zones its re-drawn report "
                                    f"names; the dataset was not generated with this report pool or generator.")
-        return z.astype(np.uint8) * 255
+        # blurred at zone scale: what a perfect *probabilistic* reader of the report would draw (soft edges)
+        return oracle_map(z, MAP_BLUR["fine"]) if kind == "zonesBlurred" else z.astype(np.uint8) * 255
     return zones
+
+
+def text_only_zones(raw: Path, demo: dict, pool: list):
+    """The map a perfect reader of the report *without the image* draws: the named zones on the average lung — for
+    each zone the share of the dataset's training cases whose lungs put a pixel in it (zones are disjoint, so the
+    named zones' shares add up), blurred like ``zonesBlurred``. It knows the report exactly and the case's lungs not
+    at all; the gap to ``zonesBlurred`` is what the case's own anatomy adds."""
+    from nnunetv2_textseg.demo_data import LEVELS, case_finding_and_lungs
+    seed, size = demo["seed"], demo["image_size"]
+    n_train = int(json.loads((raw / "dataset.json").read_text())["numTraining"])
+    share: dict[tuple[str, str], np.ndarray] = {}
+    for index in range(n_train):
+        _, lungs = case_finding_and_lungs(seed, index, size, pool)
+        for side in ("left", "right"):
+            for level in LEVELS:
+                share[side, level] = share.get((side, level), 0) + lungs.zone_mask(side, (level,)) / n_train
+
+    def text_only(case: str, label: Path) -> np.ndarray:
+        finding, _ = case_finding_and_lungs(seed, int(case.rsplit("_", 1)[1]) - 1, size, pool)
+        union = sum((share[zone] for zone in finding.zones), np.zeros((size, size)))
+        return oracle_map(np.clip(union, 0, 1), MAP_BLUR["fine"])
+    return text_only
 
 
 def _read(path: Path) -> np.ndarray:
@@ -290,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         results += json.loads(earlier.read_text())["runs"]
     args.maps = [k for k in MAP_KINDS if any(k in r for r in results)]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"maps": {k: MAP_BLUR.get(k, "named zones") for k in args.maps}, "trainer": args.trainer,
+    args.out.write_text(json.dumps({"maps": {k: MAP_BLUR.get(k, {"zones": "named zones", "zonesBlurred": "named zones, blurred", "zonesTextOnly": "named zones on the average lung, blurred"}.get(k)) for k in args.maps}, "trainer": args.trainer,
                                     "runs": results}, indent=2))
     print(table(results, args.maps, args.conditions))
     print(f"written: {args.out}")

@@ -14,7 +14,8 @@ case's) and the learned null report, and on the held-out cases with lesions in o
 map is brighter in that half (the side, which region AUC hides). Runs are ``key=value`` settings: ``lr``, ``steps``, ``drop`` (report
 dropout), ``cycle`` (λ of the cycle loss), ``normalized`` (layer-normalised cycle), ``mirror`` (probability of
 training on the left↔right-swapped report with the mirrored mask), ``token_maps`` (1: per-token zone maps),
-``window`` (tokens each per-token map reads), ``seed``, ``pseudo`` (1: also train on the report-only cases below).
+``window`` (tokens each per-token map reads), ``seed``, ``pseudo`` (1: also train on the report-only cases below),
+``blur`` (σ of the target's Gaussian blur as a fraction of the side, the trainer's ``generation_blur``; 1/16).
 
 ``--pseudo_labels DIR``: segmentations predicted (e.g. by plain nnU-Net trained on the labelled cases) for training
 cases outside the labelled split. Those cases are report-only: their report is real, their target is the image
@@ -41,7 +42,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 DEFAULTS = dict(lr=1e-3, steps=750, drop=0.25, batch=2, cycle=0.0, normalized=False, mirror=0.0, seed=0, token_maps=0,
-                window=1, pseudo=0)
+                window=1, pseudo=0, blur=1 / 16)
 
 
 from nnunetv2_textseg.errors import TextSegError, run_cli  # noqa: E402  (after the path line above)
@@ -142,14 +143,14 @@ def run(data: dict, settings: dict) -> dict:
     params = [*pool.parameters(), *generator.parameters(), null] + (list(head.parameters()) if s["cycle"] else []) \
         + (list(token_maps.parameters()) if token_maps is not None else [])
     opt = torch.optim.AdamW(params, lr=s["lr"], weight_decay=1e-4)
-    target = blur_mask(masks, size / zone)
+    target = blur_mask(masks, size * s["blur"])
     mirror = None
     if s["mirror"]:
         m_tok, m_mask, m_masks = mirrored_reports(data)
         if s["pseudo"]:
             m_tok, m_mask, m_masks = (torch.cat([a, b]) for a, b in zip((m_tok, m_mask, m_masks),
                                                                          mirrored_reports(data, "pseudo")))
-        mirror = (m_tok, m_mask, blur_mask(m_masks, size / zone))
+        mirror = (m_tok, m_mask, blur_mask(m_masks, size * s["blur"]))
 
     def frame(t, tok=None, msk=None, keep=None):  # zone-scale map, read back at full size
         z = F.adaptive_avg_pool2d(generator(t), zone)
@@ -207,7 +208,10 @@ def run(data: dict, settings: dict) -> dict:
 def zone_reference(raw: Path, data: dict) -> dict[str, dict]:
     """What the report says at most, as the same scores: the true named lung zones of each held-out case (demo
     datasets only: re-drawn from the generator, :func:`nnunetv2_textseg.demo_data.named_zones`), as drawn and
-    blurred to zone scale like the generation target. Empty for other datasets."""
+    blurred to zone scale like the generation target, and drawn on the dataset's average lung (what a perfect reader
+    of the report that does not see the image could draw: ``benchmarks/oracle_map.py``'s ``zonesTextOnly``). Empty
+    for other datasets."""
+    from benchmarks.oracle_map import text_only_zones
     from nnunetv2_textseg.demo_data import default_reports_dir, load_real_reports, named_zones
     from nnunetv2_textseg.diagnose import lesion_prone_region, pixel_auc
     from nnunetv2_textseg.losses import blur_mask
@@ -222,8 +226,11 @@ def zone_reference(raw: Path, data: dict) -> dict[str, dict]:
         return {}  # not the generator's cases (other size or report pool): no reference
     region = lesion_prone_region([r.ravel() for r in ref])
     inside = np.tile(region, len(ref)) if region is not None else None
+    text_only_map = text_only_zones(raw, demo, pool)
+    text_only = torch.from_numpy(np.stack([text_only_map(c, raw) for c in data["heldout_ids"]]).astype(np.float32))
     out = {}
-    for name, m in (("true zones", zones), ("true zones, blurred", blur_mask(zones, ref.shape[-1] / 16))):
+    for name, m in (("true zones", zones), ("true zones, blurred", blur_mask(zones, ref.shape[-1] / 16)),
+                    ("true zones on the average lung, blurred", text_only[:, None] / 255)):
         scores = m.numpy().ravel()
         out[name] = {"heldout_real": {"auc": pixel_auc(scores, ref.ravel()), "auc_region": pixel_auc(
             scores[inside], ref.ravel()[inside]) if inside is not None else None}}

@@ -316,14 +316,21 @@ def make_case(rng: np.random.Generator, size: int, pool: list[tuple[str, Finding
     return DemoCase(_finish(rng, img), label.astype(np.uint8), report)
 
 
+def case_finding_and_lungs(seed: int, index: int, size: int,
+                           pool: list[tuple[str, Finding]]) -> tuple[Finding, Lungs]:
+    """The finding and lung fields of demo case ``index`` (see :func:`named_zones`), re-drawn from its random stream."""
+    rng = np.random.default_rng([seed, index])
+    _, finding = _choose_report(rng, pool)
+    lungs, _, _ = _make_lungs(rng, size)
+    return finding, lungs
+
+
 def named_zones(seed: int, index: int, size: int, pool: list[tuple[str, Finding]]) -> np.ndarray:
     """The lung zones the report of demo case ``index`` (0-based over training then test cases; ``demo_0001`` is 0) of
     a dataset generated with ``seed``, ``size`` and report ``pool`` names: bool (size, size), all False for a negative
     report. Re-draws the case's report and lungs from the same random stream as :func:`generate_demo_dataset`, so
     this is where the generator was allowed to put lesions — the most a report can say about where they are."""
-    rng = np.random.default_rng([seed, index])
-    _, finding = _choose_report(rng, pool)
-    lungs, _, _ = _make_lungs(rng, size)
+    finding, lungs = case_finding_and_lungs(seed, index, size, pool)
     zones = np.zeros((size, size), dtype=bool)
     for side, level in finding.zones:
         zones |= lungs.zone_mask(side, (level,))

@@ -387,6 +387,7 @@ def test_text_pathway_probe_trains_token_maps_and_scores_the_true_zones(tmp_path
     masks = torch.from_numpy(np.stack([np.asarray(Image.open(raw / "labelsTr" / f"{c}.png")) > 0 for c in ids])
                              .astype(np.float32))[:, None]
     ref = probe.zone_reference(raw, {"heldout_ids": ids, "heldout": (None, None, masks)})
-    assert set(ref) == {"true zones", "true zones, blurred"} and ref["true zones"]["heldout_real"]["auc"] > 0.8
+    assert set(ref) == {"true zones", "true zones, blurred", "true zones on the average lung, blurred"}
+    assert all(r["heldout_real"]["auc"] > 0.8 for r in ref.values())
     other = probe.zone_reference(raw, {"heldout_ids": ids, "heldout": (None, None, masks.flip(-1).flip(-2))})
     assert other == {}  # lesions outside the re-drawn zones: not this generator's cases, no reference

@@ -71,6 +71,42 @@ def test_zones_dataset_has_the_named_zones_as_second_channel(run_folder):
     assert all((skio.imread(tests["clean_none"] / f"demo_{i:04d}_0001.png") == 0).all() for i in (7, 8, 9))
 
 
+def test_blurred_zones_follow_the_cases_lungs_and_the_text_only_map_the_finding_alone(run_folder, monkeypatch):
+    from nnunetv2_textseg import demo_data
+    raw, _ = oracle_map.base_dataset(run_folder, 990)
+    meta = json.loads((raw / "dataset.json").read_text())
+    blurred = oracle_map._map_function("zonesBlurred", raw, meta)
+    text_only = oracle_map._map_function("zonesTextOnly", raw, meta)
+    positive = []
+    for i in range(9):
+        case = f"demo_{i + 1:04d}"
+        zones = named_zones(5, i, 64, [])
+        b, t = blurred(case, raw / ("labelsTr" if i < 6 else "labelsTs") / f"{case}.png"), \
+            text_only(case, raw / ("labelsTr" if i < 6 else "labelsTs") / f"{case}.png")
+        assert b.dtype == t.dtype == np.uint8
+        if not zones.any():  # a negative report names no zone: both maps empty
+            assert b.max() == 0 and t.max() == 0
+            continue
+        positive.append(i)
+        assert b.max() == 255 and b[zones].min() > 0 and b[zones].mean() > b[~zones].mean() + 60
+        assert t.max() == 255 and t[zones].mean() > t[~zones].mean() + 60  # the named zones, on the average lung
+        assert not np.array_equal(b, t)  # the own-lung map knows this case's lungs, the text-only one does not
+    assert len(positive) >= 2
+    # the text-only map of a case is a function of its finding alone: give case j the finding of case i (its own
+    # lungs kept) and it gets case i's map (the average lung comes from the training cases, untouched)
+    i, j = positive[0], positive[-1]
+    original = demo_data.case_finding_and_lungs
+
+    def swapped(seed, index, size, pool):
+        finding, lungs = original(seed, index, size, pool)
+        return (original(seed, i, size, pool)[0], lungs) if index == j else (finding, lungs)
+    monkeypatch.setattr(demo_data, "case_finding_and_lungs", swapped)
+    relabelled = oracle_map._map_function("zonesTextOnly", raw, meta)
+    def label(k: int) -> Path:
+        return raw / ("labelsTr" if k < 6 else "labelsTs") / f"demo_{k + 1:04d}.png"
+    np.testing.assert_array_equal(relabelled(f"demo_{j + 1:04d}", label(j)), text_only(f"demo_{i + 1:04d}", label(i)))
+
+
 def test_zones_of_another_dataset_are_refused_naming_the_label(run_folder, tmp_path):
     work = tmp_path / "work"
     (work / "nnUNet_raw").mkdir(parents=True)
