@@ -11,17 +11,18 @@ and test. This script measures what such a map is worth: for each few-labels ben
 images it reuses), it writes a copy of the dataset whose images carry a second channel computed from the true mask
 (``zones``: the lung zones the case's report names, re-drawn from the demo generator's random stream — exactly
 what a report says about where, the most a perfect reader of it could know; ``zonesBlurred``: those zones blurred
-with σ = side/16, the soft map a perfect probabilistic reader would draw; ``zonesTextOnly``: the named zones drawn on
-the *average* lung of the dataset and blurred alike, what a perfect reader of the report that ignores the image could
-draw; ``fine``: the mask blurred with
-σ = side/16, BiCLIP's generation target, which knows the outline too; ``coarse``: σ = side/8) and trains and evaluates plain nnU-Net on it with nnU-Net's own commands (``nnUNetv2_preprocess`` with the
+with σ = side/16, the soft map a perfect probabilistic reader would draw; ``zonesBoxes``: the named zones as bands
+of the case's lung bounding boxes, blurred alike (the lungs' position and size without their outline);
+``zonesTextOnly``: the named zones drawn on the dataset's *average* lung and blurred alike, what a perfect reader of
+the report that ignores the image could draw; ``fine``: the mask blurred with σ = side/16, BiCLIP's generation
+target, which knows the outline too; ``coarse``: σ = side/8) and trains and evaluates plain nnU-Net on it with nnU-Net's own commands (``nnUNetv2_preprocess`` with the
 run's plans, ``nnUNetv2_train``, ``nnUNetv2_predict``, ``nnUNetv2_evaluate_folder``). Test images get the map of their
 own true mask (or zones); on clean images also another case's map (``shuffled``) and an empty one (``none``), which show how
 much the model relies on the channel. The difference to plain nnU-Net of the same run (its predictions in the run
 folder) bounds what any pathway that hands the U-Net such a map can add on that data; a real report, which names
 zones and not outlines, carries less than ``fine``; ``zones`` is its content.
 
-Writes only under each ``--work`` folder, never over a dataset it did not write (datasets ``<id + 100>``, ``+ 101``, ``+ 102``, ``+ 103``, ``+ 104`` for fine, coarse, zones, zonesBlurred, zonesTextOnly) and ``--out``.
+Writes only under each ``--work`` folder, never over a dataset it did not write (datasets ``<id + 100>``, ``+ 101``, ``+ 102``, ``+ 103``, ``+ 104``, ``+ 105`` for fine, coarse, zones, zonesBlurred, zonesTextOnly, zonesBoxes) and ``--out``.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ if str(REPO) not in sys.path:
 from nnunetv2_textseg.errors import TextSegError, run_cli  # noqa: E402  (after the path line above)
 
 MAP_BLUR = {"fine": 1 / 16, "coarse": 1 / 8}  # σ as a fraction of the image side
-MAP_KINDS = (*MAP_BLUR, "zones", "zonesBlurred", "zonesTextOnly")  # dataset id offsets 100 ... 104
+MAP_KINDS = (*MAP_BLUR, "zones", "zonesBlurred", "zonesTextOnly", "zonesBoxes")  # dataset id offsets 100 ... 105
 CONFIGURATION, PLANS, FOLD = "2d", "nnUNetPlans", 0
 
 
@@ -76,6 +77,8 @@ def _map_function(kind: str, raw: Path, meta: dict):
 
     if kind == "zonesTextOnly":
         return text_only_zones(raw, demo, pool)
+    if kind == "zonesBoxes":
+        return zone_boxes(demo, pool)
 
     def zones(case: str, label: Path) -> np.ndarray:
         z = named_zones(demo["seed"], int(case.rsplit("_", 1)[1]) - 1, demo["image_size"], pool)
@@ -107,6 +110,27 @@ def text_only_zones(raw: Path, demo: dict, pool: list):
         union = sum((share[zone] for zone in finding.zones), np.zeros((size, size)))
         return oracle_map(np.clip(union, 0, 1), MAP_BLUR["fine"])
     return text_only
+
+
+def zone_boxes(demo: dict, pool: list):
+    """The named zones as bands of the case's lung *bounding boxes* (the thirds of each lung's height, across its
+    width), blurred like ``zonesBlurred``: the case's lung position and size without its outline — what a text map
+    moved and scaled onto the patient's lungs (an affine warp from the image) could draw at most."""
+    from nnunetv2_textseg.demo_data import case_finding_and_lungs
+    from nnunetv2_textseg.report_parsing import LEVELS
+    seed, size = demo["seed"], demo["image_size"]
+
+    def boxes(case: str, label: Path) -> np.ndarray:
+        finding, lungs = case_finding_and_lungs(seed, int(case.rsplit("_", 1)[1]) - 1, size, pool)
+        out = np.zeros((size, size), bool)
+        for side, level in finding.zones:
+            top, bottom = lungs.rows[side]
+            cols = np.flatnonzero(lungs.masks[side].any(axis=0))
+            edges = np.linspace(top, bottom + 1, len(LEVELS) + 1)
+            i = LEVELS.index(level)
+            out[int(round(edges[i])):int(round(edges[i + 1])), cols[0]:cols[-1] + 1] = True
+        return oracle_map(out, MAP_BLUR["fine"])
+    return boxes
 
 
 def _read(path: Path) -> np.ndarray:
@@ -319,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
         results += json.loads(earlier.read_text())["runs"]
     args.maps = [k for k in MAP_KINDS if any(k in r for r in results)]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"maps": {k: MAP_BLUR.get(k, {"zones": "named zones", "zonesBlurred": "named zones, blurred", "zonesTextOnly": "named zones on the average lung, blurred"}.get(k)) for k in args.maps}, "trainer": args.trainer,
+    args.out.write_text(json.dumps({"maps": {k: MAP_BLUR.get(k, {"zones": "named zones", "zonesBlurred": "named zones, blurred", "zonesTextOnly": "named zones on the average lung, blurred",
+                                               "zonesBoxes": "named zones as bands of the lung bounding boxes, blurred"}.get(k)) for k in args.maps}, "trainer": args.trainer,
                                     "runs": results}, indent=2))
     print(table(results, args.maps, args.conditions))
     print(f"written: {args.out}")

@@ -77,6 +77,7 @@ def test_blurred_zones_follow_the_cases_lungs_and_the_text_only_map_the_finding_
     meta = json.loads((raw / "dataset.json").read_text())
     blurred = oracle_map._map_function("zonesBlurred", raw, meta)
     text_only = oracle_map._map_function("zonesTextOnly", raw, meta)
+    boxes = oracle_map._map_function("zonesBoxes", raw, meta)
     positive = []
     for i in range(9):
         case = f"demo_{i + 1:04d}"
@@ -91,6 +92,9 @@ def test_blurred_zones_follow_the_cases_lungs_and_the_text_only_map_the_finding_
         assert b.max() == 255 and b[zones].min() > 0 and b[zones].mean() > b[~zones].mean() + 60
         assert t.max() == 255 and t[zones].mean() > t[~zones].mean() + 60  # the named zones, on the average lung
         assert not np.array_equal(b, t)  # the own-lung map knows this case's lungs, the text-only one does not
+        x = boxes(case, raw / "labelsTr" / "demo_0001.png")  # the label is not read
+        assert x.max() == 255 and x[zones].min() > 0 and x[zones].mean() > x[~zones].mean() + 60  # inside the bands
+        assert x[~zones].mean() > b[~zones].mean()  # ... which also cover the box corners the lungs leave out
     assert len(positive) >= 2
     # the text-only map of a case is a function of its finding alone: give case j the finding of case i (its own
     # lungs kept) and it gets case i's map (the average lung comes from the training cases, untouched)
