@@ -12,7 +12,8 @@ images it reuses), it writes a copy of the dataset whose images carry a second c
 (``zones``: the lung zones the case's report names, re-drawn from the demo generator's random stream — exactly
 what a report says about where, the most a perfect reader of it could know; ``zonesBlurred``: those zones blurred
 with σ = side/16, the soft map a perfect probabilistic reader would draw; ``zonesBoxes``: the named zones as bands
-of the case's lung bounding boxes, blurred alike (the lungs' position and size without their outline);
+of the case's lung bounding boxes, blurred alike (the lungs' position and size without their outline: a box-shaped
+stand-in for a text map moved and scaled onto the patient's lungs);
 ``zonesTextOnly``: the named zones drawn on the dataset's *average* lung and blurred alike, what a perfect reader of
 the report that ignores the image could draw; ``fine``: the mask blurred with σ = side/16, BiCLIP's generation
 target, which knows the outline too; ``coarse``: σ = side/8) and trains and evaluates plain nnU-Net on it with nnU-Net's own commands (``nnUNetv2_preprocess`` with the
@@ -42,6 +43,9 @@ from nnunetv2_textseg.errors import TextSegError, run_cli  # noqa: E402  (after 
 
 MAP_BLUR = {"fine": 1 / 16, "coarse": 1 / 8}  # σ as a fraction of the image side
 MAP_KINDS = (*MAP_BLUR, "zones", "zonesBlurred", "zonesTextOnly", "zonesBoxes")  # dataset id offsets 100 ... 105
+ZONE_MAPS = {"zones": "named zones", "zonesBlurred": "named zones, blurred",
+             "zonesTextOnly": "named zones on the average lung, blurred",
+             "zonesBoxes": "named zones as bands of the lung bounding boxes, blurred"}
 CONFIGURATION, PLANS, FOLD = "2d", "nnUNetPlans", 0
 
 
@@ -58,7 +62,7 @@ def oracle_map(mask: np.ndarray, blur: float) -> np.ndarray:
     return np.zeros(mask.shape, np.uint8) if peak <= 0 else np.round(255 * m / peak).astype(np.uint8)
 
 
-def _map_function(kind: str, raw: Path, meta: dict):
+def map_function(kind: str, raw: Path, meta: dict):
     """(case id, its label file) -> the case's uint8 map of this kind."""
     if kind in MAP_BLUR:
         return lambda case, label: oracle_map(_read(label), MAP_BLUR[kind])
@@ -75,62 +79,47 @@ def _map_function(kind: str, raw: Path, meta: dict):
                                    "found now; set NNUNET_TEXTSEG_SHARED_REPORTS to their folder.")
         pool = load_real_reports(folder)
 
-    if kind == "zonesTextOnly":
-        return text_only_zones(raw, demo, pool)
-    if kind == "zonesBoxes":
-        return zone_boxes(demo, pool)
-
-    def zones(case: str, label: Path) -> np.ndarray:
-        z = named_zones(demo["seed"], int(case.rsplit("_", 1)[1]) - 1, demo["image_size"], pool)
-        if (_read(label).astype(bool) & ~z).any():  # the re-drawn case must be the case on disk
-            raise OracleInputError(f"oracle_map: {label} has lesion pixels outside the zones its re-drawn report "
-                                   f"names; the dataset was not generated with this report pool or generator.")
-        # blurred at zone scale: what a perfect *probabilistic* reader of the report would draw (soft edges)
-        return oracle_map(z, MAP_BLUR["fine"]) if kind == "zonesBlurred" else z.astype(np.uint8) * 255
-    return zones
-
-
-def text_only_zones(raw: Path, demo: dict, pool: list):
-    """The map a perfect reader of the report *without the image* draws: the named zones on the average lung — for
-    each zone the share of the dataset's training cases whose lungs put a pixel in it (zones are disjoint, so the
-    named zones' shares add up), blurred like ``zonesBlurred``. It knows the report exactly and the case's lungs not
-    at all; the gap to ``zonesBlurred`` is what the case's own anatomy adds."""
-    from nnunetv2_textseg.demo_data import LEVELS, case_finding_and_lungs
-    seed, size = demo["seed"], demo["image_size"]
-    n_train = int(json.loads((raw / "dataset.json").read_text())["numTraining"])
-    share: dict[tuple[str, str], np.ndarray] = {}
-    for index in range(n_train):
-        _, lungs = case_finding_and_lungs(seed, index, size, pool)
-        for side in ("left", "right"):
-            for level in LEVELS:
-                share[side, level] = share.get((side, level), 0) + lungs.zone_mask(side, (level,)) / n_train
-
-    def text_only(case: str, label: Path) -> np.ndarray:
-        finding, _ = case_finding_and_lungs(seed, int(case.rsplit("_", 1)[1]) - 1, size, pool)
-        union = sum((share[zone] for zone in finding.zones), np.zeros((size, size)))
-        return oracle_map(np.clip(union, 0, 1), MAP_BLUR["fine"])
-    return text_only
-
-
-def zone_boxes(demo: dict, pool: list):
-    """The named zones as bands of the case's lung *bounding boxes* (the thirds of each lung's height, across its
-    width), blurred like ``zonesBlurred``: the case's lung position and size without its outline — what a text map
-    moved and scaled onto the patient's lungs (an affine warp from the image) could draw at most."""
     from nnunetv2_textseg.demo_data import case_finding_and_lungs
     from nnunetv2_textseg.report_parsing import LEVELS
     seed, size = demo["seed"], demo["image_size"]
 
-    def boxes(case: str, label: Path) -> np.ndarray:
+    def redrawn(case: str, label: Path):
+        """The case's finding and lungs, re-drawn from the generator, after checking that it is the case on disk."""
         finding, lungs = case_finding_and_lungs(seed, int(case.rsplit("_", 1)[1]) - 1, size, pool)
-        out = np.zeros((size, size), bool)
-        for side, level in finding.zones:
-            top, bottom = lungs.rows[side]
-            cols = np.flatnonzero(lungs.masks[side].any(axis=0))
-            edges = np.linspace(top, bottom + 1, len(LEVELS) + 1)
-            i = LEVELS.index(level)
-            out[int(round(edges[i])):int(round(edges[i + 1])), cols[0]:cols[-1] + 1] = True
-        return oracle_map(out, MAP_BLUR["fine"])
-    return boxes
+        z = named_zones(seed, int(case.rsplit("_", 1)[1]) - 1, size, pool)
+        if (_read(label).astype(bool) & ~z).any():
+            raise OracleInputError(f"oracle_map: {label} has lesion pixels outside the zones its re-drawn report "
+                                   f"names; the dataset was not generated with this report pool or generator.")
+        return finding, lungs, z
+
+    if kind == "zonesTextOnly":
+        # the named zones on the average lung: for each zone the share of the dataset's training cases whose lungs
+        # put a pixel in it (zones are disjoint, so the named zones' shares add up)
+        n_train = int(meta["numTraining"])
+        share: dict[tuple[str, str], np.ndarray] = {}
+        for index in range(n_train):
+            _, lungs = case_finding_and_lungs(seed, index, size, pool)
+            for zone in ((side, level) for side in ("left", "right") for level in LEVELS):
+                share[zone] = share.get(zone, 0) + lungs.zone_mask(zone[0], (zone[1],)) / n_train
+
+        def text_only(case: str, label: Path) -> np.ndarray:
+            finding, _, _ = redrawn(case, label)
+            union = sum((share[zone] for zone in finding.zones), np.zeros((size, size)))
+            return oracle_map(np.clip(union, 0, 1), MAP_BLUR["fine"])
+        return text_only
+
+    def zones(case: str, label: Path) -> np.ndarray:
+        finding, lungs, z = redrawn(case, label)
+        if kind == "zonesBoxes":
+            # each named zone's rows, across its lung's whole width: position and size of the lung, not its outline
+            z = np.zeros_like(z)
+            for side, level in finding.zones:
+                rows = np.flatnonzero(lungs.zone_mask(side, (level,)).any(axis=1))
+                cols = np.flatnonzero(lungs.masks[side].any(axis=0))
+                z[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] = True
+        # blurred at zone scale: what a perfect *probabilistic* reader of the report would draw (soft edges)
+        return z.astype(np.uint8) * 255 if kind == "zones" else oracle_map(z, MAP_BLUR["fine"])
+    return zones
 
 
 def _read(path: Path) -> np.ndarray:
@@ -195,7 +184,7 @@ def write_oracle_dataset(work: Path, raw: Path, pre: Path, new_id: int, kind: st
     out_pre = work / "nnUNet_preprocessed" / name
     _check_ours(work, new_id, out_raw, out_pre)
     sources = {condition: condition_images(work, raw, condition) for condition in conditions}  # before any writing
-    map_of = _map_function(kind, raw, meta)
+    map_of = map_function(kind, raw, meta)
     (out_raw / "imagesTr").mkdir(parents=True, exist_ok=True)
     (out_raw / MARKER).write_text(json.dumps({"written_by": "benchmarks/oracle_map.py", "map": kind,
                                               "from": raw.name}))
@@ -343,8 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         results += json.loads(earlier.read_text())["runs"]
     args.maps = [k for k in MAP_KINDS if any(k in r for r in results)]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"maps": {k: MAP_BLUR.get(k, {"zones": "named zones", "zonesBlurred": "named zones, blurred", "zonesTextOnly": "named zones on the average lung, blurred",
-                                               "zonesBoxes": "named zones as bands of the lung bounding boxes, blurred"}.get(k)) for k in args.maps}, "trainer": args.trainer,
+    args.out.write_text(json.dumps({"maps": {k: MAP_BLUR.get(k, ZONE_MAPS.get(k)) for k in args.maps}, "trainer": args.trainer,
                                     "runs": results}, indent=2))
     print(table(results, args.maps, args.conditions))
     print(f"written: {args.out}")

@@ -211,7 +211,7 @@ def zone_reference(raw: Path, data: dict) -> dict[str, dict]:
     blurred to zone scale like the generation target, and drawn on the dataset's average lung (what a perfect reader
     of the report that does not see the image could draw: ``benchmarks/oracle_map.py``'s ``zonesTextOnly``). Empty
     for other datasets."""
-    from benchmarks.oracle_map import text_only_zones
+    from benchmarks.oracle_map import map_function
     from nnunetv2_textseg.demo_data import default_reports_dir, load_real_reports, named_zones
     from nnunetv2_textseg.diagnose import lesion_prone_region, pixel_auc
     from nnunetv2_textseg.losses import blur_mask
@@ -226,8 +226,10 @@ def zone_reference(raw: Path, data: dict) -> dict[str, dict]:
         return {}  # not the generator's cases (other size or report pool): no reference
     region = lesion_prone_region([r.ravel() for r in ref])
     inside = np.tile(region, len(ref)) if region is not None else None
-    text_only_map = text_only_zones(raw, demo, pool)
-    text_only = torch.from_numpy(np.stack([text_only_map(c, raw) for c in data["heldout_ids"]]).astype(np.float32))
+    meta = json.loads((raw / "dataset.json").read_text())
+    text_only_map = map_function("zonesTextOnly", raw, meta)
+    text_only = torch.from_numpy(np.stack([text_only_map(c, raw / "labelsTr" / f"{c}{meta['file_ending']}")
+                                           for c in data["heldout_ids"]]).astype(np.float32))
     out = {}
     for name, m in (("true zones", zones), ("true zones, blurred", blur_mask(zones, ref.shape[-1] / 16)),
                     ("true zones on the average lung, blurred", text_only[:, None] / 255)):
