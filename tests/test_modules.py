@@ -14,9 +14,9 @@ from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from torch import nn
 
 from nnunetv2_textseg.architectures.biclip import BiCLIPNetwork, BiCLIPOutput
-from nnunetv2_textseg.building_blocks.biclip import (AttentionPoolText, BidirectionalFusion, GlobalImageEncoder,
-                                                     ImageToTextHead, MeanPoolText, ProjectionHead,
-                                                     PseudoImageGenerator, TextProjection, masked_mean)
+from nnunetv2_textseg.building_blocks.biclip import (AnatomyGate, AttentionPoolText, BidirectionalFusion,
+                                                     GlobalImageEncoder, ImageToTextHead, MeanPoolText, ProjectionHead,
+                                                     PseudoImageGenerator, TextProjection, gated_logits, masked_mean)
 from nnunetv2_textseg.losses import (blur_mask, consistency_loss, cycle_loss, generation_loss,
                                      lesion_generation_loss)
 from nnunetv2_textseg.patient_frame import POSITION_CHANNELS, with_position_channels
@@ -248,7 +248,7 @@ def test_every_parameter_gets_a_gradient(drop_mode):
 def test_variants_every_parameter_gets_a_gradient():
     x, xs = with_pos(torch.randn(2, 1, 48, 48)), torch.randn(2, 1, 48, 48)
     target = (torch.rand(2, 48, 48) * NUM_CLASSES).long()
-    for kwargs in ({"bidirectional": False}, {"cycle": False}, {"ignore_text": True}):
+    for kwargs in ({"bidirectional": False}, {"cycle": False}, {"ignore_text": True}, {"anatomy_gate": True}):
         net = make_net(**kwargs)
         grads = _grads(net, x, xs, report(2), target, torch.tensor([False, True]))
         assert all(g is not None for g in grads.values()), kwargs
@@ -780,3 +780,49 @@ def test_diagnosis_reads_the_map_prior_weight():
     table = format_table({"dice": {}, "text_sensitivity": 0.1, "reliance": 0.02, "side": {},
                           "map_prior_weight": [0.0, 0.75, 1.5]})
     assert "map prior weight per output channel" in table and "0.750" in table
+
+
+def test_gated_logits_is_the_product_of_the_probabilities():
+    """gated_logits(a, b) is logit(σ(a) · σ(b)), finite for extreme logits, and a nearly open gate keeps the map."""
+    a = torch.tensor([-30.0, -3.0, 0.0, 2.0, 30.0])
+    b = torch.tensor([4.0, -1.0, 0.5, -20.0, 30.0])
+    z = gated_logits(a, b)
+    assert torch.isfinite(z).all()
+    assert torch.allclose(torch.sigmoid(z), torch.sigmoid(a) * torch.sigmoid(b), atol=1e-6)
+    assert torch.allclose(gated_logits(a[1:4], torch.full((3,), 12.0)), a[1:4], atol=1e-3)
+
+
+def test_anatomy_gate_can_only_lower_the_report_map_and_learns_from_the_generation_loss():
+    """BiCLIPNetwork(anatomy_gate=True): at construction every pathway's gate is nearly open (the map is the
+    text-only network's, ×σ(4)); the gated map is never above the text-only one; the gate reads the image (two images
+    give two maps for one report) and gets a gradient from the generation loss; the whole-image map stays the text's."""
+    plain = make_net(seed=3, cross_fit=2, seg_gradient_to_text=False)
+    gated = make_net(seed=3, cross_fit=2, seg_gradient_to_text=False, anatomy_gate=True)
+    missing, unexpected = gated.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(".anatomy_gate." in f".{m}" for m in missing)
+    assert isinstance(gated.anatomy_gate, AnatomyGate) and isinstance(gated.cross_fit_twin.anatomy_gate, AnatomyGate)
+    plain.eval(), gated.eval()
+    x = with_pos(torch.randn(2, 1, 64, 64))
+    tokens, mask = report(1, seed=5)
+    for net in (plain, gated):
+        net.set_text(tokens, mask)
+    with torch.no_grad():
+        p_text, p_gated = plain.current_pseudo_image(x), gated.current_pseudo_image(x)
+    assert torch.allclose(p_gated, p_text * torch.sigmoid(torch.tensor(4.0)), atol=1e-5)
+    with torch.no_grad():  # a trained gate: give its last convolution weights
+        for path in gated.pathways:
+            path.anatomy_gate.out.weight.normal_(0, 0.5)
+        p_gated = gated.current_pseudo_image(x)
+    assert (p_gated <= p_text + 1e-6).all() and float((p_text - p_gated).abs().max()) > 0.05
+    assert not torch.allclose(p_gated[0], p_gated[1])  # two images, one report: the gate differs
+
+    gated.train()
+    tk, mk = report(2, seed=6)
+    out = gated(x, tk, mk, fold=torch.tensor([0, 1]), fit=torch.tensor([1, 0]), return_aux=True)
+    assert out.frame.shape == (2, 1, 16, 16) and out.generated.shape == (2, 1, 64, 64)
+    target = (torch.rand(2, 1, 64, 64) > 0.8).float()
+    lesion_generation_loss(out.generated, target, torch.ones_like(target, dtype=torch.bool)).backward()
+    for path in gated.pathways:
+        assert path.anatomy_gate.out.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="sigmoid"):
+        make_net(anatomy_gate=True, pseudo_activation="linear")

@@ -132,7 +132,8 @@ def test_paper_batch_of_16_is_global_under_ddp(trained_model, monkeypatch):
                                      "nnUNetTrainerBiCLIP_mirroredPatient", "nnUNetTrainerBiCLIP_crossFitTokens",
                                      "nnUNetTrainerBiCLIP_pathwayWarmup", "nnUNetTrainerBiCLIP_phraseMaps",
                                      "nnUNetTrainerBiCLIP_locationFree", "nnUNetTrainerBiCLIP_endToEnd",
-                                     "nnUNetTrainerBiCLIP_mapPrior", "nnUNetTrainerBiCLIP_wholeCase", "nnUNetTrainerMedCLIPSeg", "nnUNetTrainerMedCLIPSeg_locationFree",
+                                     "nnUNetTrainerBiCLIP_mapPrior", "nnUNetTrainerBiCLIP_wholeCase",
+                                     "nnUNetTrainerBiCLIP_anatomyGate", "nnUNetTrainerMedCLIPSeg", "nnUNetTrainerMedCLIPSeg_locationFree",
                                      "nnUNetTrainerMedCLIPSeg_reportsAsWritten"])
 def test_ablation_builds_and_trains_one_step(trained_model, variant, monkeypatch):
     """Each ablation builds its network from the plans and runs a real train_step on real batches (MedCLIPSeg's
@@ -175,6 +176,9 @@ def test_ablation_builds_and_trains_one_step(trained_model, variant, monkeypatch
         prior = net.map_prior
         assert (prior is not None) == variant.endswith("mapPrior")
         assert trainer.plans_manager.plans["textseg"]["map_prior"] == variant.endswith("mapPrior")
+        gated = variant.endswith("anatomyGate")
+        assert trainer.plans_manager.plans["textseg"]["anatomy_gate"] == gated
+        assert all((path.anatomy_gate is not None) == gated for path in net.pathways)
         if prior is not None:  # softmax labels: the background's weight starts at 0, the lesion's at 1 (one step on)
             w = prior.weight.detach().tolist()
             assert abs(w[0]) < 0.01 and abs(w[1] - 1) < 0.01

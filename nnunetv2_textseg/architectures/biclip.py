@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunetv2_textseg.architectures.base import TextConditionedNetwork
-from nnunetv2_textseg.building_blocks.biclip import (AttentionPoolText, BidirectionalFusion, GlobalImageEncoder,
-                                             ImageToTextHead, MapLogitPrior, MeanPoolText, ProjectionHead,
-                                             PseudoImageGenerator, TokenZoneMaps, noisy_or_logits)
+from nnunetv2_textseg.building_blocks.biclip import (AnatomyGate, AttentionPoolText, BidirectionalFusion,
+                                             GlobalImageEncoder, ImageToTextHead, MapLogitPrior, MeanPoolText,
+                                             ProjectionHead, PseudoImageGenerator, TokenZoneMaps, gated_logits,
+                                             noisy_or_logits)
 from nnunetv2_textseg.patient_frame import (POSITION_CHANNELS, ensure_position_channels, sample_patient_frame,
                                             split_position)
 
@@ -86,6 +87,9 @@ class BiCLIPNetwork(TextConditionedNetwork):
         map_prior: also add the pseudo-image's log-odds, with a learned weight per output channel, to the U-Net's
             segmentation logits (:class:`MapLogitPrior`): the map is then a prior the U-Net corrects, not only an
             input it may learn to ignore. Needs a sigmoid pseudo-image.
+        anatomy_gate: each report pathway also gets an :class:`AnatomyGate` that reads the sample's image and
+            position and keeps the report's map only where this image allows it (p · σ(gate)): the report says
+            where, the image where not. Needs a sigmoid pseudo-image.
     """
 
     text_input = "tokens"  # what set_text expects: token embeddings + mask
@@ -96,7 +100,7 @@ class BiCLIPNetwork(TextConditionedNetwork):
                  ignore_text: bool = False, text_pooling: str = "attention", pseudo_activation: str = "sigmoid",
                  frame_resolution: int | None = 16, position_to_unet: bool = True, generation_source: str = "fused",
                  seg_gradient_to_text: bool = True, cross_fit: int = 1, token_maps: bool = False,
-                 token_window: int = 1, map_prior: bool = False):
+                 token_window: int = 1, map_prior: bool = False, anatomy_gate: bool = False):
         super().__init__()
         if not (hasattr(unet, "encoder") and hasattr(unet, "decoder")):
             raise TypeError(f"{type(unet).__name__} has no encoder/decoder; BiCLIP needs a "
@@ -113,13 +117,16 @@ class BiCLIPNetwork(TextConditionedNetwork):
         if token_maps and not frame_resolution:
             raise ValueError("token_maps needs a zone-scale whole-image map: set frame_resolution (e.g. 16)")
         self.sigmoid = pseudo_activation == "sigmoid"
+        if anatomy_gate and not self.sigmoid:
+            raise ValueError("anatomy_gate multiplies the map's probability by the gate's: it needs pseudo_activation "
+                             "'sigmoid'")
         self.frame_resolution = frame_resolution
         self.position_to_unet = position_to_unet
         self.generation_source = generation_source
         self.seg_gradient_to_text = seg_gradient_to_text
         pathway = dict(image_channels=image_channels, text_in_dim=text_in_dim, text_dim=text_dim,
                        image_dim=image_dim, bidirectional=bidirectional, cycle=cycle, text_pooling=text_pooling,
-                       token_maps=token_maps, token_window=token_window)
+                       token_maps=token_maps, token_window=token_window, anatomy_gate=anatomy_gate)
         # the report pathway's modules live on the network itself (pathway 0; the state-dict names of every
         # model trained so far), the cross-fitted twin's in ``cross_fit_twin`` (pathway 1), further ones in
         # ``cross_fit_more`` (pathways 2..K-1)
@@ -139,9 +146,9 @@ class BiCLIPNetwork(TextConditionedNetwork):
 
     def _add_report_pathway(self, owner: nn.Module, image_channels: int, text_in_dim: int, text_dim: int,
                             image_dim: int, bidirectional: bool, cycle: bool, text_pooling: str,
-                            token_maps: bool, token_window: int = 1) -> nn.Module:
+                            token_maps: bool, token_window: int = 1, anatomy_gate: bool = False) -> nn.Module:
         """Put one report pathway's modules on ``owner``: text pooling, null report, BMF (image encoder and
-        fusion), generator, token maps and image-to-text head."""
+        fusion), generator, token maps, anatomy gate and image-to-text head."""
         owner.text_pool = AttentionPoolText(text_in_dim, text_dim) if text_pooling == "attention" \
             else MeanPoolText(text_in_dim, text_dim)
         # The learned "no report" text, used for dropped reports and cases without one (small, not zero:
@@ -154,6 +161,8 @@ class BiCLIPNetwork(TextConditionedNetwork):
         owner.token_maps = TokenZoneMaps(text_in_dim, self.frame_resolution, window=token_window) if token_maps \
             else None
         owner.image_to_text = ImageToTextHead(text_dim) if cycle else None
+        # reads the image and the position channels (a mirrored sample's patient side is in the position)
+        owner.anatomy_gate = AnatomyGate(image_channels + POSITION_CHANNELS) if anatomy_gate else None
         return owner
 
     @property
@@ -240,6 +249,9 @@ class BiCLIPNetwork(TextConditionedNetwork):
         image, position = split_position(x)
         frame = self.frame_pseudo_image(image, t, pathway, tokens, mask)
         raw = sample_patient_frame(frame, position)
+        gate = self.pathways[pathway].anatomy_gate
+        if gate is not None:  # the report's map, kept where this image allows it (the whole-image map stays text's)
+            raw = gated_logits(raw, gate(torch.cat([image, position.to(image.dtype)], dim=1)))
         pseudo = torch.sigmoid(raw) * (position[:, 2:3] > 0.5).to(raw.dtype) if self.sigmoid else raw
         return pseudo, raw, frame
 

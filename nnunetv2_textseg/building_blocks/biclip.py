@@ -123,6 +123,12 @@ def noisy_or_logits(*logits: torch.Tensor) -> torch.Tensor:
     return absent_to_logits(sum(F.logsigmoid(-z) for z in logits))
 
 
+def gated_logits(report_logits: torch.Tensor, gate_logits: torch.Tensor) -> torch.Tensor:
+    """Logit of σ(report) · σ(gate): the report's probability, kept only where the gate allows it (stable in
+    log space: logit(e^s) = −logit(1 − e^s) with s = log σ(a) + log σ(b))."""
+    return -absent_to_logits(F.logsigmoid(report_logits) + F.logsigmoid(gate_logits))
+
+
 def _conv_block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.InstanceNorm2d(cout, affine=True),
                          nn.LeakyReLU(0.01, inplace=True))
@@ -148,6 +154,38 @@ class GlobalImageEncoder(nn.Module):
             f = 2 ** self.depth // max(x.shape[2:]) + 1
             x = F.interpolate(x, scale_factor=f, mode="bilinear", align_corners=False)
         return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+class AnatomyGate(nn.Module):
+    """Image and patient-frame position (B, C, H, W) -> gate logits (B, 1, H, W): where on *this* image a lesion
+    the report names can lie. The report's map p is then p · σ(gate) (:func:`gated_logits`).
+
+    Why: the report's map is drawn in the patient frame from the text alone, so "lower left zone" lands on the
+    average patient's lower left lung, blurred over every patient's. Measured with oracle maps (README, "What a
+    perfect reader could hand the U-Net"): the named zones drawn on the case's own lungs gave plain nnU-Net
+    +0.075 Dice on the benchmark's clean images, the same zones on the average lung +0.048. The gate lets the
+    image say where the zone is *not* (outside this patient's lungs, say) while the report alone says where it
+    is: it can only lower the map, never light up what the report does not name.
+
+    Computed at 1/4 resolution (two stride-2 convolutions) and upsampled bilinearly: it follows the anatomy, not
+    the lesion's outline, which stays the U-Net's to draw. Its last convolution starts at zero weights and a
+    bias of ``out_bias`` (σ(4) ≈ 0.98): training starts from the text-only map."""
+
+    def __init__(self, in_channels: int, width: int = 16, out_bias: float = 4.0):
+        super().__init__()
+        self.features = nn.Sequential(_conv_block(in_channels, width, stride=2),
+                                      _conv_block(width, 2 * width, stride=2),
+                                      _conv_block(2 * width, 2 * width))
+        self.out = nn.Conv2d(2 * width, 1, 3, 1, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.constant_(self.out.bias, out_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = tuple(x.shape[2:])
+        # instance norm needs > 1 spatial element after the two stride-2 stages: upsample tiny inputs first
+        if min(size) < 8:
+            x = F.interpolate(x, size=(max(8, size[0]), max(8, size[1])), mode="bilinear", align_corners=False)
+        return F.interpolate(self.out(self.features(x)), size=size, mode="bilinear", align_corners=False)
 
 
 class BidirectionalFusion(nn.Module):

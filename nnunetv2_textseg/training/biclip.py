@@ -72,6 +72,9 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
     # also add the pseudo-image's log-odds, with a learned weight per class, to the U-Net's logits (see
     # BiCLIPNetwork / MapLogitPrior): the map is a prior the U-Net corrects rather than an input it may ignore
     map_prior = False
+    # each report pathway's map is also gated by the sample's image (see BiCLIPNetwork / AnatomyGate): the report
+    # says where, the image where not
+    anatomy_gate = False
     # weight of the whole-case generation term (0: off): the fitted pathway's whole-image map against the case's
     # whole lesion mask at zone scale, not only against the part of it the sample's crop shows (see
     # whole_case_generation_loss)
@@ -109,6 +112,7 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
         token_maps = bool(text.get("token_maps", False))
         token_window = int(text.get("token_window", 1))  # models from before the entry: 1
         map_prior = bool(text.get("map_prior", False))
+        anatomy_gate = bool(text.get("anatomy_gate", False))
         unet = cls.planned_unet(configuration_manager,
                                 num_input_channels + 1 + (POSITION_CHANNELS if cls.position_to_unet else 0),
                                 num_output_channels, enable_deep_supervision)
@@ -118,15 +122,18 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
                              pseudo_activation=cls.pseudo_activation, frame_resolution=cls.frame_resolution,
                              position_to_unet=cls.position_to_unet, generation_source=cls.generation_source,
                              seg_gradient_to_text=cls.seg_gradient_to_text, cross_fit=pathways,
-                             token_maps=token_maps, token_window=token_window, map_prior=map_prior)
+                             token_maps=token_maps, token_window=token_window, map_prior=map_prior,
+                             anatomy_gate=anatomy_gate)
 
-    network_plans_defaults = {"report_pathways": 1, "token_maps": False, "token_window": 1, "map_prior": False}
+    network_plans_defaults = {"report_pathways": 1, "token_maps": False, "token_window": 1, "map_prior": False,
+                              "anatomy_gate": False}
     earlier_design_hint = "nnUNetTrainerBiCLIP_endToEnd (the default up to commit bfc641f)"
 
     @classmethod
     def network_plans_entry(cls) -> dict:
         return {"report_pathways": int(cls.cross_fit), "token_maps": bool(cls.token_maps),
-                "token_window": int(cls.token_window), "map_prior": bool(cls.map_prior)}
+                "token_window": int(cls.token_window), "map_prior": bool(cls.map_prior),
+                "anatomy_gate": bool(cls.anatomy_gate)}
 
     def initialize(self):
         fresh = not self.was_initialized

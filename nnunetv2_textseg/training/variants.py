@@ -185,6 +185,15 @@ class nnUNetTrainerBiCLIP_wholeCase(nnUNetTrainerBiCLIP):
     aux_losses = nnUNetTrainerBiCLIP.aux_losses + ("whole_case",)
 
 
+class nnUNetTrainerBiCLIP_anatomyGate(nnUNetTrainerBiCLIP):
+    """Each report pathway's map is gated by the sample's image (BiCLIPNetwork's anatomy_gate): p · σ(gate), the
+    gate drawn at 1/4 resolution from the image and position. Why: a map from the text alone is blurred over every
+    patient's lungs; with the named zones drawn on the case's own lungs plain nnU-Net gained +0.075 Dice on the
+    benchmark's clean images against +0.048 on the average lung (oracle maps). The gate trains with the rest of the
+    pathway (generation loss, cross-fitted, warm-up), so the U-Net reads a gated map of a case no gate has fitted."""
+    anatomy_gate = True
+
+
 class nnUNetTrainerBiCLIP_noPosition(nnUNetTrainerBiCLIP):
     """The U-Net gets [image, pseudo-image] only: the patient frame reaches it through the pseudo-image."""
     position_to_unet = False
@@ -279,7 +288,7 @@ _BASES = [nnUNetTrainerBiCLIP, nnUNetTrainerBiCLIP_endToEnd, nnUNetTrainerBiCLIP
           nnUNetTrainerBiCLIP_safeAug, nnUNetTrainerBiCLIP_noPosition, nnUNetTrainerBiCLIP_mirroredPatient,
           nnUNetTrainerBiCLIP_crossFitTokens, nnUNetTrainerBiCLIP_pathwayWarmup,
           nnUNetTrainerBiCLIP_phraseMaps, nnUNetTrainerBiCLIP_locationFree, nnUNetTrainerBiCLIP_longWarmup,
-          nnUNetTrainerBiCLIP_mapPrior, nnUNetTrainerBiCLIP_wholeCase,
+          nnUNetTrainerBiCLIP_mapPrior, nnUNetTrainerBiCLIP_wholeCase, nnUNetTrainerBiCLIP_anatomyGate,
           nnUNetTrainerMedCLIPSeg, nnUNetTrainerMedCLIPSeg_noProb, nnUNetTrainerMedCLIPSeg_noContrastive,
           nnUNetTrainerMedCLIPSeg_noText, nnUNetTrainerMedCLIPSeg_safeAug, nnUNetTrainerMedCLIPSeg_mirroredPatient,
           nnUNetTrainerMedCLIPSeg_locationFree, nnUNetTrainerMedCLIPSeg_reportsAsWritten]
