@@ -731,24 +731,35 @@ def test_map_logit_prior_adds_the_weighted_log_odds_at_every_output():
         MapLogitPrior(2, floor=0.5)
 
 
+def _text_only_and_variant(structured_map: bool = False, **variant) -> tuple[BiCLIPNetwork, BiCLIPNetwork,
+                                                                             torch.Tensor, list[str]]:
+    """A cross-fitted network with the segmentation gradient stopped and the same network with ``variant``'s extra
+    module(s), sharing every other weight, in eval mode with one report set; plus a batch of two 64² images and the
+    variant's parameter names the plain network lacks. ``structured_map``: perturb the generator and token maps first
+    (an untrained generator draws a flat map)."""
+    plain = make_net(seed=3, cross_fit=2, seg_gradient_to_text=False)
+    other = make_net(seed=3, cross_fit=2, seg_gradient_to_text=False, **variant)
+    if structured_map:
+        torch.manual_seed(4)
+        with torch.no_grad():
+            for n, p in plain.named_parameters():
+                if "generator" in n or "token_maps" in n:
+                    p.add_(0.5 * torch.randn_like(p))
+    missing, unexpected = other.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected
+    plain.eval(), other.eval()
+    tokens, mask = report(1, seed=5)
+    for net in (plain, other):
+        net.set_text(tokens, mask)
+    return plain, other, with_pos(torch.randn(2, 1, 64, 64)), missing
+
+
 def test_map_prior_raises_the_logits_where_the_report_map_is_bright():
     """BiCLIPNetwork(map_prior=True): the same network's logits plus w · logit(pseudo-image) — at prediction, with
     the report set, and in the cross-fitted training forward, where the segmentation loss trains the prior's weight
     but (seg_gradient_to_text False) not the report pathway."""
-    plain = make_net(seed=3, cross_fit=2, seg_gradient_to_text=False)
-    prior = make_net(seed=3, cross_fit=2, seg_gradient_to_text=False, map_prior=True)
-    torch.manual_seed(4)
-    with torch.no_grad():  # an untrained generator draws a flat map: give it some structure
-        for n, p in plain.named_parameters():
-            if "generator" in n or "token_maps" in n:
-                p.add_(0.5 * torch.randn_like(p))
-    missing, unexpected = prior.load_state_dict(plain.state_dict(), strict=False)
-    assert missing == ["map_prior.weight"] and not unexpected
-    plain.eval(), prior.eval()
-    x = with_pos(torch.randn(2, 1, 64, 64))
-    tokens, mask = report(1, seed=5)
-    for net in (plain, prior):
-        net.set_text(tokens, mask)
+    plain, prior, x, missing = _text_only_and_variant(structured_map=True, map_prior=True)
+    assert missing == ["map_prior.weight"]
     with torch.no_grad():
         pseudo = prior.current_pseudo_image(x)
         z = prior.map_prior.log_odds(pseudo)
@@ -796,16 +807,9 @@ def test_anatomy_gate_can_only_lower_the_report_map_and_learns_from_the_generati
     """BiCLIPNetwork(anatomy_gate=True): at construction every pathway's gate is nearly open (the map is the
     text-only network's, ×σ(4)); the gated map is never above the text-only one; the gate reads the image (two images
     give two maps for one report) and gets a gradient from the generation loss; the whole-image map stays the text's."""
-    plain = make_net(seed=3, cross_fit=2, seg_gradient_to_text=False)
-    gated = make_net(seed=3, cross_fit=2, seg_gradient_to_text=False, anatomy_gate=True)
-    missing, unexpected = gated.load_state_dict(plain.state_dict(), strict=False)
-    assert not unexpected and missing and all(".anatomy_gate." in f".{m}" for m in missing)
+    plain, gated, x, missing = _text_only_and_variant(anatomy_gate=True)
+    assert missing and all(".anatomy_gate." in f".{m}" for m in missing)
     assert isinstance(gated.anatomy_gate, AnatomyGate) and isinstance(gated.cross_fit_twin.anatomy_gate, AnatomyGate)
-    plain.eval(), gated.eval()
-    x = with_pos(torch.randn(2, 1, 64, 64))
-    tokens, mask = report(1, seed=5)
-    for net in (plain, gated):
-        net.set_text(tokens, mask)
     with torch.no_grad():
         p_text, p_gated = plain.current_pseudo_image(x), gated.current_pseudo_image(x)
     assert torch.allclose(p_gated, p_text * torch.sigmoid(torch.tensor(4.0)), atol=1e-5)
@@ -815,6 +819,10 @@ def test_anatomy_gate_can_only_lower_the_report_map_and_learns_from_the_generati
         p_gated = gated.current_pseudo_image(x)
     assert (p_gated <= p_text + 1e-6).all() and float((p_text - p_gated).abs().max()) > 0.05
     assert not torch.allclose(p_gated[0], p_gated[1])  # two images, one report: the gate differs
+    with torch.no_grad():  # the whole-image map (cycle head, whole-case loss) is the report's alone
+        t = plain.text_embedding(*report(2, seed=7), batch=2)
+        for k in range(2):
+            assert torch.equal(gated.pseudo_image(x, t, pathway=k)[2], plain.pseudo_image(x, t, pathway=k)[2])
 
     gated.train()
     tk, mk = report(2, seed=6)

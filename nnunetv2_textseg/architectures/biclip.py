@@ -251,7 +251,7 @@ class BiCLIPNetwork(TextConditionedNetwork):
         raw = sample_patient_frame(frame, position)
         gate = self.pathways[pathway].anatomy_gate
         if gate is not None:  # the report's map, kept where this image allows it (the whole-image map stays text's)
-            raw = gated_logits(raw, gate(torch.cat([image, position.to(image.dtype)], dim=1)))
+            raw = gated_logits(raw, gate(x))  # x is [image, position]: the gate reads both
         pseudo = torch.sigmoid(raw) * (position[:, 2:3] > 0.5).to(raw.dtype) if self.sigmoid else raw
         return pseudo, raw, frame
 
