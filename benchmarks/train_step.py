@@ -7,6 +7,13 @@ BiCLIP's one-off report-pathway warm-up. Not a test.
 Data loading is excluded (batches are drawn first, then the timed loop only runs ``train_step``), so the
 numbers compare the networks and losses, which is what the trainers change. Targets: ≤ 1.1× without IAC,
 ≤ 1.6× with IAC.
+
+Each row also counts, over five more train steps (seeded), the ops that launch work (views and other
+metadata-only ops left out; the optimisers in their multi-tensor form, CUDA's default) and the reads of a
+tensor's value by the host outside the optimiser step (on a GPU each one waits for the queued kernels). On a
+GPU at nnU-Net's 2D batch sizes the text modules are many small kernels and the step is bound by how fast the
+host queues them, so these counts say where GPU time goes when no GPU is at hand; they do not depend on the
+machine's load.
 """
 from __future__ import annotations
 
@@ -76,10 +83,67 @@ def time_trainer(name: str, dataset_id: int, device: str, iters: int, warmup: in
         if device == "cuda":
             torch.cuda.synchronize()
         warm_s = (time.perf_counter() - t) / iters
+    ops, reads = count_step_ops(trainer, batches[-5:])
     return {"trainer": name, "s_per_iter": sec, "peak_mem_mib": peak, "batch_size": trainer.batch_size,
+            "launching_ops": ops, "host_reads": reads,
             "warmup_s_per_step": warm_s, "warmup_steps": warm_steps,
             "patch_size": list(trainer.configuration_manager.patch_size),
             "params_m": sum(p.numel() for p in trainer.network.parameters()) / 1e6, "rss_before_mib": rss0 / 1024}
+
+
+# ops that only make a view or read metadata: no kernel on a GPU
+_VIEW_OPS = ("aten.view", "aten._unsafe_view", "aten.expand", "aten.permute", "aten.t.", "aten.transpose",
+             "aten.slice", "aten.select", "aten.unsqueeze", "aten.squeeze", "aten.detach", "aten.alias",
+             "aten.as_strided", "aten.lift_fresh", "aten.split", "aten.unbind", "aten.narrow", "aten.split_with_sizes",
+             "aten._reshape_alias", "aten.reshape", "aten.flatten", "aten.chunk", "aten.view_as", "aten.unflatten",
+             "aten.empty", "aten.set_", "aten.resize_", "profiler.")
+_HOST_READS = ("aten._local_scalar_dense", "aten.nonzero", "aten._unique", "aten.unique", "aten.masked_select",
+               "aten.is_nonzero", "aten.item")
+
+
+def count_step_ops(trainer, batches: list[dict]) -> tuple[float, float]:
+    """(ops that launch work, host reads of a tensor's value outside the optimiser step) per ``train_step``, mean
+    over ``batches`` with torch's random draws seeded (report dropout, rewritten reports, cross-fitting routes),
+    the optimisers in their multi-tensor (foreach) form as on CUDA. The step's own end-of-step read of its loss
+    (nnU-Net's, one per step) is counted."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops, self.reads, self.in_optimizer = 0, 0, False
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func)
+            if not name.startswith(_VIEW_OPS):
+                self.ops += 1
+            # the optimisers' step counters live on the host (not capturable): reading them waits for nothing
+            if name.startswith(_HOST_READS) and not self.in_optimizer:
+                self.reads += 1
+            return func(*args, **(kwargs or {}))
+
+    inner = [getattr(trainer.optimizer, k) for k in ("main", "text") if hasattr(trainer.optimizer, k)] \
+        or [trainer.optimizer]
+    counter = Counter()
+    for opt in inner:
+        for group in opt.param_groups:
+            group["foreach"] = True
+        step = opt.step
+
+        def counted(*a, _step=step, **k):
+            counter.in_optimizer = True
+            try:
+                return _step(*a, **k)
+            finally:
+                counter.in_optimizer = False
+        opt.step = counted
+    # the step's final loss.cpu() reads a CPU tensor here: count it as the one read a GPU step makes
+    torch.manual_seed(0)
+    with counter:
+        for batch in batches:
+            trainer.train_step(batch)
+    return counter.ops / len(batches), counter.reads / len(batches) + 1
 
 
 def main(argv=None) -> None:
@@ -109,15 +173,18 @@ def main(argv=None) -> None:
     import torch
     print(f"\nTrain step, {a.device}, torch {torch.__version__}, {os.cpu_count()} CPUs, patch {base['patch_size']}, "
           f"batch {base['batch_size']}, {a.iters} timed iterations (after {a.warmup} warm-up)\n")
-    print("| trainer | s/iter | × nnUNetTrainer | peak mem (MiB) | × mem | params (M) | pathway warm-up (s/step × steps) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| trainer | s/iter | × nnUNetTrainer | peak mem (MiB) | × mem | params (M) | pathway warm-up (s/step × steps) "
+          "| launching ops / step | × ops | host reads / step |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         r["time_ratio"] = r["s_per_iter"] / base["s_per_iter"]
         r["mem_ratio"] = r["peak_mem_mib"] / base["peak_mem_mib"]
         warm = "–" if not r.get("warmup_s_per_step") else \
             f"{r['warmup_s_per_step']:.3f} × {r['warmup_steps']} = {r['warmup_s_per_step'] * r['warmup_steps']:.0f} s"
+        r["ops_ratio"] = r["launching_ops"] / base["launching_ops"]
         print(f"| {r['trainer']} | {r['s_per_iter']:.3f} | {r['time_ratio']:.2f} | {r['peak_mem_mib']:.0f} | "
-              f"{r['mem_ratio']:.2f} | {r['params_m']:.2f} | {warm} |")
+              f"{r['mem_ratio']:.2f} | {r['params_m']:.2f} | {warm} | {r['launching_ops']:.0f} | {r['ops_ratio']:.2f} | "
+              f"{r['host_reads']:.1f} |")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"device": a.device, "torch": torch.__version__, "cpus": os.cpu_count(),
                                        "platform": platform.platform(), "rows": rows}, indent=2))

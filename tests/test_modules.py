@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from nnunetv2_textseg.architectures.biclip import BiCLIPNetwork, BiCLIPOutput
 from nnunetv2_textseg.building_blocks.biclip import (AnatomyGate, AttentionPoolText, BidirectionalFusion,
@@ -705,6 +706,81 @@ def test_report_pathways_alone_match_the_full_forward_and_leave_the_unet_out():
     assert net.cross_fit_more[0].token_maps.decoder[0].weight.grad.abs().sum() > 0  # pathway 2 fitted sample 3
     with pytest.raises(ValueError, match="fit != fold"):
         net.report_pathways_forward(x, tokens=tokens, mask=mask, fold=fold, fit=fold)
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts the ops that make the host wait for a tensor's value (on a GPU: a sync that stops the host from
+    queueing the next kernels): scalar reads, boolean indexing, unique."""
+    READS = ("aten._local_scalar_dense", "aten.nonzero", "aten._unique", "aten.unique", "aten.masked_select",
+             "aten.is_nonzero", "aten.item")
+
+    def __init__(self):
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func).startswith(self.READS):
+            self.reads.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_cross_fitted_training_step_reads_no_device_value():
+    """The default's training pass (4 cross-fitted pathways routed per sample, IAC) and its losses' backward pass
+    read no tensor value on the host: routing is grouped from the trainer's host-side fold/fit. Routing every sample
+    through one pathway gives the numbers of drawing every pathway's map (the shortcut without indexing)."""
+    net = make_net(cross_fit=4, token_maps=True, token_window=3, seg_gradient_to_text=False, iac=True).train()
+    x = with_pos(torch.randn(3, 1, 32, 32))
+    tokens, mask = report(3)
+    target = (torch.rand(3, 32, 32) * NUM_CLASSES).long()
+    drop = torch.tensor([False, True, False])
+    fold, fit = torch.tensor([0, 1, 0]), torch.tensor([2, 3, 1])
+    reads = _HostReads()
+    with reads:
+        out = net(x, tokens=tokens, mask=mask, drop=drop, return_aux=True, fold=fold, fit=fit, x_strong=x[:, :1] * 2)
+        trainer_style_loss(out, x, target).backward()
+    assert reads.reads == []
+    net.eval()
+    same = torch.tensor([3, 3, 3])
+    with torch.no_grad():
+        out = net(x, tokens=tokens, mask=mask, drop=drop, return_aux=True, fold=fold, fit=same)
+        _, _, ts, maps, _ = net._report_pathways(x, tokens, mask, drop, fold, same, True)
+    torch.testing.assert_close(out.generated, maps[3][1], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.t, ts[3], atol=1e-5, rtol=1e-4)
+
+
+def test_unrouted_pathways_get_zero_gradients_in_one_process_as_under_ddp(monkeypatch):
+    """Under DDP every pathway stays in the graph at weight 0 (find_unused_parameters=False); in one process the
+    trainer fills the same zero gradients after the backward pass instead (nnUNetTrainerBiCLIP.complete_gradients):
+    every gradient, and the parameters after an AdamW step (which moves a parameter with a zero gradient by its
+    moments, but skips one without a gradient), equal those of the in-graph version."""
+    from types import SimpleNamespace
+
+    import nnunetv2_textseg.architectures.biclip as biclip_module
+    from nnunetv2_textseg.training.biclip import nnUNetTrainerBiCLIP
+    x = with_pos(torch.randn(2, 1, 32, 32))
+    tokens, mask = report(2)
+    target = (torch.rand(2, 32, 32) * NUM_CLASSES).long()
+    fold, fit = torch.tensor([0, 0]), torch.tensor([1, 1])  # pathways 2 and 3: no sample routed through them
+    nets = []
+    for distributed in (True, False):
+        monkeypatch.setattr(biclip_module, "_distributed", lambda: distributed)
+        net = make_net(cross_fit=4, token_maps=True, token_window=3, seg_gradient_to_text=False).train()
+        opt = torch.optim.AdamW([p for n, p in net.named_parameters() if not n.startswith("unet.")], lr=1e-2)
+        for step in range(2):  # the second step moves the unrouted pathways by the moments of the first
+            opt.zero_grad(set_to_none=True)
+            f = fit if step == 0 else torch.tensor([2, 3])
+            trainer_style_loss(net(x, tokens=tokens, mask=mask, return_aux=True, fold=fold, fit=f), x, target).backward()
+            if not distributed:
+                nnUNetTrainerBiCLIP.complete_gradients(SimpleNamespace(cross_fit=4, is_ddp=False,
+                                                                       unwrapped_network=lambda: net))
+            if step == 0:
+                grads = {n: p.grad for n, p in net.named_parameters() if not n.startswith("unet.")}
+                assert all(g is not None for g in grads.values())
+                assert all(float(g.abs().sum()) == 0 for n, g in grads.items() if n.startswith("cross_fit_more"))
+            opt.step()
+        nets.append(net)
+    for (name, a), b in zip(nets[0].named_parameters(), nets[1].parameters()):
+        torch.testing.assert_close(a, b, msg=name)
 
 
 def test_map_logit_prior_adds_the_weighted_log_odds_at_every_output():

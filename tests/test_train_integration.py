@@ -290,7 +290,7 @@ def test_pathway_warmup_trains_the_report_pathways_alone(trained_model, monkeypa
                 folds = trainer.cross_fit_folds(keys)
                 out = net.report_pathways_forward(torch.cat([data[:, :c], data[:, -3:]], 1), tokens=tokens,
                                                   mask=mask, fold=folds, fit=(folds + 1) % len(net.pathways))
-                total += trainer.compute_loss(out, data[:, :c], target)[1]["gen"]
+                total += float(trainer.compute_loss(out, data[:, :c], target)[1]["gen"])
         return total / len(batches)
 
     try:

@@ -312,7 +312,7 @@ class BiCLIPNetwork(TextConditionedNetwork):
         fits (the training forward also draws its fold's map for the U-Net)."""
         x, tokens, mask = self._batch_report(x, tokens, mask)
         fit = self._routing(fold, fit, True)
-        fit = torch.zeros(x.shape[0], dtype=torch.long, device=x.device) if fit is None else fit
+        fit = torch.zeros(x.shape[0], dtype=torch.long) if fit is None else fit  # on the host, as the trainer's
         pseudo, raw, generated, t, t_hat, frame = self._routed_pathways(x, tokens, mask, drop, fit, losses=True)
         return BiCLIPOutput(None, pseudo, raw if self.sigmoid else None, generated, split_position(x)[1][:, 2:3], t,
                             t_hat, None, None, frame)
@@ -331,9 +331,10 @@ class BiCLIPNetwork(TextConditionedNetwork):
         seen = pseudo if self.seg_gradient_to_text else pseudo.detach()
         skips = self.unet.encoder(self.unet_input(image, seen, position))
         _, raw, generated, t, t_hat, frame = fitted
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and _distributed():
             # nnU-Net's DDP (find_unused_parameters=False) needs a gradient for every parameter on every rank, and a
-            # pathway no sample of this rank's batch was routed through has none: keep it in the graph at weight 0
+            # pathway no sample of this rank's batch was routed through has none: keep it in the graph at weight 0.
+            # Only under DDP: it is one small op per parameter, forward and backward (~1200 GPU kernels a step)
             generated = generated + 0.0 * sum(q.flatten()[0] for name, q in self.named_parameters()
                                               if q.requires_grad and not name.startswith("unet."))
         out = BiCLIPOutput(self.segment(skips, seen), pseudo, raw if self.sigmoid else None, generated,
@@ -356,24 +357,40 @@ class BiCLIPNetwork(TextConditionedNetwork):
 
     def _routed_pathways(self, x, tokens, mask, drop, route: torch.Tensor, losses: bool) -> tuple:
         """Each sample b through pathway ``route[b]`` only: (pseudo, raw, generated, t, t_hat, whole-image map) in
-        batch order; with ``losses`` False only pseudo (the rest None)."""
+        batch order; with ``losses`` False only pseudo (the rest None).
+
+        The samples are grouped on the host (the trainer keeps ``route`` there), so routing waits for no device
+        work: on a GPU a sync mid-step stops the host from queueing the next kernels."""
+        groups: dict[int, list[int]] = {}
+        for b, k in enumerate(route.tolist()):
+            groups.setdefault(int(k), []).append(b)
         parts, order = [], []
-        for k in route.unique().tolist():
-            idx = (route == k).nonzero()[:, 0]
-            sub = (lambda v: None if v is None else v[idx])
-            t = self.text_embedding(sub(tokens), sub(mask), len(idx), sub(drop), pathway=k)
-            read = self.token_mask(sub(tokens), sub(mask), len(idx), sub(drop))
-            pseudo, raw, frame = self.pseudo_image(x[idx], t, pathway=k, tokens=sub(tokens), mask=read)
-            t_hat, generated = self._loss_inputs(k, t, raw, frame, split_position(x[idx])[1]) if losses else (None, None)
+        for k, members in sorted(groups.items(), key=lambda item: item[1][0]):
+            if members == list(range(members[0], members[-1] + 1)):  # a run of samples: a view, no gather kernel
+                sub = (lambda v, a=members[0], b=members[-1] + 1: None if v is None else v[a:b])
+            else:
+                idx = torch.tensor(members).to(x.device, non_blocking=True)
+                sub = (lambda v, idx=idx: None if v is None else v[idx])
+            t = self.text_embedding(sub(tokens), sub(mask), len(members), sub(drop), pathway=k)
+            read = self.token_mask(sub(tokens), sub(mask), len(members), sub(drop))
+            xk = sub(x)
+            pseudo, raw, frame = self.pseudo_image(xk, t, pathway=k, tokens=sub(tokens), mask=read)
+            t_hat, generated = self._loss_inputs(k, t, raw, frame, split_position(xk)[1]) if losses else (None, None)
             parts.append((pseudo, raw if losses else None, generated, t if losses else None, t_hat,
                           frame if losses else None))
-            order.append(idx)
-        back = torch.argsort(torch.cat(order))  # batch order again
-        return tuple(None if parts[0][i] is None else torch.cat([q[i] for q in parts])[back] for i in range(6))
+            order.extend(members)
+        if len(parts) == 1:
+            return parts[0]
+        back = None if order == sorted(order) else \
+            torch.tensor(sorted(range(len(order)), key=order.__getitem__)).to(x.device, non_blocking=True)
+        return tuple(None if parts[0][i] is None else
+                     (torch.cat([q[i] for q in parts]) if back is None else torch.cat([q[i] for q in parts])[back])
+                     for i in range(6))
 
     def _routing(self, fold: torch.Tensor | None, fit: torch.Tensor | None, training_losses: bool
                  ) -> torch.Tensor | None:
-        """Checks the cross-fitting routing and returns ``fit`` (defaulted to the other pathway for K = 2)."""
+        """Checks the cross-fitting routing and returns ``fit`` (defaulted to the other pathway for K = 2). Read on
+        the host (``tolist``): the trainer keeps the routing there."""
         n = len(self.pathways)
         if n > 1 and training_losses and fold is None:
             raise ValueError("a cross-fitted BiCLIPNetwork trains with fold: which pathway never fits each case")
@@ -381,7 +398,7 @@ class BiCLIPNetwork(TextConditionedNetwork):
             if n != 2:
                 raise ValueError("with more than 2 cross-fitted pathways, say which pathway fits each case (fit)")
             fit = 1 - fold
-        if fold is not None and bool((fit == fold).any()):
+        if fold is not None and any(a == b for a, b in zip(fit.tolist(), fold.tolist())):
             raise ValueError("a case's map for the U-Net must come from a pathway that does not fit it (fit != fold)")
         return fit
 
@@ -424,8 +441,13 @@ class BiCLIPNetwork(TextConditionedNetwork):
                             None, None, own([m[2] for m in maps]))
 
 
+def _distributed() -> bool:
+    """True in a torch.distributed process group (nnU-Net's DDP training)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def _per_sample(index: torch.Tensor, values: list[torch.Tensor]) -> torch.Tensor:
     """values[index[b]][b] for each sample b: (B, ...) from K tensors of (B, ...)."""
     stacked = torch.stack(values)  # (K, B, ...)
-    picked = index.long().view(1, -1, *([1] * (stacked.ndim - 2))).expand(1, *stacked.shape[1:])
+    picked = index.to(stacked.device).long().view(1, -1, *([1] * (stacked.ndim - 2))).expand(1, *stacked.shape[1:])
     return stacked.gather(0, picked)[0]

@@ -201,12 +201,18 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
         weights = {"seg": 1.0, "gen": self.lambda_gen, "cycle": self.lambda_cycle, "iac": self.lambda_iac,
                    "whole_case": self.lambda_whole_case}
         total = sum(weights[k] * v for k, v in terms.items())
-        logged = {k: float(v.detach().cpu()) for k, v in terms.items()}
-        with torch.no_grad():
-            p = out.pseudo.float()[weight]
-            if p.numel():
-                logged.update(pseudo_mean=float(p.mean()), pseudo_std=float(out.pseudo.float().flatten(1).std(1).mean()),
-                              pseudo_near_zero=float((p.abs() < 0.05).float().mean()))
+        # logged as detached tensors: the train step reads them with its loss in one transfer at its end (a float()
+        # here would make the host wait for the forward pass before it can queue the backward)
+        logged = {k: v.detach() for k, v in terms.items()}
+        with torch.no_grad():  # over the image's pixels (weights, not a boolean index: no device sync)
+            w = weight.float()
+            n = w.sum()
+            p = out.pseudo.float()
+            none = torch.full_like(n, float("nan"))  # no pixel of the image in this batch: nothing to log
+            logged.update(pseudo_mean=torch.where(n > 0, (p * w).sum() / n.clamp_min(1), none),
+                          pseudo_std=p.flatten(1).std(1).mean(),
+                          pseudo_near_zero=torch.where(n > 0, ((p.abs() < 0.05).float() * w).sum() / n.clamp_min(1),
+                                                       none))
         return total, logged
 
     def whole_case_targets(self, size: tuple[int, int]) -> tuple[dict[str, int], torch.Tensor, torch.Tensor]:
@@ -265,7 +271,7 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
         if mirrored is None or len(mirrored) != len(keys):
             raise TextTrainingError("the whole-case generation loss needs the batch's mirrored-patient draw: prepare "
                                     "the batch with batch_inputs right before its loss")
-        if bool(mirrored.any()):
+        if any(mirrored.tolist()):  # drawn on the host
             f = mirrored.to(target.device)[:, None, None, None]
             target, weight = torch.where(f, target.flip(-1), target), torch.where(f, weight.flip(-1), weight)
         return lesion_generation_loss(frame.float(), target, weight)
@@ -295,9 +301,9 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
         k = int(self.cross_fit)
         if not hasattr(self, "_fold_of"):
             self._fold_of = {case: i % k for i, case in enumerate(self.training_case_ids)}
-        # a case outside the split (not expected) still gets a fixed fold
-        return torch.tensor([self._fold_of.get(str(c), zlib.crc32(str(c).encode()) % k) for c in keys],
-                            device=self.device)
+        # a case outside the split (not expected) still gets a fixed fold. Kept on the host, as the fitting draw:
+        # the network groups samples by pathway without waiting for the device
+        return torch.tensor([self._fold_of.get(str(c), zlib.crc32(str(c).encode()) % k) for c in keys])
 
     def fitting_pathways(self, folds: torch.Tensor) -> torch.Tensor:
         """For each sample, the pathway its generation and cycle losses train this step: one of the pathways other
@@ -350,11 +356,29 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
             text_optimizer.step()
             losses.append(terms["gen"])
             if (step + 1) % max(1, steps // 5) == 0 or step + 1 == steps:
+                pending = [i for i, v in enumerate(losses) if torch.is_tensor(v)]  # read in one transfer
+                for i, v in zip(pending, torch.stack([losses[i] for i in pending]).tolist() if pending else []):
+                    losses[i] = v
                 recent = float(np.mean(losses[-max(1, steps // 5):]))
                 self.print_to_log_file(f"  warm-up step {step + 1}/{steps}: generation loss {recent:.4f} "
                                        f"({time.time() - start:.0f} s)")
         text_optimizer.zero_grad(set_to_none=True)
         return losses
+
+    def complete_gradients(self) -> None:
+        """Cross-fitted, each step trains only the pathways its samples were routed through; the others' parameters
+        get zero gradients, as under DDP (where they must stay in the graph, see BiCLIPNetwork), so AdamW treats them
+        alike in one process and in several: zero gradient, the moments still decay and move them. Filled here, after
+        the backward pass, from one zeroed buffer: in the graph it costs a few small kernels per parameter."""
+        if self.cross_fit == 1 or self.is_ddp:
+            return
+        net = self.unwrapped_network()
+        missing = [q for name, q in net.named_parameters()
+                   if q.requires_grad and q.grad is None and not name.startswith("unet.")]
+        if missing:
+            flat = torch.zeros(sum(q.numel() for q in missing), device=missing[0].device, dtype=missing[0].dtype)
+            for q, g in zip(missing, flat.split([q.numel() for q in missing])):
+                q.grad = g.view_as(q)
 
     def compute_step(self, data, target, tokens, mask, drop, keys=None) -> tuple[torch.Tensor, dict]:
         # channels: [weak view C | strong view C (IAC only) | position 3]

@@ -53,4 +53,5 @@ class nnUNetTrainerMedCLIPSeg(nnUNetTrainerText):
         seg = self.loss(out.seg, target)
         con = soft_contrastive_loss(out.img_emb.float(), out.txt_emb.float(), self.tau,
                                     target_emb=out.report_emb.float())
-        return seg + self.lambda_contrastive * con, {"seg": float(seg.detach()), "contrastive": float(con.detach())}
+        # detached tensors: the train step reads them with its loss at its end
+        return seg + self.lambda_contrastive * con, {"seg": seg.detach(), "contrastive": con.detach()}

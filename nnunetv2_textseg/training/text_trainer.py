@@ -363,7 +363,7 @@ class nnUNetTrainerText(nnUNetTrainer):
         flip = torch.rand(data.shape[0]) < self.mirrored_patient  # drawn on the host: no device sync per step
         # which samples are mirrored patients, for targets kept in the patient frame (BiCLIP's whole-case map)
         self.patient_mirrored = flip
-        if not bool(flip.any()):
+        if not any(flip.tolist()):  # host-side reads (tolist): nothing waits for the device
             return data, tokens, mask
         column = data.shape[1] - POSITION_CHANNELS + 1  # position channels are (row, column, inside)
         data = data.clone()
@@ -383,10 +383,10 @@ class nnUNetTrainerText(nnUNetTrainer):
         draw = torch.rand(2, tokens.shape[0])  # drawn on the host: no device sync
         pick = draw[0] < self.location_free_reports
         terse = pick & (draw[1] < self.finding_only_share)
-        if bool((pick & ~terse).any()):
+        if any((pick & ~terse).tolist()):
             tokens, mask = self._rows_from(self.location_free_tokens, self.location_free_token_mask, keys,
                                            (pick & ~terse).to(tokens.device), tokens, mask)
-        if bool(terse.any()):
+        if any(terse.tolist()):
             tokens, mask = self._rows_from(self.finding_only_tokens, self.finding_only_token_mask, keys,
                                            terse.to(tokens.device), tokens, mask)
         return tokens, mask
@@ -456,7 +456,7 @@ class nnUNetTrainerText(nnUNetTrainer):
         from_network = self.epoch_statistics()
         for k, key in zip(list(self.aux_losses) + list(self.aux_stats), self._logged_keys()):
             value = from_network[k] if k in from_network else \
-                float(np.mean([o[k] for o in train_outputs if k in o] or [np.nan]))
+                _nanmean([o[k] for o in train_outputs if k in o])  # NaN: a step with nothing to log
             if self.is_ddp:
                 import torch.distributed as dist
                 gathered = [None] * dist.get_world_size()
@@ -514,7 +514,13 @@ class nnUNetTrainerText(nnUNetTrainer):
         with torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
             loss, terms = self.compute_step(data, target, tokens, mask, drop, keys=list(batch["keys"]))
         self.optimizer_step(loss)
-        return {"loss": loss.detach().cpu().numpy(), **terms}
+        # the loss and every logged term leave the device together, at the end of the step (nnU-Net reads its loss
+        # there too): one host-device sync per step
+        names = [k for k, v in terms.items() if torch.is_tensor(v)]
+        values = torch.stack([loss.detach().float().reshape(())] +
+                             [terms[k].detach().float().reshape(()) for k in names]).cpu()
+        terms.update(zip(names, values[1:].tolist()))
+        return {"loss": values[0].numpy(), **terms}
 
     def batch_inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | list[torch.Tensor], torch.Tensor,
                                                  torch.Tensor, torch.Tensor]:
@@ -538,21 +544,28 @@ class nnUNetTrainerText(nnUNetTrainer):
                      ) -> tuple[torch.Tensor, dict[str, float]]:
         """One method's forward pass and loss: data (B, C', H, W) as the loader gives it, the reports' tokens
         (B, L, D_in) and mask (B, L), drop (B,) True where the null report is used, keys: the samples' case
-        ids. Returns the total loss and the logged terms (floats)."""
+        ids. Returns the total loss and the logged terms (scalar tensors, read once at the end of the step, or
+        floats)."""
         raise NotImplementedError(f"{type(self).__name__} must implement compute_step")
 
     def optimizer_step(self, loss: torch.Tensor) -> None:
         """nnU-Net's backward/clip/step, with its grad scaler under CUDA AMP."""
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
+            self.complete_gradients()
             self.grad_scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
         else:
             loss.backward()
+            self.complete_gradients()
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
             self.optimizer.step()
+
+    def complete_gradients(self) -> None:
+        """Called after the backward pass, before clipping: a method may fill in gradients here (BiCLIP's
+        cross-fitted pathways). Nothing by default."""
 
     # ---- spatial words -------------------------------------------------------------------------
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
@@ -603,6 +616,12 @@ def safe_rotation_and_patch_size(patch_size, max_rotation_deg: float, dummy_2d: 
     if dummy_2d:
         initial_patch_size[0] = patch_size[0]
     return rotation, initial_patch_size
+
+
+def _nanmean(values: list[float]) -> float:
+    """Mean of the finite values; NaN if there are none."""
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
 
 
 class OptimizerPair:
