@@ -124,6 +124,39 @@ def test_paper_batch_of_16_is_global_under_ddp(trained_model, monkeypatch):
     assert sizes == [8, 8]
 
 
+@pytest.mark.parametrize("trainer_name", ["nnUNetTrainerBiCLIP", "nnUNetTrainerMedCLIPSeg"])
+def test_train_step_reads_no_device_value_before_its_end(trained_model, trainer_name, monkeypatch):
+    """Each text trainer's step on real loader batches — rewritten reports, report dropout, BiCLIP's cross-fitting
+    routes, forward, losses, backward, the filled gradients — reads no tensor value on the host (on a GPU each read
+    waits for every queued kernel); its logged terms come back as floats with the loss, read once at the end."""
+    from nnunetv2.run.run_training import get_trainer_from_args
+    from test_modules import _HostReads
+
+    for k, v in trained_model.env.items():
+        if k.startswith("nnUNet"):
+            monkeypatch.setenv(k, v)
+    trainer = get_trainer_from_args(str(DATASET_ID), "2d", 0, trainer_name, device=torch.device("cpu"))
+    trainer.initialize()
+    trainer.dataloader_train, trainer.dataloader_val = trainer.get_dataloaders()
+    try:
+        trainer.network.train()
+        batch = next(trainer.dataloader_train)
+        reads = _HostReads()
+        with reads:
+            data, target, tokens, mask, drop = trainer.batch_inputs(batch)
+            loss, terms = trainer.compute_step(data, target, tokens, mask, drop, keys=list(batch["keys"]))
+            loss.backward()
+            trainer.complete_gradients()
+        assert reads.reads == []
+        assert all(torch.is_tensor(v) and v.numel() == 1 for v in terms.values())
+        out = trainer.train_step(next(trainer.dataloader_train))
+        assert set(terms) <= set(out) and all(isinstance(out[k], float) for k in terms)
+    finally:
+        for dl in (trainer.dataloader_train, trainer.dataloader_val):
+            if hasattr(dl, "_finish"):
+                dl._finish()
+
+
 @pytest.mark.parametrize("variant", ["nnUNetTrainerBiCLIP_noIAC", "nnUNetTrainerBiCLIP_unidirectional",
                                      "nnUNetTrainerBiCLIP_noText", "nnUNetTrainerBiCLIP_noCycle",
                                      "nnUNetTrainerBiCLIP_paper", "nnUNetTrainerBiCLIP_efunet",
