@@ -118,8 +118,11 @@ def count_step_ops(trainer, batches: list[dict]) -> tuple[float, float]:
             name = str(func)
             if not name.startswith(_VIEW_OPS):
                 self.ops += 1
-            # the optimisers' step counters live on the host (not capturable): reading them waits for nothing
-            if name.startswith(_HOST_READS) and not self.in_optimizer:
+            # a boolean index is a nonzero inside the kernel; the optimisers' step counters live on the host (not
+            # capturable): reading them waits for nothing
+            boolean_index = name.startswith(("aten.index.", "aten.index_put")) and any(
+                torch.is_tensor(i) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ()) or ())
+            if (name.startswith(_HOST_READS) or boolean_index) and not self.in_optimizer:
                 self.reads += 1
             return func(*args, **(kwargs or {}))
 

@@ -719,8 +719,11 @@ class _HostReads(TorchDispatchMode):
         self.reads: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if str(func).startswith(self.READS):
-            self.reads.append(str(func))
+        name = str(func)
+        boolean_index = name.startswith(("aten.index.", "aten.index_put")) and any(
+            torch.is_tensor(i) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ()) or ())
+        if name.startswith(self.READS) or boolean_index:  # a boolean index is a nonzero inside the kernel
+            self.reads.append(name)
         return func(*args, **(kwargs or {}))
 
 
@@ -746,6 +749,33 @@ def test_cross_fitted_training_step_reads_no_device_value():
         _, _, ts, maps, _ = net._report_pathways(x, tokens, mask, drop, fold, same, True)
     torch.testing.assert_close(out.generated, maps[3][1], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(out.t, ts[3], atol=1e-5, rtol=1e-4)
+
+
+def test_host_read_counter_sees_boolean_indexing():
+    """The counter of the no-host-read tests flags a boolean index and a boolean-mask assignment (each a nonzero on
+    the device), not an integer index."""
+    x, m = torch.randn(4, 3), torch.tensor([True, False, True, False])
+    reads = _HostReads()
+    with reads:
+        x[torch.tensor([0, 2])]
+    assert reads.reads == []
+    with reads:
+        x[m]
+        x[m] = 0.0
+    assert len(reads.reads) == 2
+
+
+def test_cross_fitting_routes_stay_on_the_host_whatever_the_training_device():
+    """The trainer's folds and fitting draw are host tensors (the network groups samples with tolist, which on a
+    GPU tensor would wait for the device), also when the trainer's device is not the CPU."""
+    from types import SimpleNamespace
+
+    from nnunetv2_textseg.training.biclip import nnUNetTrainerBiCLIP
+    stub = SimpleNamespace(cross_fit=4, training_case_ids=[f"c{i}" for i in range(8)], device=torch.device("meta"))
+    folds = nnUNetTrainerBiCLIP.cross_fit_folds(stub, ["c3", "c6", "x"])
+    fit = nnUNetTrainerBiCLIP.fitting_pathways(stub, folds)
+    assert folds.device.type == "cpu" and fit.device.type == "cpu"
+    assert folds.tolist()[:2] == [3, 2] and all(a != b for a, b in zip(fit.tolist(), folds.tolist()))
 
 
 def test_unrouted_pathways_get_zero_gradients_in_one_process_as_under_ddp(monkeypatch):

@@ -355,12 +355,15 @@ class BiCLIPNetwork(TextConditionedNetwork):
                 tokens, mask = tokens.expand(x.shape[0], -1, -1), mask.expand(x.shape[0], -1)
         return x, tokens, mask
 
+    @torch.compiler.disable
     def _routed_pathways(self, x, tokens, mask, drop, route: torch.Tensor, losses: bool) -> tuple:
         """Each sample b through pathway ``route[b]`` only: (pseudo, raw, generated, t, t_hat, whole-image map) in
         batch order; with ``losses`` False only pseudo (the rest None).
 
         The samples are grouped on the host (the trainer keeps ``route`` there), so routing waits for no device
-        work: on a GPU a sync mid-step stops the host from queueing the next kernels."""
+        work: on a GPU a sync mid-step stops the host from queueing the next kernels. Not compiled (nnU-Net compiles
+        the network on CUDA): the grouping is Python on the routes' values, and every new routing pattern would be
+        compiled again."""
         groups: dict[int, list[int]] = {}
         for b, k in enumerate(route.tolist()):
             groups.setdefault(int(k), []).append(b)

@@ -210,7 +210,7 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
             p = out.pseudo.float()
             none = torch.full_like(n, float("nan"))  # no pixel of the image in this batch: nothing to log
             logged.update(pseudo_mean=torch.where(n > 0, (p * w).sum() / n.clamp_min(1), none),
-                          pseudo_std=p.flatten(1).std(1).mean(),
+                          pseudo_std=torch.where(n > 0, p.flatten(1).std(1).mean(), none),
                           pseudo_near_zero=torch.where(n > 0, ((p.abs() < 0.05).float() * w).sum() / n.clamp_min(1),
                                                        none))
         return total, logged
@@ -265,14 +265,14 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
         missing = [str(k) for k in keys if str(k) not in rows]
         if missing:
             raise TextTrainingError(f"cases {missing[:5]} are not training cases of this fold: no whole-case target")
-        idx = torch.tensor([rows[str(k)] for k in keys], device=lesion.device)
+        idx = torch.tensor([rows[str(k)] for k in keys]).to(lesion.device, non_blocking=True)
         target, weight = lesion[idx], labelled[idx]
         mirrored = getattr(self, "patient_mirrored", None)  # set by batch_inputs for the batch being trained
         if mirrored is None or len(mirrored) != len(keys):
             raise TextTrainingError("the whole-case generation loss needs the batch's mirrored-patient draw: prepare "
                                     "the batch with batch_inputs right before its loss")
         if any(mirrored.tolist()):  # drawn on the host
-            f = mirrored.to(target.device)[:, None, None, None]
+            f = mirrored.to(target.device, non_blocking=True)[:, None, None, None]
             target, weight = torch.where(f, target.flip(-1), target), torch.where(f, weight.flip(-1), weight)
         return lesion_generation_loss(frame.float(), target, weight)
 
@@ -301,8 +301,9 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
         k = int(self.cross_fit)
         if not hasattr(self, "_fold_of"):
             self._fold_of = {case: i % k for i, case in enumerate(self.training_case_ids)}
-        # a case outside the split (not expected) still gets a fixed fold. Kept on the host, as the fitting draw:
-        # the network groups samples by pathway without waiting for the device
+        # a case outside the split (not expected) still gets a fixed fold. Kept on the host, as the fitting draw
+        # (torch's CPU generator, also when training on a GPU): the network groups samples by pathway without
+        # waiting for the device
         return torch.tensor([self._fold_of.get(str(c), zlib.crc32(str(c).encode()) % k) for c in keys])
 
     def fitting_pathways(self, folds: torch.Tensor) -> torch.Tensor:

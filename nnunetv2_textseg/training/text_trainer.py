@@ -351,7 +351,9 @@ class nnUNetTrainerText(nnUNetTrainer):
     def tokens_for(self, keys) -> tuple[torch.Tensor, torch.Tensor]:
         """Token embeddings (B, L, D_in) float32 and mask (B, L) bool for a batch's case ids."""
         rows = [self.text_rows[str(k)] for k in keys]
-        return (self.text_tokens[rows].to(self.device, torch.float32), self.text_token_mask[rows].to(self.device))
+        # non_blocking: a blocking host-to-device copy waits for the device's queue
+        return (self.text_tokens[rows].to(self.device, torch.float32, non_blocking=True),
+                self.text_token_mask[rows].to(self.device, non_blocking=True))
 
     def mirror_patients(self, data: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, keys
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -366,9 +368,10 @@ class nnUNetTrainerText(nnUNetTrainer):
         if not any(flip.tolist()):  # host-side reads (tolist): nothing waits for the device
             return data, tokens, mask
         column = data.shape[1] - POSITION_CHANNELS + 1  # position channels are (row, column, inside)
+        f = flip.to(data.device, non_blocking=True)
+        c = data[:, column]
         data = data.clone()
-        f = flip.to(data.device)
-        data[f, column] = -data[f, column]
+        data[:, column] = torch.where(f[:, None, None], -c, c)  # not a boolean index: that reads f on the host
         tokens, mask = self._rows_from(self.mirrored_tokens, self.mirrored_token_mask, keys, f, tokens, mask)
         return data, tokens, mask
 
@@ -385,18 +388,19 @@ class nnUNetTrainerText(nnUNetTrainer):
         terse = pick & (draw[1] < self.finding_only_share)
         if any((pick & ~terse).tolist()):
             tokens, mask = self._rows_from(self.location_free_tokens, self.location_free_token_mask, keys,
-                                           (pick & ~terse).to(tokens.device), tokens, mask)
+                                           (pick & ~terse).to(tokens.device, non_blocking=True), tokens, mask)
         if any(terse.tolist()):
             tokens, mask = self._rows_from(self.finding_only_tokens, self.finding_only_token_mask, keys,
-                                           terse.to(tokens.device), tokens, mask)
+                                           terse.to(tokens.device, non_blocking=True), tokens, mask)
         return tokens, mask
 
     def _rows_from(self, table: torch.Tensor, table_mask: torch.Tensor, keys, pick: torch.Tensor,
                    tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens / mask with the samples where ``pick`` (B,) is True replaced by their rows of another token table."""
         rows = [self.text_rows[str(k)] for k in keys]
-        tokens = torch.where(pick[:, None, None], table[rows].to(tokens.device, tokens.dtype), tokens)
-        mask = torch.where(pick[:, None], table_mask[rows].to(mask.device), mask)
+        tokens = torch.where(pick[:, None, None], table[rows].to(tokens.device, tokens.dtype, non_blocking=True),
+                             tokens)
+        mask = torch.where(pick[:, None], table_mask[rows].to(mask.device, non_blocking=True), mask)
         return tokens, mask
 
     def set_network_text(self, keys) -> None:
@@ -455,8 +459,10 @@ class nnUNetTrainerText(nnUNetTrainer):
         super().on_train_epoch_end(train_outputs)
         from_network = self.epoch_statistics()
         for k, key in zip(list(self.aux_losses) + list(self.aux_stats), self._logged_keys()):
+            values = [o[k] for o in train_outputs if k in o] or [np.nan]
+            # a statistic is NaN on a step with nothing to log (skipped); a loss that is NaN or inf must show
             value = from_network[k] if k in from_network else \
-                _nanmean([o[k] for o in train_outputs if k in o])  # NaN: a step with nothing to log
+                (_nanmean(values) if k in self.aux_stats else float(np.mean(values)))
             if self.is_ddp:
                 import torch.distributed as dist
                 gathered = [None] * dist.get_world_size()
@@ -619,9 +625,9 @@ def safe_rotation_and_patch_size(patch_size, max_rotation_deg: float, dummy_2d: 
 
 
 def _nanmean(values: list[float]) -> float:
-    """Mean of the finite values; NaN if there are none."""
-    finite = [v for v in values if np.isfinite(v)]
-    return float(np.mean(finite)) if finite else float("nan")
+    """Mean of the values that are not NaN; NaN if there are none."""
+    known = [v for v in values if not np.isnan(v)]
+    return float(np.mean(known)) if known else float("nan")
 
 
 class OptimizerPair:
