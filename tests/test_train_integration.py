@@ -124,13 +124,9 @@ def test_paper_batch_of_16_is_global_under_ddp(trained_model, monkeypatch):
     assert sizes == [8, 8]
 
 
-@pytest.mark.parametrize("trainer_name", ["nnUNetTrainerBiCLIP", "nnUNetTrainerMedCLIPSeg"])
-def test_train_step_reads_no_device_value_before_its_end(trained_model, trainer_name, monkeypatch):
-    """Each text trainer's step on real loader batches — rewritten reports, report dropout, BiCLIP's cross-fitting
-    routes, forward, losses, backward, the filled gradients — reads no tensor value on the host (on a GPU each read
-    waits for every queued kernel); its logged terms come back as floats with the loss, read once at the end."""
+def _trainer_with_loaders(trained_model, trainer_name: str, monkeypatch):
+    """The trained model's dataset, fold 0, as nnUNetv2_train builds the trainer: initialised, with its loaders."""
     from nnunetv2.run.run_training import get_trainer_from_args
-    from test_modules import _HostReads
 
     for k, v in trained_model.env.items():
         if k.startswith("nnUNet"):
@@ -138,6 +134,23 @@ def test_train_step_reads_no_device_value_before_its_end(trained_model, trainer_
     trainer = get_trainer_from_args(str(DATASET_ID), "2d", 0, trainer_name, device=torch.device("cpu"))
     trainer.initialize()
     trainer.dataloader_train, trainer.dataloader_val = trainer.get_dataloaders()
+    return trainer
+
+
+def _finish_loaders(trainer) -> None:
+    for dl in (trainer.dataloader_train, trainer.dataloader_val):
+        if hasattr(dl, "_finish"):
+            dl._finish()
+
+
+@pytest.mark.parametrize("trainer_name", ["nnUNetTrainerBiCLIP", "nnUNetTrainerMedCLIPSeg"])
+def test_train_step_reads_no_device_value_before_its_end(trained_model, trainer_name, monkeypatch):
+    """Each text trainer's step on real loader batches — rewritten reports, report dropout, BiCLIP's cross-fitting
+    routes, forward, losses, backward, the filled gradients — reads no tensor value on the host (on a GPU each read
+    waits for every queued kernel); its logged terms come back as floats with the loss, read once at the end."""
+    from test_modules import _HostReads
+
+    trainer = _trainer_with_loaders(trained_model, trainer_name, monkeypatch)
     try:
         trainer.network.train()
         batch = next(trainer.dataloader_train)
@@ -152,9 +165,7 @@ def test_train_step_reads_no_device_value_before_its_end(trained_model, trainer_
         out = trainer.train_step(next(trainer.dataloader_train))
         assert set(terms) <= set(out) and all(isinstance(out[k], float) for k in terms)
     finally:
-        for dl in (trainer.dataloader_train, trainer.dataloader_val):
-            if hasattr(dl, "_finish"):
-                dl._finish()
+        _finish_loaders(trainer)
 
 
 @pytest.mark.parametrize("variant", ["nnUNetTrainerBiCLIP_noIAC", "nnUNetTrainerBiCLIP_unidirectional",
@@ -171,19 +182,10 @@ def test_train_step_reads_no_device_value_before_its_end(trained_model, trainer_
 def test_ablation_builds_and_trains_one_step(trained_model, variant, monkeypatch):
     """Each ablation builds its network from the plans and runs a real train_step on real batches (MedCLIPSeg's
     default and variants too: the rewritten reports are the trainer's, not the network's)."""
-    from nnunetv2.run.run_training import get_trainer_from_args
-
-    for k, v in trained_model.env.items():
-        if k.startswith("nnUNet"):
-            monkeypatch.setenv(k, v)
-    trainer = get_trainer_from_args(str(DATASET_ID), "2d", 0, variant, device=torch.device("cpu"))
-    trainer.initialize()
-    trainer.dataloader_train, trainer.dataloader_val = trainer.get_dataloaders()
+    trainer = _trainer_with_loaders(trained_model, variant, monkeypatch)
     trainer.network.train()
     out = trainer.train_step(next(trainer.dataloader_train))
-    for dl in (trainer.dataloader_train, trainer.dataloader_val):
-        if hasattr(dl, "_finish"):
-            dl._finish()
+    _finish_loaders(trainer)
     assert out["loss"] == out["loss"]
     rotation, _, _, mirror_axes = trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
     from batchgeneratorsv2.transforms.spatial.mirroring import MirrorTransform
