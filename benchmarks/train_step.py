@@ -9,7 +9,7 @@ numbers compare the networks and losses, which is what the trainers change. Targ
 ≤ 1.6× with IAC.
 
 Each row also counts, over five more train steps (seeded), the ops that launch work (views and other
-metadata-only ops left out; the optimisers in their multi-tensor form, CUDA's default) and the reads of a
+metadata-only ops left out; the optimisers as on CUDA: SGD multi-tensor, the text modules' AdamW fused) and the reads of a
 tensor's value by the host outside the optimiser step (on a GPU each one waits for the queued kernels). On a
 GPU at nnU-Net's 2D batch sizes the text modules are many small kernels and the step is bound by how fast the
 host queues them, so these counts say where GPU time goes when no GPU is at hand; they do not depend on the
@@ -45,12 +45,15 @@ def ensure_dataset(root: Path, dataset_id: int, size: int) -> dict:
     return env
 
 
-def time_trainer(name: str, dataset_id: int, device: str, iters: int, warmup: int) -> dict:
+def time_trainer(name: str, dataset_id: int, device: str, iters: int, warmup: int,
+                 batch_size: int | None = None) -> dict:
     import torch
     from nnunetv2.run.run_training import get_trainer_from_args
 
     torch.manual_seed(0)
     trainer = get_trainer_from_args(str(dataset_id), "2d", 0, name, device=torch.device(device))
+    if batch_size:  # the plans' batch is capped by this small dataset's size; nnU-Net reads it in initialize()
+        trainer.configuration_manager.configuration["batch_size"] = batch_size
     trainer.initialize()
     dl_tr, dl_val = trainer.get_dataloaders()
     batches = [next(dl_tr) for _ in range(warmup + iters)]
@@ -104,7 +107,7 @@ _HOST_READS = ("aten._local_scalar_dense", "aten.nonzero", "aten._unique", "aten
 def count_step_ops(trainer, batches: list[dict]) -> tuple[float, float]:
     """(ops that launch work, host reads of a tensor's value outside the optimiser step) per ``train_step``, mean
     over ``batches`` with torch's random draws seeded (report dropout, rewritten reports, cross-fitting routes),
-    the optimisers in their multi-tensor (foreach) form as on CUDA. The step's own end-of-step read of its loss
+    the optimisers as on CUDA (SGD multi-tensor, the text modules' AdamW fused). The step's own end-of-step read of its loss
     (nnU-Net's, one per step) is counted."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -116,7 +119,10 @@ def count_step_ops(trainer, batches: list[dict]) -> tuple[float, float]:
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             name = str(func)
-            if not name.startswith(_VIEW_OPS):
+            # AdamW's per-parameter step counters live on the host (unless fused or capturable): reading one
+            # launches no kernel
+            host_counter = self.in_optimizer and name.startswith("aten._local_scalar_dense")
+            if not name.startswith(_VIEW_OPS) and not host_counter:
                 self.ops += 1
             # a boolean index is a nonzero inside the kernel; the optimisers' step counters live on the host (not
             # capturable): reading them waits for nothing
@@ -130,8 +136,9 @@ def count_step_ops(trainer, batches: list[dict]) -> tuple[float, float]:
         or [trainer.optimizer]
     counter = Counter()
     for opt in inner:
-        for group in opt.param_groups:
-            group["foreach"] = True
+        for group in opt.param_groups:  # as on CUDA: AdamW fused (the trainers' choice there), SGD multi-tensor
+            fused = isinstance(opt, torch.optim.AdamW)
+            group["fused"], group["foreach"] = (True, False) if fused else (group.get("fused"), True)
         step = opt.step
 
         def counted(*a, _step=step, **k):
@@ -156,6 +163,8 @@ def main(argv=None) -> None:
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="train with this batch instead of the plans' (which this small dataset caps at 2)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--trainers", nargs="+",
                    default=["nnUNetTrainer", "nnUNetTrainerBiCLIP_noIAC", "nnUNetTrainerBiCLIP",
@@ -169,7 +178,8 @@ def main(argv=None) -> None:
     rows = []
     for name in a.trainers:
         out = run_command([sys.executable, __file__, "--_one", name, "-d", str(a.dataset_id), "--iters",
-                           str(a.iters), "--warmup", str(a.warmup), "--device", a.device], os.environ, capture=True,
+                           str(a.iters), "--warmup", str(a.warmup), "--device", a.device,
+                           "--batch_size", str(a.batch_size or 0)], os.environ, capture=True,
                           echo=False)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     base = rows[0]
@@ -204,12 +214,13 @@ if __name__ == "__main__":
         q.add_argument("--iters", type=int)
         q.add_argument("--warmup", type=int)
         q.add_argument("--device")
+        q.add_argument("--batch_size", type=int)
         b = q.parse_args(args)
         import io
         import contextlib
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
-            res = time_trainer(name, b.d, b.device, b.iters, b.warmup)
+            res = time_trainer(name, b.d, b.device, b.iters, b.warmup, b.batch_size or None)
         print(json.dumps(res))
     else:
         try:

@@ -168,6 +168,36 @@ def test_train_step_reads_no_device_value_before_its_end(trained_model, trainer_
         _finish_loaders(trainer)
 
 
+def test_text_modules_step_with_fused_adamw_on_cuda(trained_model, monkeypatch):
+    """On CUDA the text modules' AdamW is fused (one kernel for hundreds of small parameters, no per-parameter host
+    work), elsewhere torch's default; the fused step moves the parameters as the default one does (fused AdamW also
+    runs on the CPU, so the trainer's real optimiser is stepped here)."""
+    trainer = _trainer_with_loaders(trained_model, "nnUNetTrainerBiCLIP", monkeypatch)
+    _finish_loaders(trainer)
+    assert not trainer.optimizer.text.defaults["fused"]
+    params = trainer.optimizer.text.param_groups[0]["params"]
+    start = [p.detach().clone() for p in params]
+    torch.manual_seed(0)
+    grads = [torch.randn_like(p) for p in params]
+
+    def one_step() -> list[torch.Tensor]:
+        trainer.optimizer.zero_grad()
+        for p, p0, g in zip(params, start, grads):
+            p.data.copy_(p0)
+            p.grad = g.clone()
+        trainer.optimizer.text.step()
+        return [p.detach().clone() for p in params]
+
+    default = one_step()
+    trainer.device = torch.device("cuda")  # what configure_optimizers reads; nothing is moved
+    trainer.optimizer, trainer.lr_scheduler = trainer.configure_optimizers()
+    assert trainer.optimizer.text.defaults["fused"] is True
+    params = trainer.optimizer.text.param_groups[0]["params"]
+    fused = one_step()
+    assert max((a - b).abs().max().item() for a, b in zip(default, fused)) < 1e-6
+    assert max((a - b).abs().max().item() for a, b in zip(start, fused)) > 1e-4  # it did step
+
+
 @pytest.mark.parametrize("variant", ["nnUNetTrainerBiCLIP_noIAC", "nnUNetTrainerBiCLIP_unidirectional",
                                      "nnUNetTrainerBiCLIP_noText", "nnUNetTrainerBiCLIP_noCycle",
                                      "nnUNetTrainerBiCLIP_paper", "nnUNetTrainerBiCLIP_efunet",
