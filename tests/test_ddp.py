@@ -144,3 +144,37 @@ def test_ddp_cross_fitted_pathways_unused_on_a_rank(tmp_path):
     for r in res:
         assert r["param_diff"] == 0  # replicas identical after three steps
         assert not any(r["missing"]), r["missing"]  # every parameter in the graph (zero where unused)
+
+
+def _averaging_worker(rank: int, port: int, out_dir: str):
+    """BiCLIP's warm-up averages the report pathways' gradients by hand (the U-Net's DDP wrapper is not run there):
+    different gradients per rank, a parameter without gradient on one rank, one collective for all of them."""
+    from nnunetv2_textseg.training.distributed import average_gradients_across_ranks
+
+    with _process_group(rank, port):
+        params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2)),
+                  torch.nn.Parameter(torch.zeros(1))]
+        grads = ([torch.full((3,), 1.0), None, torch.full((1,), 2.0)] if rank == 0 else
+                 [torch.full((3,), 3.0), torch.full((2, 2), 4.0), None])
+        for p, g in zip(params, grads):
+            p.grad = g
+        calls = []
+        real = dist.all_reduce
+        dist.all_reduce = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
+        try:
+            average_gradients_across_ranks(params)
+        finally:
+            dist.all_reduce = real
+        torch.save({"grads": [p.grad.clone() for p in params], "calls": len(calls)},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
+def test_warm_up_gradients_averaged_in_one_collective(tmp_path):
+    mp.spawn(_averaging_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    for r in range(WORLD):
+        res = torch.load(tmp_path / f"rank{r}.pt")
+        assert res["calls"] == 1
+        expected = [torch.full((3,), 2.0), torch.full((2, 2), 2.0), torch.full((1,), 1.0)]  # a missing grad is 0
+        for got, want in zip(res["grads"], expected):
+            assert got.shape == want.shape and torch.equal(got, want)

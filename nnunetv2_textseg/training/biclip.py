@@ -27,6 +27,7 @@ from nnunetv2_textseg.architectures.biclip import BiCLIPNetwork
 from nnunetv2_textseg.augmentation import split_into_two_views
 from nnunetv2_textseg.losses import blur_mask, consistency_loss, cycle_loss, generation_loss, lesion_generation_loss
 from nnunetv2_textseg.patient_frame import POSITION_CHANNELS
+from nnunetv2_textseg.training.distributed import average_gradients_across_ranks
 from nnunetv2_textseg.training.text_trainer import (NETWORK_VERSION, OptimizerPair, TextTrainingError,
                                                      nnUNetTrainerText)
 
@@ -346,13 +347,8 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
                                               tokens=tokens, mask=mask, drop=drop, **routing)
             loss, terms = self.compute_loss(out, data[:, :c], target, keys)
             loss.backward()
-            if self.is_ddp:  # the U-Net's DDP wrapper is bypassed: average the pathways' gradients by hand; every
-                import torch.distributed as dist  # rank reduces every parameter (a pathway none of its samples fit
-                for p in params:                  # this step has no gradient here but may have one on another rank)
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                    dist.all_reduce(p.grad)
-                    p.grad /= dist.get_world_size()
+            if self.is_ddp:  # the U-Net's DDP wrapper is bypassed: average the pathways' gradients by hand
+                average_gradients_across_ranks(params)
             torch.nn.utils.clip_grad_norm_(params, 12)
             text_optimizer.step()
             losses.append(terms["gen"])
