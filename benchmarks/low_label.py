@@ -12,8 +12,9 @@ reports: Dice, pseudo-image AUC over the image and within the lesion-prone regio
 reliance). Outputs: OUT/low_label.json, OUT/low_label.md (also printed) and OUT/low_label.png.
 
 ``--control`` (off by default) also trains every text trainer on control reports (a demo dataset whose reports
-belong to other cases; 100 % of its labels), per seed: rows "<trainer> (control reports)" at 100 % / clean, with
-their paired Δ to the baseline at 100 % (add 100 to --fractions for it). If the report helps, that row falls to
+belong to other cases; ``--control_fraction`` of its labels, default 100 %), per seed: rows "<trainer> (control
+reports)" at that fraction / clean, with their paired Δ to the baseline at that fraction (which --fractions must
+hold). If the report helps, that row falls to
 (or below) the baseline.
 
 "Few labels" means enough to learn from: with the cpu preset's 500 demo training cases, nnU-Net's fold 0
@@ -67,7 +68,7 @@ def run_seed(cfg: argparse.Namespace, seed: int) -> dict:
            "--seed", str(seed), "--trainers", *cfg.trainers, "--fractions", *cfg.fractions,
            "--conditions", *cfg.conditions, "--n_train", str(cfg.n_train), "--n_test", str(cfg.n_test),
            "--size", str(cfg.size), "--device", cfg.device, "--control" if cfg.control else "--no-control",
-           "--no-report_variants"]
+           "--control_fraction", cfg.control_fraction, "--no-report_variants"]
     if cfg.batch_size:
         cmd += ["--batch_size", str(cfg.batch_size)]
     if cfg.patch_size:
@@ -171,8 +172,8 @@ def markdown(result: dict) -> str:
                      f"{_ms(r['dice'])} | {_ms(r['delta_vs_baseline']) if r['delta_vs_baseline'] else '–'} |")
     if any(r["trainer"].endswith(CONTROL_SUFFIX) for r in result["rows"]):
         lines += ["", f"\"{CONTROL_SUFFIX.strip()}\": the text trainer trained and tested on the same images with "
-                      f"every case's report taken from another case (100 % of labels; Δ to `{result['baseline']}` "
-                      f"at 100 %, – without that row). If the report helps, this row falls to (or below) the "
+                      f"every case's report taken from another case ({s.get('control_fraction', '100')} % of labels; Δ to "
+                      f"`{result['baseline']}` at that fraction, – without that row). If the report helps, this row falls to (or below) the "
                       f"baseline."]
     if result["diagnosis"]:
         lines += ["", "Does it read the report? `nnUNetv2_textseg_diagnose` on the clean test set (mean ± std over "
@@ -251,6 +252,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--control", action=argparse.BooleanOptionalAction, default=False,
                    help="also train every text trainer on control (shuffled) reports, 100 %% of a control demo "
                         "dataset, per seed (rows '<trainer> (control reports)'; default off)")
+    p.add_argument("--control_fraction", default="100",
+                   help="label fraction of the control rows (default 100; 5 for a few-labels control)")
     p.add_argument("--diagnose", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--phrasings", nargs="*", default=list(UNSEEN_PHRASINGS),
                    help="the diagnosis's 'rephrased' variant: place-free reports worded unlike the demo's report pool, "
@@ -260,18 +263,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return apply_preset(cfg, PRESETS[cfg.preset])
 
 
-def _is_full(fraction: str) -> bool:
+def _same_fraction(fraction: str, other: str) -> bool:
     try:
-        return parse_fraction(fraction) == 1.0
+        return parse_fraction(fraction) == parse_fraction(other)
     except ValueError:  # text_vs_vision.py says what is wrong with it
         return False
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
-    if cfg.control and not any(_is_full(f) for f in cfg.fractions):
-        print("Note: the control rows are trained on 100 % of the labels; add 100 to --fractions for their Δ to the "
-              "baseline.", flush=True)
+    if cfg.control and not any(_same_fraction(f, cfg.control_fraction) for f in cfg.fractions):
+        print(f"Note: the control rows are trained on {cfg.control_fraction} % of the labels; add it to --fractions "
+              f"for their Δ to the baseline.", flush=True)
     cfg.out.mkdir(parents=True, exist_ok=True)
     per_seed, diag = {}, []
     for seed in cfg.seeds:

@@ -43,8 +43,9 @@ Conditions
 Control row
   --control (on in the cpu/full presets) also generates the same demo dataset in control mode (dataset
   --demo_id + 1: same seed -> same images and masks, but every case carries another case's report) and
-  trains every text trainer on it at 100 % of the labels; its clean test Dice is the row
-  "<trainer> (control reports)". If text helps, that row falls to (or below) the plain baseline.
+  trains every text trainer on it at --control_fraction of the labels (default 100 %; the same label subset as
+  the real dataset's at that fraction); its clean test Dice is the row "<trainer> (control reports)" at that
+  fraction. If text helps, that row falls to (or below) the plain baseline.
 
 Report variants
   --report_variants (on in the cpu/full presets, off in smoke) asks how each text trainer (BiCLIP/MedCLIPSeg)
@@ -125,6 +126,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="clean, lowdose (DL3), motion (K7), gaussian (0.1) or kind:level, e.g. lowdose:DL4")
     p.add_argument("--control", action=argparse.BooleanOptionalAction, default=None,
                    help="also train every text trainer on control reports (demo data only)")
+    p.add_argument("--control_fraction", default="100",
+                   help="label fraction the control rows train on (default 100; e.g. 5 for a few-labels control)")
     p.add_argument("--report_variants", action=argparse.BooleanOptionalAction, default=None,
                    help="also predict the clean test set of each text trainer at 100 %% with every report variant "
                         "(original, contradictory, missing_location, overdescriptive, underdescriptive) and "
@@ -159,6 +162,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         a.num_processes = max(1, min(4, (os.cpu_count() or 2) // 2))
     try:
         a.fraction_values = list(dict.fromkeys(parse_fraction(f) for f in a.fractions))
+        a.control_fraction_value = parse_fraction(a.control_fraction)
     except ValueError as err:
         p.error(str(err))
     try:
@@ -215,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                      "baseline": cfg.baseline, "fractions": cfg.fraction_values, "conditions": cfg.condition_specs,
                      "control": bool(control_trainers),
                      "control_labels": [t + CONTROL_SUFFIX for t in control_trainers],
+                     **({"control_fraction": cfg.control_fraction_value} if control_trainers else {}),
                      "report_variants": bool(cfg.report_variants and text_trainers),
                      "variant_reports": ({k: str(v) for k, v in cfg.variant_tables.items()}
                                          if cfg.variant_tables else None),
@@ -277,8 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     if control_trainers:
         control_id = cfg.demo_id + 1
         control_raw = runner.prepare_demo(control_id, control=True)
-        control_map = runner.write_splits(control_id, [1.0], ours=True)
-        split = control_map[fraction_key(1.0)]
+        control_key = fraction_key(cfg.control_fraction_value)
+        control_map = runner.write_splits(control_id, [cfg.control_fraction_value], ours=True)
+        split = control_map[control_key]
         state.data["dataset"]["control"] = {"id": control_id, "name": control_raw.name, "fold": split["fold"]}
         state.save()
         clean = {"name": "clean", "kind": None, "level": None}
@@ -287,8 +293,8 @@ def main(argv: list[str] | None = None) -> int:
             runner.train(control_id, control_trainer, split)
             runner.predict_and_evaluate(control_id, control_raw, control_trainer, control_trainer + CONTROL_SUFFIX,
                                         split, clean, images, reports)
-        if fraction_key(1.0) not in mapping:  # the control's fraction must appear in the table
-            state.data["fraction_folds"][fraction_key(1.0)] = {**split, "fold": None, "note": "control only"}
+        if control_key not in mapping:  # the control's fraction must appear in the table
+            state.data["fraction_folds"][control_key] = {**split, "fold": None, "note": "control only"}
 
     state.finish_run(time.time() - t0)
     table = markdown(state.data)

@@ -168,9 +168,14 @@ def test_low_label_control_rows_and_lesion_region_auc(tmp_path, monkeypatch):
     monkeypatch.setattr(low_label, "run_command", fake_run)
     low_label.run_seed(cfg, 0)
     assert "--control" in calls[0] and "--no-control" not in calls[0]
+    assert calls[0][calls[0].index("--control_fraction") + 1] == "100"  # the control trains on 100 % by default
     cfg_off = low_label.parse_args(["--preset", "smoke", "--out", str(tmp_path)])
     low_label.run_seed(cfg_off, 0)
     assert "--no-control" in calls[1] and "--control" not in calls[1]
+    cfg_few = low_label.parse_args(["--preset", "smoke", "--out", str(tmp_path), "--control", "--fractions", "5",
+                                    "--control_fraction", "5"])
+    low_label.run_seed(cfg_few, 0)  # a few-labels control: the fraction reaches text_vs_vision.py
+    assert calls[2][calls[2].index("--control_fraction") + 1] == "5"
 
     def entry(label, fraction, dice):
         return {"label": label, "fraction": fraction, "condition": "clean", "dice": dice, "n_train": 40}
