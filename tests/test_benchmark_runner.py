@@ -145,6 +145,43 @@ def test_low_label_aggregates_seeds_with_spread_and_paired_deltas():
     assert "0.6500 ± 0.0707" in md and "0.0500 ± 0.0707" in md and "AUC real" in md
 
 
+def test_low_label_repeats_pair_the_means_of_each_seeds_trainings(tmp_path, monkeypatch):
+    """--repeats 2: every seed's text_vs_vision.py run is made twice (the second into OUT/seed_S_run2, same data
+    arguments); a seed's Dice per model is the mean of its trainings, Δ pairs those means, and the rows give the
+    pooled std between trainings."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import low_label
+
+    base, text = "nnUNetTrainer_debug", "nnUNetTrainerBiCLIP_debug"
+    cfg = low_label.parse_args(["--preset", "smoke", "--trainers", base, text, "--out", str(tmp_path),
+                                "--repeats", "2", "--seeds", "0", "1", "--no-diagnose"])
+    dice = {(0, 0): (0.50, 0.60), (0, 1): (0.60, 0.62), (1, 0): (0.70, 0.70), (1, 1): (0.70, 0.74)}  # (seed, run)
+    calls = []
+
+    def fake_run(cmd, env, log=None, **kw):
+        out = Path(cmd[cmd.index("--out") + 1])
+        seed, run = int(cmd[cmd.index("--seed") + 1]), 1 if out.name.endswith("_run2") else 0
+        calls.append(out.name)
+        out.mkdir(parents=True, exist_ok=True)
+        entries = [{"label": label, "fraction": 1.0, "condition": "clean", "dice": d, "n_train": 20}
+                   for label, d in zip((base, text), dice[(seed, run)])]
+        (out / "results.json").write_text(json.dumps({"commit": "abc", "entries": entries}))
+    monkeypatch.setattr(low_label, "run_command", fake_run)
+    monkeypatch.setattr(low_label, "plot", lambda *a, **k: None)
+    assert low_label.main(["--preset", "smoke", "--trainers", base, text, "--out", str(tmp_path), "--repeats", "2",
+                           "--seeds", "0", "1", "--no-diagnose"]) == 0
+    assert calls == ["seed_0", "seed_0_run2", "seed_1", "seed_1_run2"]
+    rows = {r["trainer"]: r for r in json.loads((tmp_path / "low_label.json").read_text())["rows"]}
+    assert rows[base]["dice"] == pytest.approx([0.55, 0.70]) and rows[text]["dice"] == pytest.approx([0.61, 0.72])
+    assert rows[text]["delta_vs_baseline"] == pytest.approx([0.06, 0.02])
+    assert rows[base]["dice_runs"] == [[0.5, 0.6], [0.7, 0.7]]
+    assert rows[base]["run_std"] == pytest.approx(np.sqrt((0.005 + 0.0) / 2))  # pooled over seeds, ddof 1
+    assert "trained 2 times per seed" in (tmp_path / "low_label.md").read_text()
+    one = low_label.aggregate(cfg, {0: {"commit": "abc", "entries": [
+        {"label": base, "fraction": 1.0, "condition": "clean", "dice": 0.5, "n_train": 20}]}}, [])
+    assert one["rows"][0]["run_std"] is None  # one training per seed: no spread to report
+
+
 def test_low_label_control_rows_and_lesion_region_auc(tmp_path, monkeypatch):
     """benchmarks/low_label.py --control: text_vs_vision.py gets --control, its "(control reports)" entries become
     rows with their paired Δ to the baseline at 100 %; the diagnosis table gains the missing-location Dice and the
