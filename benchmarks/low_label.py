@@ -207,9 +207,9 @@ def markdown(result: dict) -> str:
                       f"seeds): {spreads}."]
     if any(r["trainer"].endswith(CONTROL_SUFFIX) for r in result["rows"]):
         lines += ["", f"\"{CONTROL_SUFFIX.strip()}\": the text trainer trained and tested on the same images with "
-                      f"every case's report taken from another case ({s.get('control_fraction', '100')} % of labels; Δ to "
-                      f"`{result['baseline']}` at that fraction, – without that row). If the report helps, this row falls to (or below) the "
-                      f"baseline."]
+                      f"every case's report taken from another case ({s.get('control_fraction', '100')} % of labels; "
+                      f"Δ to `{result['baseline']}` at that fraction, – without that row). If the report helps, this "
+                      f"row falls to (or below) the baseline."]
     if result["diagnosis"]:
         lines += ["", "Does it read the report? `nnUNetv2_textseg_diagnose` on the clean test set (mean ± std over "
                       "seeds): Dice with the real, shuffled (another case's), contradictory, location-free, "
@@ -285,8 +285,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="planned 2d patch of the demo data, below --size: the large-image condition (e.g. --size 128 "
                         "--patch_size 64)")
     p.add_argument("--control", action=argparse.BooleanOptionalAction, default=False,
-                   help="also train every text trainer on control (shuffled) reports, 100 %% of a control demo "
-                        "dataset, per seed (rows '<trainer> (control reports)'; default off)")
+                   help="also train every text trainer on control (shuffled) reports of a control demo dataset, "
+                        "--control_fraction of its labels, per seed (rows '<trainer> (control reports)'; default off)")
     p.add_argument("--control_fraction", default="100",
                    help="label fraction of the control rows (default 100; 5 for a few-labels control)")
     p.add_argument("--repeats", type=int, default=1,
