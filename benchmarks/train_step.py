@@ -9,11 +9,11 @@ numbers compare the networks and losses, which is what the trainers change. Targ
 ≤ 1.6× with IAC.
 
 Each row also counts, over five more train steps (seeded), the ops that launch work (views and other
-metadata-only ops left out; the optimisers as on CUDA: SGD multi-tensor, the text modules' AdamW fused) and the reads of a
-tensor's value by the host outside the optimiser step (on a GPU each one waits for the queued kernels). On a
-GPU at nnU-Net's 2D batch sizes the text modules are many small kernels and the step is bound by how fast the
-host queues them, so these counts say where GPU time goes when no GPU is at hand; they do not depend on the
-machine's load.
+metadata-only ops left out; the optimisers as on CUDA: SGD multi-tensor, the text modules' AdamW fused) and the
+reads of a tensor's value by the host outside the optimiser step (on a GPU each one waits for the queued kernels).
+On a GPU at small batches the text modules are many small kernels and the step is bound by how fast the host queues
+them, so these counts say where GPU time goes when no GPU is at hand; they do not depend on the machine's load.
+``--batch_size`` overrides the plans' batch (this 40-case dataset caps it at 2; nnU-Net's 2D reference is 12).
 """
 from __future__ import annotations
 
@@ -107,8 +107,8 @@ _HOST_READS = ("aten._local_scalar_dense", "aten.nonzero", "aten._unique", "aten
 def count_step_ops(trainer, batches: list[dict]) -> tuple[float, float]:
     """(ops that launch work, host reads of a tensor's value outside the optimiser step) per ``train_step``, mean
     over ``batches`` with torch's random draws seeded (report dropout, rewritten reports, cross-fitting routes),
-    the optimisers as on CUDA (SGD multi-tensor, the text modules' AdamW fused). The step's own end-of-step read of its loss
-    (nnU-Net's, one per step) is counted."""
+    the optimisers as on CUDA (SGD multi-tensor, the text modules' AdamW fused). The step's own end-of-step read of
+    its loss (nnU-Net's, one per step) is counted."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
