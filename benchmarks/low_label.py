@@ -58,7 +58,7 @@ from nnunetv2_textseg.robustness import parse_fraction  # noqa: E402
 
 from benchmarks.runner.presets import LOW_LABEL_OUT as DEFAULT_OUT  # noqa: E402
 from benchmarks.runner.presets import LOW_LABEL_PRESETS as PRESETS  # noqa: E402
-from benchmarks.runner.presets import CONTROL_SUFFIX, apply_preset, is_text_trainer  # noqa: E402
+from benchmarks.runner.presets import CONTROL_SUFFIX, apply_preset, fraction_label, is_text_trainer  # noqa: E402
 
 # Place-free reports that neither the demo's report pool, the diagnosis's variants nor the training rewrites use
 # (fixed before any result was seen): a model that learnt those by heart is still tested on "no place" wording.
@@ -199,7 +199,7 @@ def markdown(result: dict) -> str:
     for r in result["rows"]:
         lines.append(f"| {100 * r['fraction']:g}% | {r['condition']} | {r['trainer']} | {r['n_train']} | "
                      f"{_ms(r['dice'])} | {_ms(r['delta_vs_baseline']) if r['delta_vs_baseline'] else '–'} |")
-    if s.get("repeats", 1) > 1:
+    if s.get("repeats", 1) > 1 and any(r.get("run_std") is not None for r in result["rows"]):
         spreads = ", ".join(f"{r['trainer']} {100 * r['fraction']:g}% {r['condition']} {r['run_std']:.4f}"
                             for r in result["rows"] if r.get("run_std") is not None)
         lines += ["", f"Every model was trained {s['repeats']} times per seed on the same data (OUT/seed_S_runR); a "
@@ -207,7 +207,8 @@ def markdown(result: dict) -> str:
                       f"seeds): {spreads}."]
     if any(r["trainer"].endswith(CONTROL_SUFFIX) for r in result["rows"]):
         lines += ["", f"\"{CONTROL_SUFFIX.strip()}\": the text trainer trained and tested on the same images with "
-                      f"every case's report taken from another case ({s.get('control_fraction', '100')} % of labels; "
+                      f"every case's report taken from another case ({_fraction_text(s.get('control_fraction', '100'))} of "
+                      f"the labels; "
                       f"Δ to `{result['baseline']}` at that fraction, – without that row). If the report helps, this "
                       f"row falls to (or below) the baseline."]
     if result["diagnosis"]:
@@ -302,6 +303,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return apply_preset(cfg, PRESETS[cfg.preset])
 
 
+def _fraction_text(fraction: str) -> str:
+    """'5', '5%' or '0.05' -> '5%' (as typed if text_vs_vision.py will reject it)."""
+    try:
+        return fraction_label(parse_fraction(fraction))
+    except ValueError:
+        return str(fraction)
+
+
 def _same_fraction(fraction: str, other: str) -> bool:
     try:
         return parse_fraction(fraction) == parse_fraction(other)
@@ -312,8 +321,8 @@ def _same_fraction(fraction: str, other: str) -> bool:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     if cfg.control and not any(_same_fraction(f, cfg.control_fraction) for f in cfg.fractions):
-        print(f"Note: the control rows are trained on {cfg.control_fraction} % of the labels; add it to --fractions "
-              f"for their Δ to the baseline.", flush=True)
+        print(f"Note: the control rows are trained on {_fraction_text(cfg.control_fraction)} of the labels; add it to "
+              f"--fractions for their Δ to the baseline.", flush=True)
     cfg.out.mkdir(parents=True, exist_ok=True)
     per_seed, diag = {}, []
     for seed in cfg.seeds:

@@ -134,10 +134,12 @@ def count_step_ops(trainer, batches: list[dict]) -> tuple[float, float]:
 
     inner = [getattr(trainer.optimizer, k) for k in ("main", "text") if hasattr(trainer.optimizer, k)] \
         or [trainer.optimizer]
+    text = getattr(trainer.optimizer, "text", None)  # the text modules' AdamW: fused on CUDA (configure_optimizers)
+    fused_on_cpu = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 4)
     counter = Counter()
     for opt in inner:
-        for group in opt.param_groups:  # as on CUDA: AdamW fused (the trainers' choice there), SGD multi-tensor
-            fused = isinstance(opt, torch.optim.AdamW)
+        for group in opt.param_groups:  # as on CUDA: that AdamW fused, the rest multi-tensor
+            fused = opt is text and fused_on_cpu
             group["fused"], group["foreach"] = (True, False) if fused else (group.get("fused"), True)
         step = opt.step
 

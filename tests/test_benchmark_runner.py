@@ -213,6 +213,7 @@ def test_low_label_control_rows_and_lesion_region_auc(tmp_path, monkeypatch):
                                     "--control_fraction", "5"])
     low_label.run_seed(cfg_few, 0)  # a few-labels control: the fraction reaches text_vs_vision.py
     assert calls[2][calls[2].index("--control_fraction") + 1] == "5"
+    assert low_label._fraction_text("0.05") == low_label._fraction_text("5%") == "5%"
 
     def entry(label, fraction, dice):
         return {"label": label, "fraction": fraction, "condition": "clean", "dice": dice, "n_train": 40}

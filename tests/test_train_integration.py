@@ -168,10 +168,13 @@ def test_train_step_reads_no_device_value_before_its_end(trained_model, trainer_
         _finish_loaders(trainer)
 
 
+@pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 4),
+                    reason="fused AdamW runs on the CPU from torch 2.4")
 def test_text_modules_step_with_fused_adamw_on_cuda(trained_model, monkeypatch):
     """On CUDA the text modules' AdamW is fused (one kernel for hundreds of small parameters, no per-parameter host
     work), elsewhere torch's default; the fused step moves the parameters as the default one does (fused AdamW also
-    runs on the CPU, so the trainer's real optimiser is stepped here)."""
+    runs on the CPU, so the trainer's real optimiser is stepped here); a checkpoint saved with the default AdamW
+    (before this, or on the CPU) resumes fused, and one saved fused resumes unfused on the CPU."""
     trainer = _trainer_with_loaders(trained_model, "nnUNetTrainerBiCLIP", monkeypatch)
     _finish_loaders(trainer)
     assert not trainer.optimizer.text.defaults["fused"]
@@ -196,6 +199,21 @@ def test_text_modules_step_with_fused_adamw_on_cuda(trained_model, monkeypatch):
     fused = one_step()
     assert max((a - b).abs().max().item() for a, b in zip(default, fused)) < 1e-6
     assert max((a - b).abs().max().item() for a, b in zip(start, fused)) > 1e-4  # it did step
+
+    saved_fused = trainer.optimizer.state_dict()
+    trainer.device = torch.device("cpu")
+    trainer.optimizer, trainer.lr_scheduler = trainer.configure_optimizers()
+    params = trainer.optimizer.text.param_groups[0]["params"]
+    one_step()
+    saved_default = trainer.optimizer.state_dict()
+    trainer.optimizer.load_state_dict(saved_fused)  # nnU-Net's --c on the CPU from a checkpoint saved fused
+    assert not trainer.optimizer.text.param_groups[0]["fused"]
+    trainer.device = torch.device("cuda")
+    trainer.optimizer, trainer.lr_scheduler = trainer.configure_optimizers()
+    trainer.optimizer.load_state_dict(saved_default)  # on CUDA from a checkpoint saved with the default AdamW
+    assert trainer.optimizer.text.param_groups[0]["fused"] is True
+    params = trainer.optimizer.text.param_groups[0]["params"]
+    one_step()  # the loaded state (step counters moved to the parameters' device) steps
 
 
 @pytest.mark.parametrize("variant", ["nnUNetTrainerBiCLIP_noIAC", "nnUNetTrainerBiCLIP_unidirectional",

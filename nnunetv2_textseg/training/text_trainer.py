@@ -659,4 +659,8 @@ class OptimizerPair:
 
     def load_state_dict(self, state: dict) -> None:
         self.main.load_state_dict(state["main"])
-        self.text.load_state_dict(state["text"])
+        # torch takes every hyperparameter from the saved groups: keep this run's choice of fused AdamW (on CUDA), so a
+        # checkpoint saved before it, or on another device, neither turns it off nor forces it where it cannot run
+        fused = self.text.defaults.get("fused")
+        text = {**state["text"], "param_groups": [{**g, "fused": fused} for g in state["text"]["param_groups"]]}
+        self.text.load_state_dict(text)
