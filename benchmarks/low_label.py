@@ -300,6 +300,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "its variants and the training rewrites (none: no such row)")
     p.add_argument("--negative_phrasing", default=UNSEEN_NEGATIVE_PHRASING)
     cfg = p.parse_args(argv)
+    if cfg.repeats < 1:
+        p.error(f"--repeats must be 1 or more (trainings per model and seed), got {cfg.repeats}")
+    try:  # checked here, before the first seed's hours of training, not when text_vs_vision.py reaches the control
+        parse_fraction(cfg.control_fraction)
+    except ValueError as err:
+        p.error(f"--control_fraction: {err}")
     return apply_preset(cfg, PRESETS[cfg.preset])
 
 
@@ -326,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg.out.mkdir(parents=True, exist_ok=True)
     per_seed, diag = {}, []
     for seed in cfg.seeds:
-        per_seed[seed] = [run_seed(cfg, seed, r) for r in range(max(1, cfg.repeats))]
+        per_seed[seed] = [run_seed(cfg, seed, r) for r in range(cfg.repeats)]
         if cfg.diagnose:
             diag += diagnose_seed(cfg, seed, per_seed[seed][0])
         result = aggregate(cfg, per_seed, diag)  # written after every seed: a partial run still reports

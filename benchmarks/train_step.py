@@ -173,6 +173,8 @@ def main(argv=None) -> None:
                             "nnUNetTrainerBiCLIP_endToEnd"])
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "train_step.json"))
     a = p.parse_args(argv)
+    if a.batch_size is not None and a.batch_size < 1:
+        p.error(f"--batch_size must be 1 or more (samples per step), got {a.batch_size}")
     root = Path(a.root)
     env = ensure_dataset(root, a.dataset_id, a.size)
     os.environ.update({k: v for k, v in env.items() if k.startswith("nnUNet") or k == "HF_HUB_OFFLINE"})

@@ -145,7 +145,7 @@ def test_low_label_aggregates_seeds_with_spread_and_paired_deltas():
     assert "0.6500 ± 0.0707" in md and "0.0500 ± 0.0707" in md and "AUC real" in md
 
 
-def test_low_label_repeats_pair_the_means_of_each_seeds_trainings(tmp_path, monkeypatch):
+def test_low_label_repeats_pair_the_means_of_each_seeds_trainings(tmp_path, monkeypatch, capsys):
     """--repeats 2: every seed's text_vs_vision.py run is made twice (the second into OUT/seed_S_run2, same data
     arguments); a seed's Dice per model is the mean of its trainings, Δ pairs those means, and the rows give the
     pooled std between trainings."""
@@ -177,6 +177,11 @@ def test_low_label_repeats_pair_the_means_of_each_seeds_trainings(tmp_path, monk
     assert rows[base]["dice_runs"] == [[0.5, 0.6], [0.7, 0.7]]
     assert rows[base]["run_std"] == pytest.approx(np.sqrt((0.005 + 0.0) / 2))  # pooled over seeds, ddof 1
     assert "trained 2 times per seed" in (tmp_path / "low_label.md").read_text()
+    for bad, message in ((["--repeats", "0"], "--repeats must be 1 or more"),
+                         (["--control_fraction", "abc"], "--control_fraction")):
+        with pytest.raises(SystemExit):  # argparse's one-line error, before any training starts
+            low_label.parse_args(["--preset", "smoke", *bad])
+        assert message in capsys.readouterr().err
     one = low_label.aggregate(cfg, {0: {"commit": "abc", "entries": [
         {"label": base, "fraction": 1.0, "condition": "clean", "dice": 0.5, "n_train": 20}]}}, [])
     assert one["rows"][0]["run_std"] is None  # one training per seed: no spread to report
@@ -434,3 +439,14 @@ def test_text_pathway_probe_trains_token_maps_and_scores_the_true_zones(tmp_path
     assert all(r["heldout_real"]["auc"] > 0.8 for r in ref.values())
     other = probe.zone_reference(raw, {"heldout_ids": ids, "heldout": (None, None, masks.flip(-1).flip(-2))})
     assert other == {}  # lesions outside the re-drawn zones: not this generator's cases, no reference
+
+
+def test_train_step_benchmark_refuses_a_batch_below_one(tmp_path, capsys):
+    """benchmarks/train_step.py --batch_size 0: argparse's one-line error before any data is made."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import train_step
+
+    with pytest.raises(SystemExit):
+        train_step.main(["--batch_size", "0", "--root", str(tmp_path / "work")])
+    assert "--batch_size must be 1 or more" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()
