@@ -155,6 +155,12 @@ class nnUNetTrainerMedCLIPSeg_locationFree(nnUNetTrainerMedCLIPSeg):
     finding_only_share = 0.0
 
 
+class nnUNetTrainerMedCLIPSeg_threeAdapters(nnUNetTrainerMedCLIPSeg):
+    """Adapters after the last three encoder stages instead of two: the report also meets the features at the
+    next finer scale (16² tokens for a 64² patch), where a lung zone spans a few tokens rather than one or two."""
+    adapter_stages = (-3, -2, -1)
+
+
 class nnUNetTrainerBiCLIP_longWarmup(nnUNetTrainerBiCLIP):
     """The default with 3000 warm-up steps instead of 750. Why: four cross-fitted pathways share the warm-up, each
     sample fitting one of them, so each pathway sees about a quarter of its batches (~190 of 750) — the pathway
@@ -294,7 +300,8 @@ _BASES = [nnUNetTrainerBiCLIP, nnUNetTrainerBiCLIP_endToEnd, nnUNetTrainerBiCLIP
           nnUNetTrainerBiCLIP_mapPrior, nnUNetTrainerBiCLIP_wholeCase, nnUNetTrainerBiCLIP_anatomyGate,
           nnUNetTrainerMedCLIPSeg, nnUNetTrainerMedCLIPSeg_noProb, nnUNetTrainerMedCLIPSeg_noContrastive,
           nnUNetTrainerMedCLIPSeg_noText, nnUNetTrainerMedCLIPSeg_safeAug, nnUNetTrainerMedCLIPSeg_mirroredPatient,
-          nnUNetTrainerMedCLIPSeg_locationFree, nnUNetTrainerMedCLIPSeg_reportsAsWritten]
+          nnUNetTrainerMedCLIPSeg_locationFree, nnUNetTrainerMedCLIPSeg_reportsAsWritten,
+          nnUNetTrainerMedCLIPSeg_threeAdapters]
 for _base in _BASES:
     for _suffix, (_e, _it, _vit) in _LENGTHS.items():
         _cls = _with_length(_base, _base.__name__ + _suffix, _e, _it, _vit, warmup_steps=_WARMUP_STEPS.get(_suffix))
