@@ -13,7 +13,15 @@ together, so both share the network's grid) and predicted with each **report var
 - ``rephrased`` (only with ``--phrasings``): every report replaced by one of the user's own place-free phrasings, in
   turn by case (``--negative_phrasing`` for the reports read as negative) — phrasings training never saw, so that a
   model which learnt the variants above by heart is still caught reading "no place" as "nowhere";
-- ``null``: no report (the model's learned null report).
+- ``null``: no report (the model's learned null report);
+- your own variants (``--variant_table NAME=TABLE``, repeatable): a report table (any layout the importer reads) with
+  one report per test case. ``contradictory`` / ``missing_location`` / ``underdescriptive`` replace the rule-made ones
+  (e.g. BUSUC's ``Test_text_contradictory.xlsx``); any other name adds a row before ``null``.
+
+The rule-made variants know the chest-report vocabulary of lung sides and zones. A report they cannot rewrite (a
+breast ultrasound report's "upper area", say) is left as it was, so that row would repeat ``real`` and look like a
+model that ignores its report: every variant's count of reports left as they were is recorded and printed, and text
+sensitivity is not computed when no contradictory report differs from the real one.
 
 Measured (written to OUT/diagnosis.json and printed as a table):
 
@@ -49,6 +57,8 @@ import torch
 from nnunetv2_textseg.errors import TextSegError, run_cli
 
 VARIANTS = ("real", "shuffled", "contradictory", "missing_location", "underdescriptive", "null")
+RULE_MADE_VARIANTS = ("contradictory", "missing_location", "underdescriptive")  # report_variants' rewriting rules
+_RESERVED_VARIANTS = ("real", "shuffled", "null", "rephrased", "rephrased_as_given")
 
 
 class DiagnoseError(TextSegError, RuntimeError):
@@ -119,10 +129,50 @@ def rephrased_reports(reports: dict[str, str], phrasings: Sequence[str], negativ
     return out
 
 
+def parse_variant_tables(specs: Sequence[str]) -> dict[str, Path]:
+    """``--variant_table`` values ``NAME=TABLE`` -> {name: table path}; DiagnoseError for a malformed, reserved or
+    repeated name or a table that does not exist."""
+    tables: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = str(spec).partition("=")
+        name = name.strip()
+        if not sep or not path.strip() or not name.isidentifier():
+            raise DiagnoseError(f"--variant_table {spec!r}: expected NAME=TABLE, e.g. --variant_table "
+                                f"contradictory=Test_text_contradictory.xlsx")
+        if name in _RESERVED_VARIANTS:
+            raise DiagnoseError(f"--variant_table {spec!r}: {name!r} is measured by diagnose itself; name your table "
+                                f"otherwise (contradictory, missing_location and underdescriptive replace the rule-made "
+                                f"variants, any other name adds one).")
+        if name in tables:
+            raise DiagnoseError(f"--variant_table: {name!r} is given twice ({tables[name]}, {path}); keep one.")
+        if not Path(path).is_file():
+            raise DiagnoseError(f"--variant_table {spec!r}: {path}: no such file.")
+        tables[name] = Path(path)
+    return tables
+
+
+def read_variant_tables(tables: dict[str, Path], cases: Sequence[str]) -> dict[str, dict[str, str]]:
+    """{name: table path} -> {name: case -> report} for ``cases``; DiagnoseError naming the table and the cases it
+    lacks. Tables may hold more cases (a dataset's whole test table)."""
+    from nnunetv2_textseg.reports import read_report_table
+    out = {}
+    for name, path in tables.items():
+        table = read_report_table(path)  # a ReportError names the file, row and fix
+        missing = [c for c in cases if c not in table]
+        if missing:
+            raise DiagnoseError(f"--variant_table {name}={path}: {len(missing)} of the {len(cases)} diagnosed case(s) "
+                                f"have no report in it: {missing[:10]}. Add a row for each (case ids as in your report "
+                                f"table, or image file names as nnUNetv2_textseg_attach_reports maps them).")
+        out[name] = {c: table[c] for c in cases}
+    return out
+
+
 def report_variants(reports: dict[str, str], seed: int = 0, phrasings: Sequence[str] = (),
-                    negative_phrasing: str | None = None) -> dict[str, dict[str, str | None]]:
-    """variant -> case -> report text (None: the null report), in :data:`VARIANTS` order with ``rephrased`` before
-    ``null`` when ``phrasings`` are given. Shuffled is a derangement (no case keeps its own)."""
+                    negative_phrasing: str | None = None, tables: dict[str, dict[str, str]] | None = None
+                    ) -> dict[str, dict[str, str | None]]:
+    """variant -> case -> report text (None: the null report), in :data:`VARIANTS` order with ``rephrased`` and then
+    the ``tables``' new variants before ``null``; a table named like a rule-made variant replaces it. Shuffled is a
+    derangement (no case keeps its own)."""
     from nnunetv2_textseg.report_variants import _case_rng, make_variant
     cases = sorted(reports)
     rng = np.random.default_rng(seed)
@@ -130,15 +180,18 @@ def report_variants(reports: dict[str, str], seed: int = 0, phrasings: Sequence[
     if len(cases) > 1:
         shift = int(rng.integers(1, len(cases)))
         order = cases[shift:] + cases[:shift]
+    tables = tables or {}
+
+    def made(kind: str) -> dict[str, str]:  # the user's table, else the rules' rewrite
+        if kind in tables:
+            return {c: tables[kind][c] for c in cases}
+        return {c: make_variant(reports[c], kind, _case_rng(seed, kind, c)) for c in cases}
+
     return {"real": dict(reports),
             "shuffled": {c: reports[o] for c, o in zip(cases, order)},
-            "contradictory": {c: make_variant(reports[c], "contradictory", _case_rng(seed, "contradictory", c))
-                              for c in cases},
-            "missing_location": {c: make_variant(reports[c], "missing_location",
-                                                 _case_rng(seed, "missing_location", c)) for c in cases},
-            "underdescriptive": {c: make_variant(reports[c], "underdescriptive",
-                                                 _case_rng(seed, "underdescriptive", c)) for c in cases},
+            **{kind: made(kind) for kind in RULE_MADE_VARIANTS},
             **({"rephrased": rephrased_reports(reports, phrasings, negative_phrasing)} if phrasings else {}),
+            **{v: {c: texts[c] for c in cases} for v, texts in tables.items() if v not in RULE_MADE_VARIANTS},
             "null": {c: None for c in cases}}
 
 
@@ -190,7 +243,7 @@ def _case_files(images: Path, ending: str) -> dict[str, list[Path]]:
 def diagnose(model: Path, fold: int, images: Path, labels: Path, reports_file: Path | None, out: Path,
              checkpoint: str = "checkpoint_final.pth", device: str = "cpu", n_figure: int = 4, max_cases: int = 0,
              seed: int = 0, phrasings: Sequence[str] = (), negative_phrasing: str | None = None,
-             keep_unfamiliar_reports: bool = False) -> dict:
+             keep_unfamiliar_reports: bool = False, variant_tables: dict[str, Path] | None = None) -> dict:
     from nnunetv2_textseg.patient_frame import with_position_channels
     from nnunetv2_textseg.predictor import _NULL_REPORT, default_reports_file, nnUNetTextPredictor
     from nnunetv2_textseg.reports import read_report_table
@@ -215,7 +268,13 @@ def diagnose(model: Path, fold: int, images: Path, labels: Path, reports_file: P
     if no_label:
         raise DiagnoseError(f"{len(no_label)} case(s) have no reference {labels}/CASE{ending}: {no_label[:10]}.")
     cases = sorted(files)[:max_cases] if max_cases > 0 else sorted(files)
-    variants = report_variants({c: reports[c] for c in cases}, seed, phrasings, negative_phrasing)
+    variant_tables = variant_tables or {}
+    variants = report_variants({c: reports[c] for c in cases}, seed, phrasings, negative_phrasing,
+                               read_variant_tables(variant_tables, cases))
+    # a variant that left reports as they were repeats ``real`` for them (rule-made variants of reports whose
+    # vocabulary the rules do not know): counted so that it is not read as a model that ignores its report
+    unchanged = {v: sum(texts[c] == reports[c] for c in cases) for v, texts in variants.items()
+                 if v not in ("real", "null")}
     if phrasings and not keep_unfamiliar_reports:  # what the guard below protects from stays measured
         ordered = {}
         for name, texts in variants.items():
@@ -282,7 +341,9 @@ def diagnose(model: Path, fold: int, images: Path, labels: Path, reports_file: P
               "unfamiliar_reports": {v: sum(t is not None and index[t] in predictor.unfamiliar_reports
                                             for t in variants[v].values())
                                      for v in variants if v != "rephrased_as_given"},
-              "unfamiliar_reports_read_as_given": keep_unfamiliar_reports}
+              "unfamiliar_reports_read_as_given": keep_unfamiliar_reports,
+              "variant_tables": {v: str(p) for v, p in variant_tables.items()},
+              "unchanged_reports": {v: n for v, n in unchanged.items() if v != "rephrased_as_given"}}
     region = lesion_prone_region(per_variant["real"]["ref"]) if has_pseudo else None
     for v in variants:
         result["dice"][v] = float(np.nanmean(per_variant[v]["dice"]))
@@ -299,7 +360,8 @@ def diagnose(model: Path, fold: int, images: Path, labels: Path, reports_file: P
         result["lesion_region_fraction"] = float(region.mean())
     p_real = np.concatenate([p.ravel() for p in per_variant["real"]["prob"]])
     p_contra = np.concatenate([p.ravel() for p in per_variant["contradictory"]["prob"]])
-    result["text_sensitivity"] = float(np.abs(p_real - p_contra).mean() / max(np.abs(p_real).mean(), 1e-12))
+    result["text_sensitivity"] = None if unchanged["contradictory"] == len(cases) else \
+        float(np.abs(p_real - p_contra).mean() / max(np.abs(p_real).mean(), 1e-12))
     result["reliance"] = result["dice"]["real"] - result["dice"]["null"]
     refs = per_variant["real"]["ref2d"]
     result["side"] = {what: {v: side_score(per_variant[v][key], refs) for v in ("real", "contradictory")}
@@ -354,8 +416,17 @@ def format_table(result: dict) -> str:
         aucs = [(result.get(k) or {}).get(v) for k in ("pseudo_image_auc", "pseudo_image_auc_lesion_region")]
         cells = " | ".join("—" if a is None else f"{a:.4f}" for a in aucs)
         lines.append(f"| {v} | {result['dice'][v]:.4f} | {cells} |")
-    lines.append(f"\ntext sensitivity |P_real − P_contra| / |P_real|: {result['text_sensitivity']:.4f}; "
+    sensitivity = "not measured (no contradictory report differs from the real one)" \
+        if result["text_sensitivity"] is None else f"{result['text_sensitivity']:.4f}"
+    lines.append(f"\ntext sensitivity |P_real − P_contra| / |P_real|: {sensitivity}; "
                  f"reliance Dice(real) − Dice(null): {result['reliance']:+.4f}")
+    tables = result.get("variant_tables") or {}
+    for v, n in (result.get("unchanged_reports") or {}).items():
+        if not n:
+            continue
+        why = (" (the rules rewrite lung sides and zones; give your own with --variant_table "
+               f"{v}=TABLE)") if v in RULE_MADE_VARIANTS and v not in tables else ""
+        lines.append(f"{v}: {n}/{result['cases']} report(s) left as they were — the row repeats real for them{why}")
     for what, scores in (result.get("side") or {}).items():
         real, contra = scores.get("real"), scores.get("contradictory")
         if real is None:
@@ -403,6 +474,11 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--negative_phrasing", default=None, metavar="TEXT",
                    help="with --phrasings: the text for reports the parser reads as negative (e.g. \"No acute "
                         "findings.\"); without it every report gets one of --phrasings")
+    p.add_argument("--variant_table", action="append", default=[], metavar="NAME=TABLE",
+                   help="your own report variant: a table with one report per test case (any layout "
+                        "nnUNetv2_textseg_attach_reports reads); contradictory / missing_location / underdescriptive "
+                        "replace the rule-made ones, which know chest-report wording only; any other name adds a row. "
+                        "Repeatable")
     p.add_argument("--keep_unfamiliar_reports", action="store_true",
                    help="read reports worded unlike every training report as given (default, as prediction does: "
                         "the learned null report)")
@@ -415,10 +491,11 @@ def _main(argv: list[str] | None = None) -> int:
     for folder, flag in ((a.i, "-i"), (a.ref, "-ref")):
         if not folder.is_dir():
             raise DiagnoseError(f"{flag} {folder}: no such folder.")
+    variant_tables = parse_variant_tables(a.variant_table)
     model = _model_folder(a.d, a.tr, a.p, a.c)
     out = a.o or model / f"fold_{a.f}" / "diagnosis"
     result = diagnose(model, a.f, a.i, a.ref, a.reports, out, a.chk, a.device, a.n_figure, a.max_cases, a.seed,
-                      a.phrasings, a.negative_phrasing, a.keep_unfamiliar_reports)
+                      a.phrasings, a.negative_phrasing, a.keep_unfamiliar_reports, variant_tables)
     print(format_table(result))
     print(f"[diagnose] wrote {out / 'diagnosis.json'} and {out / 'diagnosis.png'}")
     return 0

@@ -3,8 +3,8 @@ report variants it predicts with."""
 import numpy as np
 import pytest
 
-from nnunetv2_textseg.diagnose import (DiagnoseError, lesion_prone_region, pixel_auc, rephrased_reports,
-                                       report_variants, side_score)
+from nnunetv2_textseg.diagnose import (DiagnoseError, format_table, lesion_prone_region, parse_variant_tables,
+                                       pixel_auc, read_variant_tables, rephrased_reports, report_variants, side_score)
 
 
 def test_pixel_auc_perfect_chance_and_inverted():
@@ -72,3 +72,55 @@ def test_rephrased_variant_gives_each_case_a_user_phrasing_in_turn_and_keeps_neg
     for bad in (((),), (("",),), (phrasings, " ")):
         with pytest.raises(DiagnoseError, match="non-empty"):
             rephrased_reports(reports, *bad)
+
+
+BREAST = {"0019": "Findings indicate a benign tumor situated in the upper area.",
+          "0286": "The breast shows a malignant tumor positioned in the center."}
+
+
+def test_rule_made_variants_leave_reports_they_cannot_read_and_a_users_table_replaces_them():
+    """The rules rewrite chest-report wording only: a breast report comes back as it was (the count diagnose prints
+    catches it). A user's table named like a rule-made variant replaces it; any other name adds a row before null."""
+    made = report_variants(BREAST)
+    assert made["contradictory"] == BREAST and made["missing_location"]["0286"] == BREAST["0286"]
+    contra = {"0019": "Findings indicate a benign tumor situated in the lower area.",
+              "0286": "Malignant tumor detected, but breast appears completely normal.", "9999": "extra row"}
+    over = {c: t + " Margins are well defined." for c, t in BREAST.items()}
+    variants = report_variants(BREAST, tables={"contradictory": contra, "overdescriptive": over})
+    assert list(variants) == ["real", "shuffled", "contradictory", "missing_location", "underdescriptive",
+                              "overdescriptive", "null"]
+    assert variants["contradictory"] == {c: contra[c] for c in BREAST}  # only the diagnosed cases
+    assert variants["overdescriptive"] == over and variants["missing_location"] == made["missing_location"]
+
+
+def test_variant_tables_are_read_in_any_importer_layout_and_bad_ones_refused(tmp_path):
+    pd = pytest.importorskip("pandas")
+    table = tmp_path / "Test_text_contradictory.xlsx"  # BUSUC's layout: image file names, not case ids
+    pd.DataFrame({"Image": ["0019.png", "0286.png", "0300.png"],
+                  "Description": ["Benign tumor detected, but breast appears completely normal.",
+                                  "A lesion in the lower area.", "unused"],
+                  "Ground Truth": ["0019.png", "0286.png", "0300.png"]}).to_excel(table, index=False)
+    tables = parse_variant_tables([f"contradictory={table}"])
+    assert tables == {"contradictory": table}
+    read = read_variant_tables(tables, sorted(BREAST))
+    assert read["contradictory"]["0019"].startswith("Benign tumor detected") and set(read["contradictory"]) == {
+        "0019", "0286"}
+    with pytest.raises(DiagnoseError, match=r"1 of the 3 diagnosed case\(s\) have no report in it: \['0400'\]"):
+        read_variant_tables(tables, ["0019", "0286", "0400"])
+    for spec, says in (("contradictory", "expected NAME=TABLE"), (f"real={table}", "measured by diagnose itself"),
+                       (f"my variant={table}", "expected NAME=TABLE"), (f"x={tmp_path / 'nope.csv'}", "no such file")):
+        with pytest.raises(DiagnoseError, match=says):
+            parse_variant_tables([spec])
+    with pytest.raises(DiagnoseError, match="given twice"):
+        parse_variant_tables([f"a={table}", f"a={table}"])
+
+
+def test_the_table_says_which_variants_left_reports_as_they_were():
+    result = {"cases": 2, "dice": {"real": 0.5, "contradictory": 0.5}, "text_sensitivity": None, "reliance": 0.0,
+              "side": {}, "unchanged_reports": {"shuffled": 0, "contradictory": 2, "overdescriptive": 1},
+              "variant_tables": {"overdescriptive": "over.csv"}}
+    table = format_table(result)
+    assert "text sensitivity |P_real − P_contra| / |P_real|: not measured" in table
+    assert "contradictory: 2/2 report(s) left as they were" in table and "--variant_table contradictory=TABLE" in table
+    assert "overdescriptive: 1/2 report(s) left as they were — the row repeats real for them\n" in table + "\n"
+    assert "shuffled:" not in table

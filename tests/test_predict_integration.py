@@ -361,14 +361,25 @@ def test_diagnose_reports_every_variant_and_refuses_bad_input(trained_model, tmp
         monkeypatch.setenv(k, v)
     images, labels = trained_model.raw / "imagesTs", trained_model.raw / "labelsTs"
     out = tmp_path / "diag"
+    # the user's own variants: one replacing a rule-made variant (our csv layout), one added (an xlsx in the
+    # LViT/MedCLIPSeg layout, image file names for case ids)
+    test_reports = pd.read_csv(trained_model.raw / "reportsTs.csv", dtype=str, keep_default_na=False)
+    generic = tmp_path / "generic.csv"
+    test_reports.assign(report="Findings consistent with pneumonia.").to_csv(generic, index=False)
+    over = tmp_path / "Test_text_overdescriptive.xlsx"
+    pd.DataFrame({"Image": test_reports["case_id"] + ".png",
+                  "Description": test_reports["report"] + " Heart size is normal."}).to_excel(over, index=False)
     assert main(["-d", str(DATASET_ID), "-tr", TRAINER, "-i", str(images), "-ref", str(labels), "-o", str(out),
                  "--max_cases", "2", "--n_figure", "1", "--phrasings", "Lung opacities are present.",
-                 "--negative_phrasing", "No acute findings."]) == 0
+                 "--negative_phrasing", "No acute findings.", "--variant_table", f"underdescriptive={generic}",
+                 "--variant_table", f"overdescriptive={over}"]) == 0
     result = json.loads((out / "diagnosis.json").read_text())
-    assert set(result["dice"]) == set(result["pseudo_image_auc"]) == {"real", "shuffled", "contradictory",
-                                                                          "missing_location", "underdescriptive",
-                                                                          "rephrased", "rephrased_as_given", "null"}
+    assert list(result["dice"]) == list(result["pseudo_image_auc"]) == [
+        "real", "shuffled", "contradictory", "missing_location", "underdescriptive", "rephrased", "rephrased_as_given",
+        "overdescriptive", "null"]
     assert "| rephrased |" in capsys.readouterr().out  # the printed table has its row
+    assert result["variant_tables"] == {"underdescriptive": str(generic), "overdescriptive": str(over)}
+    assert result["unchanged_reports"]["overdescriptive"] == result["unchanged_reports"]["contradictory"] == 0
     # the rephrased reports are worded unlike training: given the null report, as prediction would
     assert result["unfamiliar_reports"]["rephrased"] == 2 and result["unfamiliar_reports"]["real"] == 0
     assert result["dice"]["rephrased"] == result["dice"]["null"]
@@ -385,11 +396,17 @@ def test_diagnose_reports_every_variant_and_refuses_bad_input(trained_model, tmp
 
     bare = tmp_path / "bare"
     shutil.copytree(images, bare)  # no reports.csv inside, no reportsTs.csv beside it
+    short = tmp_path / "short.csv"  # a variant table without the first test case
+    test_reports.iloc[1:].to_csv(short, index=False)
     cases = [(["-tr", "nnUNetTrainer_debug", "-i", str(images), "-ref", str(labels)], "No trained model"),
              (["-tr", TRAINER, "-i", str(bare), "-ref", str(labels)], "No report table"),
              (["-tr", TRAINER, "-i", str(images), "-ref", str(tmp_path)], "have no reference"),
              (["-tr", TRAINER, "-i", str(images), "-ref", str(labels), "--negative_phrasing", "No acute findings."],
-              "give the positive ones with --phrasings")]
+              "give the positive ones with --phrasings"),
+             (["-tr", TRAINER, "-i", str(images), "-ref", str(labels), "--variant_table", str(over)],
+              "expected NAME=TABLE"),
+             (["-tr", TRAINER, "-i", str(images), "-ref", str(labels), "--variant_table", f"terse={short}"],
+              "have no report in it")]
     for args, message in cases:
         assert main(["-d", str(DATASET_ID), "-o", str(tmp_path / "o"), *args]) == 2
         err = capsys.readouterr().err
