@@ -494,3 +494,45 @@ def test_adapter_stage_selection_and_3d():
     assert [tuple(o.shape) for o in seg] == [(2, NUM_CLASSES, 16, 16, 24), (2, NUM_CLASSES, 8, 8, 12)]
     with pytest.raises(TypeError):
         MedCLIPSegNetwork(nn.Conv2d(1, 1, 1), TOK_DIM)
+
+
+def test_fourier_position_features_make_zones_linear():
+    from nnunetv2_textseg.building_blocks.medclipseg import fourier_position_features
+    from nnunetv2_textseg.patient_frame import position_channels
+    pos = torch.from_numpy(position_channels((8, 8)))[None]  # (1, 3, 8, 8): rows, columns, inside
+    feats = fourier_position_features(pos)
+    assert feats.shape == (1, 13, 8, 8)
+    torch.testing.assert_close(feats[:, 0], torch.sin(torch.pi * pos[:, 0]))  # f = 1, rows
+    torch.testing.assert_close(feats[:, 3], torch.cos(torch.pi * pos[:, 1]))  # f = 1, columns
+    torch.testing.assert_close(feats[:, -1], pos[:, 2])  # the inside flag as it is
+    # "upper half" vs "lower half" is one sign of the f = 1 row sine: linear in the features
+    assert (feats[0, 0, :4] < 0).all() and (feats[0, 0, 4:] > 0).all()
+
+
+def test_adapter_position_steers_the_tokens_and_keeps_the_identity_at_init():
+    """With ``adapter_position`` a fresh network is still the planned U-Net; once trained (perturbed), the same
+    features and report give other outputs at another patient-frame position, and pos_down gets a gradient. A
+    position-aware adapter called without positions is refused."""
+    from nnunetv2_textseg.patient_frame import with_position_channels
+    torch.manual_seed(0)
+    unet = make_unet(1 + 3)
+    net = MedCLIPSegNetwork(unet, TOK_DIM, width=32, position_channels=3, adapter_position=True)
+    x = torch.stack([with_position_channels(torch.randn(1, 64, 64)) for _ in range(2)])
+    tokens, mask = report(2)
+    net.eval()
+    with torch.no_grad():
+        assert torch.allclose(net(x, tokens, mask)[0], unet(x)[0], atol=1e-6)
+    perturb_init(net)
+    adapter = net.adapters[str(net.adapter_stages[0])]  # the one that reads the encoder's token width
+    feat = torch.randn(2, adapter.img_down.in_features, 4, 4)
+    here = torch.randn(2, adapter.pos_down.in_features, 4, 4)
+    a, _ = adapter(feat, tokens, mask, position=here)
+    b, _ = adapter(feat, tokens, mask, position=here.flip(-1))
+    assert not torch.allclose(a, b)
+    net.train()
+    net(x, tokens, mask)[0].sum().backward()
+    assert all(a.pos_down.weight.grad.abs().sum() > 0 for a in net.adapters.values())
+    with pytest.raises(ValueError, match="position"):
+        adapter(feat, tokens, mask)
+    with pytest.raises(ValueError, match="position_channels"):
+        MedCLIPSegNetwork(make_unet(1), TOK_DIM, adapter_position=True)

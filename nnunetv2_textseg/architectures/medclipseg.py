@@ -33,7 +33,7 @@ from torch import nn
 from nnunetv2_textseg.architectures.base import TextConditionedNetwork
 from nnunetv2_textseg.patient_frame import ensure_position_channels
 from nnunetv2_textseg.building_blocks.biclip import masked_mean
-from nnunetv2_textseg.building_blocks.medclipseg import CrossModalAdapter
+from nnunetv2_textseg.building_blocks.medclipseg import CrossModalAdapter, fourier_position_features
 
 
 @dataclass
@@ -62,15 +62,22 @@ class MedCLIPSegNetwork(TextConditionedNetwork):
         beta: key-uncertainty penalty weight β.
         deterministic: plain (non-probabilistic) attention, the ``_noProb`` ablation.
         ignore_text: always use the null report (the ``_noText`` ablation).
+        position_channels: patient-frame position channels at the end of the input (0: none).
+        adapter_position: each adapter's image tokens also get their patient-frame position (Fourier features of
+            the position channels averaged over the token's cell), so the attention can bind a report's place
+            words to where a token lies. Needs ``position_channels``.
     """
 
     text_input = "tokens"  # what set_text expects: token embeddings + mask (the predictor checks this)
 
     def __init__(self, unet: nn.Module, text_token_dim: int, adapter_stages: Sequence[int] | None = None,
                  width: int = 64, heads: int = 4, beta: float = 2.35, deterministic: bool = False,
-                 ignore_text: bool = False, position_channels: int = 0):
+                 ignore_text: bool = False, position_channels: int = 0, adapter_position: bool = False):
         super().__init__()
+        if adapter_position and not position_channels:
+            raise ValueError("adapter_position reads the patient-frame position channels: set position_channels")
         self.position_channels = position_channels  # patient-frame channels at the end of the input (0: none)
+        self.adapter_position = adapter_position
         self.input_channels = next(m.in_channels for m in unet.modules() if isinstance(m, nn.modules.conv._ConvNd))
         self.sample_at_inference = False  # Monte-Carlo prediction: sample attention values in eval too
         enc = getattr(unet, "encoder", None)
@@ -85,8 +92,9 @@ class MedCLIPSegNetwork(TextConditionedNetwork):
         self.adapters = nn.ModuleDict()
         txt_dim = text_token_dim
         for s in stages:
-            self.adapters[str(s)] = CrossModalAdapter(enc.output_channels[s], txt_dim, width, heads, beta,
-                                                      deterministic)
+            self.adapters[str(s)] = CrossModalAdapter(
+                enc.output_channels[s], txt_dim, width, heads, beta, deterministic,
+                position_dim=fourier_position_features(torch.zeros(1, 3, 1)).shape[1] if adapter_position else 0)
             txt_dim = width
         self.text_width = txt_dim  # width of the fused text tokens (D if there are no adapters)
         self.num_classes = unet.decoder.num_classes
@@ -169,7 +177,8 @@ class MedCLIPSegNetwork(TextConditionedNetwork):
         for i, stage in enumerate(enc.stages):
             h = stage(h)
             if i in self.adapter_stages:
-                h, txt = self.adapters[str(i)](h, txt, txt_mask, sample)
+                position = self._token_position(x, h) if self.adapter_position else None
+                h, txt = self.adapters[str(i)](h, txt, txt_mask, sample, position)
             skips.append(h)
         seg = self.unet.decoder(skips)
 
@@ -185,6 +194,14 @@ class MedCLIPSegNetwork(TextConditionedNetwork):
             return seg
         bottleneck = skips[-1].flatten(2).mean(2)
         return MedCLIPSegOutput(seg, self.img_proj(bottleneck), self.txt_proj(pooled_txt), report_emb)
+
+    def _token_position(self, x: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
+        """Fourier features of the patient-frame position of each of ``feat``'s tokens: the input's position channels
+        averaged over the token's cell (2D: the encoder's grid divides the input's)."""
+        position = x[:, -self.position_channels:].float()
+        pooled = torch.nn.functional.adaptive_avg_pool2d(position, feat.shape[2:]) if feat.ndim == 4 else \
+            torch.nn.functional.adaptive_avg_pool3d(position, feat.shape[2:])
+        return fourier_position_features(pooled)
 
     def mc_forward(self, x: torch.Tensor, n: int, tokens: torch.Tensor | None = None,
                    mask: torch.Tensor | None = None, max_batch: int | None = None) -> torch.Tensor:

@@ -153,19 +153,42 @@ class CrossModalAdapter(nn.Module):
     """
 
     def __init__(self, image_channels: int, text_dim: int, width: int = 64, heads: int = 4, beta: float = 2.35,
-                 deterministic: bool = False, gate_init: float = 0.0):
+                 deterministic: bool = False, gate_init: float = 0.0, position_dim: int = 0):
         super().__init__()
         self.img_down = nn.Linear(image_channels, width)
         self.txt_down = nn.Linear(text_dim, width)
+        # position features (B, position_dim, *spatial) of each image token, added to its down-projection
+        self.pos_down = nn.Linear(position_dim, width) if position_dim else None
         self.two_way = TwoWayLayer(width, heads, beta, deterministic, gate_init)
         self.img_up = nn.Linear(width, image_channels, bias=False)  # up(0) = 0: identity at init
 
     def forward(self, feat: torch.Tensor, txt: torch.Tensor, txt_mask: torch.Tensor | None = None,
-                sample: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """feat (B, C_img, *spatial), txt (B, L, D_text), txt_mask (B, L) -> (feat', txt' (B, L, d))"""
+                sample: bool = False, position: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """feat (B, C_img, *spatial), txt (B, L, D_text), txt_mask (B, L), position (B, position_dim, *spatial)
+        (only with ``position_dim``) -> (feat', txt' (B, L, d))"""
         b, c = feat.shape[:2]
         tokens = feat.flatten(2).transpose(1, 2)  # (B, N, C_img)
         v = self.img_down(tokens)
+        if self.pos_down is not None:
+            if position is None:
+                raise ValueError("this adapter was built with position_dim: pass each token's position features")
+            # the attention then knows where each token lies (text says "upper left"); the residual below is
+            # v_new - v, so the position only steers what the tokens take from the text
+            v = v + self.pos_down(position.flatten(2).transpose(1, 2).to(v.dtype))
         v_new, t_new = self.two_way(v, self.txt_down(txt), txt_mask, sample)
         delta = self.img_up(v_new - v).transpose(1, 2).reshape(feat.shape)
         return feat + delta.to(feat.dtype), t_new
+
+
+def fourier_position_features(position: torch.Tensor, frequencies: tuple[float, ...] = (1.0, 2.0, 4.0)
+                              ) -> torch.Tensor:
+    """Patient-frame position channels (B, 3, *spatial) — row and column in [-1, 1] and the inside flag — ->
+    (B, 4·len(frequencies) + 1, *spatial): sin and cos of π·f·row and π·f·column for each frequency f, and the
+    inside flag. Zone-scale places ("upper", "left") are then linear in the features."""
+    rows, cols, inside = position[:, 0:1], position[:, 1:2], position[:, 2:3]
+    parts = []
+    for f in frequencies:
+        for coord in (rows, cols):
+            parts += [torch.sin(torch.pi * f * coord), torch.cos(torch.pi * f * coord)]
+    return torch.cat(parts + [inside], dim=1)
+

@@ -31,6 +31,7 @@ class nnUNetTrainerMedCLIPSeg(nnUNetTrainerText):
     adapter_width = 64
     adapter_heads = 4
     adapter_stages = None  # default: the last two encoder stages
+    adapter_position = False  # the adapters' image tokens also get their patient-frame position (MedCLIPSegNetwork)
     ignore_text = False
     uses_token_text = True
     aux_losses = AUX_LOSSES
@@ -46,7 +47,15 @@ class nnUNetTrainerMedCLIPSeg(nnUNetTrainerText):
                                 num_output_channels, enable_deep_supervision)
         return MedCLIPSegNetwork(unet, text["text_in_dim"], cls.adapter_stages, cls.adapter_width, cls.adapter_heads,
                                  cls.beta, cls.deterministic, cls.ignore_text,
-                                 position_channels=int(text.get("position_channels", 0)))
+                                 position_channels=int(text.get("position_channels", 0)),
+                                 adapter_position=bool(text.get("adapter_position", False)))
+
+    # recorded in the plans, so a model predicts with its own network whatever the class default
+    network_plans_defaults = {"adapter_position": False}
+
+    @classmethod
+    def network_plans_entry(cls) -> dict:
+        return {"adapter_position": bool(cls.adapter_position)}
 
     def compute_step(self, data, target, tokens, mask, drop, keys=None) -> tuple[torch.Tensor, dict]:
         out = self.network(data, tokens=tokens, mask=mask, drop=drop, return_aux=True)

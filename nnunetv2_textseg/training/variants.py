@@ -161,6 +161,13 @@ class nnUNetTrainerMedCLIPSeg_threeAdapters(nnUNetTrainerMedCLIPSeg):
     adapter_stages = (-3, -2, -1)
 
 
+class nnUNetTrainerMedCLIPSeg_adapterPosition(nnUNetTrainerMedCLIPSeg):
+    """The adapters' image tokens also get their patient-frame position (Fourier features added to their
+    down-projection): the cross-attention can bind "upper left" to where a token lies instead of relying on what
+    the encoder carried over from the input's position channels."""
+    adapter_position = True
+
+
 class nnUNetTrainerBiCLIP_longWarmup(nnUNetTrainerBiCLIP):
     """The default with 3000 warm-up steps instead of 750. Why: four cross-fitted pathways share the warm-up, each
     sample fitting one of them, so each pathway sees about a quarter of its batches (~190 of 750) — the pathway
@@ -301,7 +308,7 @@ _BASES = [nnUNetTrainerBiCLIP, nnUNetTrainerBiCLIP_endToEnd, nnUNetTrainerBiCLIP
           nnUNetTrainerMedCLIPSeg, nnUNetTrainerMedCLIPSeg_noProb, nnUNetTrainerMedCLIPSeg_noContrastive,
           nnUNetTrainerMedCLIPSeg_noText, nnUNetTrainerMedCLIPSeg_safeAug, nnUNetTrainerMedCLIPSeg_mirroredPatient,
           nnUNetTrainerMedCLIPSeg_locationFree, nnUNetTrainerMedCLIPSeg_reportsAsWritten,
-          nnUNetTrainerMedCLIPSeg_threeAdapters]
+          nnUNetTrainerMedCLIPSeg_threeAdapters, nnUNetTrainerMedCLIPSeg_adapterPosition]
 for _base in _BASES:
     for _suffix, (_e, _it, _vit) in _LENGTHS.items():
         _cls = _with_length(_base, _base.__name__ + _suffix, _e, _it, _vit, warmup_steps=_WARMUP_STEPS.get(_suffix))
