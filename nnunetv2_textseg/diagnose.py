@@ -136,13 +136,17 @@ def parse_variant_tables(specs: Sequence[str]) -> dict[str, Path]:
     for spec in specs:
         name, sep, path = str(spec).partition("=")
         name = name.strip()
-        if not sep or not path.strip() or not name.isidentifier():
+        if not sep or not path.strip():
             raise DiagnoseError(f"--variant_table {spec!r}: expected NAME=TABLE, e.g. --variant_table "
                                 f"contradictory=Test_text_contradictory.xlsx")
-        if name in _RESERVED_VARIANTS:
-            raise DiagnoseError(f"--variant_table {spec!r}: {name!r} is measured by diagnose itself; name your table "
-                                f"otherwise (contradictory, missing_location and underdescriptive replace the rule-made "
-                                f"variants, any other name adds one).")
+        if not name.isidentifier():
+            raise DiagnoseError(f"--variant_table {spec!r}: a variant name is letters, digits and _ (e.g. "
+                                f"missing_location), got {name!r}")
+        name = name.lower() if name.lower() in RULE_MADE_VARIANTS else name
+        if name.lower() in _RESERVED_VARIANTS + ("original",):
+            raise DiagnoseError(f"--variant_table {spec!r}: {name!r} is measured by diagnose itself (original: the "
+                                f"real reports); name your table otherwise (contradictory, missing_location and "
+                                f"underdescriptive replace the rule-made variants, any other name adds one).")
         if name in tables:
             raise DiagnoseError(f"--variant_table: {name!r} is given twice ({tables[name]}, {path}); keep one.")
         if not Path(path).is_file():
@@ -154,15 +158,21 @@ def parse_variant_tables(specs: Sequence[str]) -> dict[str, Path]:
 def read_variant_tables(tables: dict[str, Path], cases: Sequence[str]) -> dict[str, dict[str, str]]:
     """{name: table path} -> {name: case -> report} for ``cases``; DiagnoseError naming the table and the cases it
     lacks. Tables may hold more cases (a dataset's whole test table)."""
-    from nnunetv2_textseg.reports import read_report_table
+    from nnunetv2_textseg.reports import ReportError, read_report_table
     out = {}
     for name, path in tables.items():
-        table = read_report_table(path)  # a ReportError names the file, row and fix
+        try:
+            table = read_report_table(path)
+        except ReportError as e:
+            raise DiagnoseError(f"--variant_table {name}={path}: {e} (diagnose reads a table's columns and file names "
+                                f"as nnUNetv2_textseg_attach_reports does by default; a case_id,report CSV is "
+                                f"taken literally)") from None
         missing = [c for c in cases if c not in table]
         if missing:
             raise DiagnoseError(f"--variant_table {name}={path}: {len(missing)} of the {len(cases)} diagnosed case(s) "
-                                f"have no report in it: {missing[:10]}. Add a row for each (case ids as in your report "
-                                f"table, or image file names as nnUNetv2_textseg_attach_reports maps them).")
+                                f"have no report in it: {missing[:10]}. Add a row for each, in a case_id,report CSV "
+                                f"(ids taken literally) or with image file names as nnUNetv2_textseg_attach_reports "
+                                f"maps them by default.")
         out[name] = {c: table[c] for c in cases}
     return out
 
@@ -275,6 +285,8 @@ def diagnose(model: Path, fold: int, images: Path, labels: Path, reports_file: P
     # vocabulary the rules do not know): counted so that it is not read as a model that ignores its report
     unchanged = {v: sum(texts[c] == reports[c] for c in cases) for v, texts in variants.items()
                  if v not in ("real", "null")}
+    from nnunetv2_textseg.report_parsing import parse_report
+    in_rule_wording = sum(parse_report(reports[c]) is not None for c in cases)
     if phrasings and not keep_unfamiliar_reports:  # what the guard below protects from stays measured
         ordered = {}
         for name, texts in variants.items():
@@ -343,7 +355,8 @@ def diagnose(model: Path, fold: int, images: Path, labels: Path, reports_file: P
                                      for v in variants if v != "rephrased_as_given"},
               "unfamiliar_reports_read_as_given": keep_unfamiliar_reports,
               "variant_tables": {v: str(p) for v, p in variant_tables.items()},
-              "unchanged_reports": {v: n for v, n in unchanged.items() if v != "rephrased_as_given"}}
+              "unchanged_reports": {v: n for v, n in unchanged.items() if v != "rephrased_as_given"},
+              "reports_in_rule_wording": in_rule_wording}
     region = lesion_prone_region(per_variant["real"]["ref"]) if has_pseudo else None
     for v in variants:
         result["dice"][v] = float(np.nanmean(per_variant[v]["dice"]))
@@ -358,13 +371,22 @@ def diagnose(model: Path, fold: int, images: Path, labels: Path, reports_file: P
         result["pseudo_image_auc_lesion_region"] = None
     else:
         result["lesion_region_fraction"] = float(region.mean())
-    p_real = np.concatenate([p.ravel() for p in per_variant["real"]["prob"]])
-    p_contra = np.concatenate([p.ravel() for p in per_variant["contradictory"]["prob"]])
-    result["text_sensitivity"] = None if unchanged["contradictory"] == len(cases) else \
-        float(np.abs(p_real - p_contra).mean() / max(np.abs(p_real).mean(), 1e-12))
+    # text sensitivity over the cases whose model input the contradictory variant changed: a report the rules could
+    # not rewrite, or one the guard gave the null report as it did the real one, would only dilute it
+    given = {v: [None if variants[v][c] is None or (variants[v][c] in replaced and v != "rephrased_as_given")
+                 else variants[v][c] for c in cases] for v in ("real", "contradictory")}
+    contrasted = [i for i, (a, b) in enumerate(zip(given["real"], given["contradictory"])) if a != b]
+    result["text_sensitivity_cases"] = len(contrasted)
+    if contrasted:
+        p_real = np.concatenate([per_variant["real"]["prob"][i].ravel() for i in contrasted])
+        p_contra = np.concatenate([per_variant["contradictory"]["prob"][i].ravel() for i in contrasted])
+        result["text_sensitivity"] = float(np.abs(p_real - p_contra).mean() / max(np.abs(p_real).mean(), 1e-12))
+    else:
+        result["text_sensitivity"] = None
     result["reliance"] = result["dice"]["real"] - result["dice"]["null"]
     refs = per_variant["real"]["ref2d"]
-    result["side"] = {what: {v: side_score(per_variant[v][key], refs) for v in ("real", "contradictory")}
+    result["side"] = {what: {v: side_score(per_variant[v][key], refs) if v == "real" or contrasted else None
+                             for v in ("real", "contradictory")}
                       for what, key in (("pseudo_image", "pseudo2d"), ("prediction", "prob"))
                       if what == "prediction" or has_pseudo}
     if has_pseudo:
@@ -416,8 +438,11 @@ def format_table(result: dict) -> str:
         aucs = [(result.get(k) or {}).get(v) for k in ("pseudo_image_auc", "pseudo_image_auc_lesion_region")]
         cells = " | ".join("—" if a is None else f"{a:.4f}" for a in aucs)
         lines.append(f"| {v} | {result['dice'][v]:.4f} | {cells} |")
-    sensitivity = "not measured (no contradictory report differs from the real one)" \
-        if result["text_sensitivity"] is None else f"{result['text_sensitivity']:.4f}"
+    used = result.get("text_sensitivity_cases")
+    sensitivity = "not measured (no case's contradictory report reached the model differing from its real one)" \
+        if result["text_sensitivity"] is None else f"{result['text_sensitivity']:.4f}" + (
+            f" (over the {used} of {result['cases']} cases whose contradictory report differs)"
+            if used is not None and used < result["cases"] else "")
     lines.append(f"\ntext sensitivity |P_real − P_contra| / |P_real|: {sensitivity}; "
                  f"reliance Dice(real) − Dice(null): {result['reliance']:+.4f}")
     tables = result.get("variant_tables") or {}
@@ -427,6 +452,12 @@ def format_table(result: dict) -> str:
         why = (" (the rules rewrite lung sides and zones; give your own with --variant_table "
                f"{v}=TABLE)") if v in RULE_MADE_VARIANTS and v not in tables else ""
         lines.append(f"{v}: {n}/{result['cases']} report(s) left as they were — the row repeats real for them{why}")
+    made = [v for v in RULE_MADE_VARIANTS if v not in tables]
+    in_wording = result.get("reports_in_rule_wording")
+    if made and in_wording is not None and in_wording < result["cases"]:
+        lines.append(f"{result['cases'] - in_wording}/{result['cases']} real report(s) are not in the chest-report "
+                     f"wording the rule-made variants rewrite (lung sides and zones): for them {', '.join(made)} are "
+                     f"no meaningful rewrites — give your own with --variant_table NAME=TABLE")
     for what, scores in (result.get("side") or {}).items():
         real, contra = scores.get("real"), scores.get("contradictory")
         if real is None:

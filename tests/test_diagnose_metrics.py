@@ -108,18 +108,31 @@ def test_variant_tables_are_read_in_any_importer_layout_and_bad_ones_refused(tmp
     with pytest.raises(DiagnoseError, match=r"1 of the 3 diagnosed case\(s\) have no report in it: \['0400'\]"):
         read_variant_tables(tables, ["0019", "0286", "0400"])
     for spec, says in (("contradictory", "expected NAME=TABLE"), (f"real={table}", "measured by diagnose itself"),
-                       (f"my variant={table}", "expected NAME=TABLE"), (f"x={tmp_path / 'nope.csv'}", "no such file")):
+                       (f"my variant={table}", "letters, digits and _"), (f"original={table}", "the real reports"),
+                       (f"x={tmp_path / 'nope.csv'}", "no such file")):
         with pytest.raises(DiagnoseError, match=says):
             parse_variant_tables([spec])
     with pytest.raises(DiagnoseError, match="given twice"):
         parse_variant_tables([f"a={table}", f"a={table}"])
+    assert parse_variant_tables([f"Contradictory={table}"]) == {"contradictory": table}  # replaces the rule-made one
+    bad = tmp_path / "bad.csv"
+    bad.write_text("name,words\n0019,a report\n")
+    with pytest.raises(DiagnoseError, match=r"--variant_table terse=.*bad.csv: .*case_id,report CSV"):
+        read_variant_tables({"terse": bad}, ["0019"])
 
 
 def test_the_table_says_which_variants_left_reports_as_they_were():
     result = {"cases": 2, "dice": {"real": 0.5, "contradictory": 0.5}, "text_sensitivity": None, "reliance": 0.0,
               "side": {}, "unchanged_reports": {"shuffled": 0, "contradictory": 2, "overdescriptive": 1},
-              "variant_tables": {"overdescriptive": "over.csv"}}
+              "variant_tables": {"overdescriptive": "over.csv"}, "reports_in_rule_wording": 0}
     table = format_table(result)
+    assert "2/2 real report(s) are not in the chest-report wording" in table
+    assert "for them contradictory, missing_location, underdescriptive are no meaningful rewrites" in table
+    partial = format_table(dict(result, text_sensitivity=0.25, text_sensitivity_cases=1, reports_in_rule_wording=2,
+                                variant_tables={v: "t.csv" for v in ("contradictory", "missing_location",
+                                                                     "underdescriptive")}))
+    assert "0.2500 (over the 1 of 2 cases whose contradictory report differs)" in partial
+    assert "not in the chest-report wording" not in partial and "give your own" not in partial
     assert "text sensitivity |P_real − P_contra| / |P_real|: not measured" in table
     assert "contradictory: 2/2 report(s) left as they were" in table and "--variant_table contradictory=TABLE" in table
     assert "overdescriptive: 1/2 report(s) left as they were — the row repeats real for them\n" in table + "\n"

@@ -380,6 +380,8 @@ def test_diagnose_reports_every_variant_and_refuses_bad_input(trained_model, tmp
     assert "| rephrased |" in capsys.readouterr().out  # the printed table has its row
     assert result["variant_tables"] == {"underdescriptive": str(generic), "overdescriptive": str(over)}
     assert result["unchanged_reports"]["overdescriptive"] == result["unchanged_reports"]["contradictory"] == 0
+    # the demo's chest reports: every one in the rules' wording, every contradictory one reaches the model
+    assert result["reports_in_rule_wording"] == 2 and result["text_sensitivity_cases"] == 2
     # the rephrased reports are worded unlike training: given the null report, as prediction would
     assert result["unfamiliar_reports"]["rephrased"] == 2 and result["unfamiliar_reports"]["real"] == 0
     assert result["dice"]["rephrased"] == result["dice"]["null"]
