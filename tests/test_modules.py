@@ -940,3 +940,38 @@ def test_anatomy_gate_can_only_lower_the_report_map_and_learns_from_the_generati
         assert path.anatomy_gate.out.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="sigmoid"):
         make_net(anatomy_gate=True, pseudo_activation="linear")
+
+
+def test_deep_map_starts_as_the_network_without_it_and_learns_from_the_segmentation_loss():
+    """BiCLIPNetwork(deep_map=True): one zero-started 1×1 convolution per last-two encoder stage; at construction the
+    network computes what it computes without them; given weights, the output moves; the segmentation loss trains
+    them, in the cross-fitted training forward too, while (seg_gradient_to_text False) the report pathway gets none
+    of it."""
+    from nnunetv2_textseg.building_blocks.biclip import DeepMapInjection
+    plain, deep, x, missing = _text_only_and_variant(structured_map=True, deep_map=True)
+    stages = len(deep.unet.encoder.stages)
+    assert sorted(missing) == sorted(f"deep_map.{s}.proj.{w}" for s in (stages - 2, stages - 1)
+                                     for w in ("weight", "bias"))
+    assert all(isinstance(m, DeepMapInjection) for m in deep.deep_map.values())
+    with torch.no_grad():
+        assert torch.allclose(plain(x)[0], deep(x)[0], atol=1e-6)
+        for m in deep.deep_map.values():
+            m.proj.weight.normal_(0, 0.5)
+        moved = deep(x)[0] - plain(x)[0]
+    assert float(moved.abs().max()) > 1e-3
+
+    deep.train()
+    tgt = (torch.rand(2, 64, 64) > 0.8).long()
+    tk, mk = report(2, seed=6)
+    out = deep(x, tk, mk, fold=torch.tensor([0, 1]), return_aux=True)
+    seg_like_loss(out.seg, tgt).backward()
+    assert all(m.proj.weight.grad.abs().sum() > 0 for m in deep.deep_map.values())
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for n, p in deep.named_parameters()
+               if n.startswith(("generator", "text_pool", "token_maps", "cross_fit_twin")))
+
+
+def test_deep_map_is_recorded_in_the_plans():
+    from nnunetv2_textseg.training.variants import nnUNetTrainerBiCLIP, nnUNetTrainerBiCLIP_deepMap
+    assert nnUNetTrainerBiCLIP_deepMap.network_plans_entry()["deep_map"] is True
+    assert nnUNetTrainerBiCLIP.network_plans_entry()["deep_map"] is False
+    assert nnUNetTrainerBiCLIP.network_plans_defaults["deep_map"] is False  # models from before the entry: none

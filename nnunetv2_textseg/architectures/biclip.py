@@ -17,7 +17,7 @@ from torch import nn
 
 from nnunetv2_textseg.architectures.base import TextConditionedNetwork
 from nnunetv2_textseg.building_blocks.biclip import (AnatomyGate, AttentionPoolText, BidirectionalFusion,
-                                             GlobalImageEncoder, ImageToTextHead, MapLogitPrior, MeanPoolText,
+                                             DeepMapInjection, GlobalImageEncoder, ImageToTextHead, MapLogitPrior, MeanPoolText,
                                              ProjectionHead, PseudoImageGenerator, TokenZoneMaps, gated_logits,
                                              noisy_or_logits)
 from nnunetv2_textseg.patient_frame import (POSITION_CHANNELS, ensure_position_channels, sample_patient_frame,
@@ -90,6 +90,8 @@ class BiCLIPNetwork(TextConditionedNetwork):
         anatomy_gate: each report pathway also gets an :class:`AnatomyGate` that reads the sample's image and
             position and keeps the report's map only where this image allows it (p · σ(gate)): the report says
             where, the image where not. Needs a sigmoid pseudo-image.
+        deep_map: also add the map, pooled to their grids, to the last two encoder stages' features
+            (:class:`DeepMapInjection`, zero at construction), where zone-scale place words concern the image.
     """
 
     text_input = "tokens"  # what set_text expects: token embeddings + mask
@@ -100,7 +102,7 @@ class BiCLIPNetwork(TextConditionedNetwork):
                  ignore_text: bool = False, text_pooling: str = "attention", pseudo_activation: str = "sigmoid",
                  frame_resolution: int | None = 16, position_to_unet: bool = True, generation_source: str = "fused",
                  seg_gradient_to_text: bool = True, cross_fit: int = 1, token_maps: bool = False,
-                 token_window: int = 1, map_prior: bool = False, anatomy_gate: bool = False):
+                 token_window: int = 1, map_prior: bool = False, anatomy_gate: bool = False, deep_map: bool = False):
         super().__init__()
         if not (hasattr(unet, "encoder") and hasattr(unet, "decoder")):
             raise TypeError(f"{type(unet).__name__} has no encoder/decoder; BiCLIP needs a "
@@ -139,6 +141,10 @@ class BiCLIPNetwork(TextConditionedNetwork):
             raise ValueError("map_prior adds the pseudo-image's log-odds to the logits: it needs pseudo_activation "
                              "'sigmoid'")
         self.map_prior = MapLogitPrior(unet.decoder.num_classes) if map_prior else None
+        stages = len(unet.encoder.stages)
+        conv_op = type(next(m for m in unet.modules() if isinstance(m, nn.modules.conv._ConvNd)))
+        self.deep_map = nn.ModuleDict({str(s): DeepMapInjection(unet.encoder.output_channels[s], conv_op)
+                                       for s in (stages - 2, stages - 1)}) if deep_map else None
         self.ignore_text = ignore_text
         self._tokens: torch.Tensor | None = None  # set per case at inference; not part of the state dict
         self._mask: torch.Tensor | None = None
@@ -262,6 +268,24 @@ class BiCLIPNetwork(TextConditionedNetwork):
         parts = [image, p.to(image.dtype)] + ([position.to(image.dtype)] if self.position_to_unet else [])
         return torch.cat(parts, dim=1)
 
+    def encode(self, image: torch.Tensor, seen: torch.Tensor, position: torch.Tensor) -> list[torch.Tensor]:
+        """The U-Net encoder's skips for [image, pseudo-image, position]; with ``deep_map`` the map is also added to
+        the last two stages' features."""
+        x = self.unet_input(image, seen, position)
+        if self.deep_map is None:
+            return self.unet.encoder(x)
+        enc = self.unet.encoder
+        m = x[:, self.image_channels:self.image_channels + 1]  # the map as the U-Net's input channel carries it
+        if getattr(enc, "stem", None) is not None:
+            x = enc.stem(x)
+        skips = []
+        for i, stage in enumerate(enc.stages):
+            x = stage(x)
+            if str(i) in self.deep_map:
+                x = self.deep_map[str(i)](x, m)
+            skips.append(x)
+        return skips
+
     def segment(self, skips: list[torch.Tensor], seen: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         """The U-Net decoder's logits (a list with deep supervision), plus the map's prior with ``map_prior``."""
         seg = self.unet.decoder(skips)
@@ -292,13 +316,13 @@ class BiCLIPNetwork(TextConditionedNetwork):
         else:
             pseudo = _per_sample(fold, [m[0] for m in maps])
         seen = pseudo if self.seg_gradient_to_text else pseudo.detach()
-        skips = self.unet.encoder(self.unet_input(image, seen, position))
+        skips = self.encode(image, seen, position)
         seg = self.segment(skips, seen)
         if not return_aux:
             return seg
         out = self._fitted_outputs(position, ts, maps, fit, seg, pseudo)
         if self.iac_head is not None and x_strong is not None:
-            strong_bottleneck = self.unet.encoder(self.unet_input(x_strong, seen, position))[-1]
+            strong_bottleneck = self.encode(x_strong, seen, position)[-1]
             out.p_weak = self.iac_head(skips[-1].mean(dim=(2, 3)))
             out.p_strong = self.iac_head(strong_bottleneck.mean(dim=(2, 3)))
         return out
@@ -329,7 +353,7 @@ class BiCLIPNetwork(TextConditionedNetwork):
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.seg_gradient_to_text):
             pseudo = self._routed_pathways(x, tokens, mask, drop, fold, losses=False)[0]
         seen = pseudo if self.seg_gradient_to_text else pseudo.detach()
-        skips = self.unet.encoder(self.unet_input(image, seen, position))
+        skips = self.encode(image, seen, position)
         _, raw, generated, t, t_hat, frame = fitted
         if torch.is_grad_enabled() and _distributed():
             # nnU-Net's DDP (find_unused_parameters=False) needs a gradient for every parameter on every rank, and a
@@ -340,7 +364,7 @@ class BiCLIPNetwork(TextConditionedNetwork):
         out = BiCLIPOutput(self.segment(skips, seen), pseudo, raw if self.sigmoid else None, generated,
                            position[:, 2:3], t, t_hat, None, None, frame)
         if self.iac_head is not None and x_strong is not None:
-            strong_bottleneck = self.unet.encoder(self.unet_input(x_strong, seen, position))[-1]
+            strong_bottleneck = self.encode(x_strong, seen, position)[-1]
             out.p_weak = self.iac_head(skips[-1].mean(dim=(2, 3)))
             out.p_strong = self.iac_head(strong_bottleneck.mean(dim=(2, 3)))
         return out

@@ -308,3 +308,31 @@ class MapLogitPrior(nn.Module):
             zs = z if tuple(z.shape[2:]) == size else F.adaptive_avg_pool2d(z, size)
             shifted.append(out + (self.weight.view(1, -1, 1, 1) * zs).to(out.dtype))
         return shifted if isinstance(logits, (list, tuple)) else shifted[0]
+
+
+class DeepMapInjection(nn.Module):
+    """Adds the report's map to a deep encoder stage's features: ``feat + conv1x1(pool(m))``, ``m`` the map as the
+    U-Net's input channel carries it ((p − 0.5) / 0.25), area-pooled to the stage's grid.
+
+    Why: as an input channel the map meets the image at full resolution, where the first convolutions learn local
+    intensity features from the few labelled images; zone-scale words ("lower left") concern the coarse grids of the
+    deepest stages, where MedCLIPSeg's report enters. The convolution starts at zero: a fresh network computes what
+    it did without the injection, and learns how far to lean on the map.
+
+    Args:
+        channels: the stage's output channels.
+        conv_op: nn.Conv2d (or nn.Conv3d).
+
+    Shapes: feat (B, C, *grid), m (B, 1, *spatial) with every grid side dividing the map's -> (B, C, *grid).
+    """
+
+    def __init__(self, channels: int, conv_op: type[nn.Module] = nn.Conv2d):
+        super().__init__()
+        self.proj = conv_op(1, channels, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, feat: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        pool = F.adaptive_avg_pool2d if feat.ndim == 4 else F.adaptive_avg_pool3d
+        return feat + self.proj(pool(m.to(feat.dtype), feat.shape[2:]))
+

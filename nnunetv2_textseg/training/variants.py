@@ -215,6 +215,14 @@ class nnUNetTrainerBiCLIP_anatomyGate(nnUNetTrainerBiCLIP):
     anatomy_gate = True
 
 
+class nnUNetTrainerBiCLIP_deepMap(nnUNetTrainerBiCLIP):
+    """The map also enters the last two encoder stages (BiCLIPNetwork's deep_map: pooled to their grid, added
+    through a 1×1 convolution started at zero). Why: as an input channel it meets the image only at full resolution;
+    the U-Net leaned on it little (no report cost the default 0.01–0.04 Dice), while MedCLIPSeg, whose report enters
+    the deepest stages, gains more."""
+    deep_map = True
+
+
 class nnUNetTrainerBiCLIP_noPosition(nnUNetTrainerBiCLIP):
     """The U-Net gets [image, pseudo-image] only: the patient frame reaches it through the pseudo-image."""
     position_to_unet = False
@@ -310,6 +318,7 @@ _BASES = [nnUNetTrainerBiCLIP, nnUNetTrainerBiCLIP_endToEnd, nnUNetTrainerBiCLIP
           nnUNetTrainerBiCLIP_crossFitTokens, nnUNetTrainerBiCLIP_pathwayWarmup,
           nnUNetTrainerBiCLIP_phraseMaps, nnUNetTrainerBiCLIP_locationFree, nnUNetTrainerBiCLIP_longWarmup,
           nnUNetTrainerBiCLIP_mapPrior, nnUNetTrainerBiCLIP_wholeCase, nnUNetTrainerBiCLIP_anatomyGate,
+          nnUNetTrainerBiCLIP_deepMap,
           nnUNetTrainerMedCLIPSeg, nnUNetTrainerMedCLIPSeg_noProb, nnUNetTrainerMedCLIPSeg_noContrastive,
           nnUNetTrainerMedCLIPSeg_noText, nnUNetTrainerMedCLIPSeg_safeAug, nnUNetTrainerMedCLIPSeg_mirroredPatient,
           nnUNetTrainerMedCLIPSeg_locationFree, nnUNetTrainerMedCLIPSeg_reportsAsWritten,
