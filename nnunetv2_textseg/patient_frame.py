@@ -112,7 +112,7 @@ def ensure_position_channels(x: torch.Tensor, expected_channels: int, who: str) 
         warnings.warn(f"{who}: input without patient-frame position channels (plain nnUNetv2_predict?): each "
                       f"tile is taken as the whole image. Predict with nnUNetv2_textseg_predict.")
         pos = torch.from_numpy(position_channels(tuple(x.shape[2:]))).to(x.device, x.dtype)
-        return torch.cat([x, pos[None].expand(x.shape[0], -1, -1, -1)], 1)
+        return torch.cat([x, pos[None].expand(x.shape[0], *pos.shape)], 1)  # 2D or 3D tiles
     raise ValueError(f"{who}: expected {expected_channels} input channels (image + {POSITION_CHANNELS} position), "
                      f"got {x.shape[1]}")
 

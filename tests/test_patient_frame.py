@@ -87,6 +87,10 @@ def test_missing_position_channels_are_added_with_a_warning():
     assert ensure_position_channels(y, 4, "Net") is y
     with pytest.raises(ValueError, match="expected 4 input channels"):
         ensure_position_channels(torch.randn(2, 2, 16, 16), 4, "Net")
+    volume = torch.randn(2, 1, 3, 8, 8)  # a 3D tile: positions of the last two axes, repeated along depth
+    with pytest.warns(UserWarning, match="nnUNetv2_textseg_predict"):
+        z = ensure_position_channels(volume, 4, "Net")
+    assert z.shape == (2, 4, 3, 8, 8) and torch.equal(z[:, :1], volume) and torch.equal(z[:, 1:, 0], z[:, 1:, 2])
 
 
 def test_dataset_class_appends_channels_and_pickles(tmp_path):
