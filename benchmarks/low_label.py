@@ -207,8 +207,8 @@ def markdown(result: dict) -> str:
                       f"seeds): {spreads}."]
     if any(r["trainer"].endswith(CONTROL_SUFFIX) for r in result["rows"]):
         lines += ["", f"\"{CONTROL_SUFFIX.strip()}\": the text trainer trained and tested on the same images with "
-                      f"every case's report taken from another case ({_fraction_text(s.get('control_fraction', '100'))} of "
-                      f"the labels; "
+                      f"every case's report taken from another case "
+                      f"({_fraction_text(s.get('control_fraction', '100'))} of the labels; "
                       f"Δ to `{result['baseline']}` at that fraction, – without that row). If the report helps, this "
                       f"row falls to (or below) the baseline."]
     if result["diagnosis"]:

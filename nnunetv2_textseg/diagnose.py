@@ -256,6 +256,7 @@ def diagnose(model: Path, fold: int, images: Path, labels: Path, reports_file: P
              keep_unfamiliar_reports: bool = False, variant_tables: dict[str, Path] | None = None) -> dict:
     from nnunetv2_textseg.patient_frame import with_position_channels
     from nnunetv2_textseg.predictor import _NULL_REPORT, default_reports_file, nnUNetTextPredictor
+    from nnunetv2_textseg.report_parsing import parse_report
     from nnunetv2_textseg.reports import read_report_table
 
     if not (model / f"fold_{fold}" / checkpoint).is_file():
@@ -285,7 +286,6 @@ def diagnose(model: Path, fold: int, images: Path, labels: Path, reports_file: P
     # vocabulary the rules do not know): counted so that it is not read as a model that ignores its report
     unchanged = {v: sum(texts[c] == reports[c] for c in cases) for v, texts in variants.items()
                  if v not in ("real", "null")}
-    from nnunetv2_textseg.report_parsing import parse_report
     in_rule_wording = sum(parse_report(reports[c]) is not None for c in cases)
     if phrasings and not keep_unfamiliar_reports:  # what the guard below protects from stays measured
         ordered = {}
@@ -355,7 +355,7 @@ def diagnose(model: Path, fold: int, images: Path, labels: Path, reports_file: P
                                      for v in variants if v != "rephrased_as_given"},
               "unfamiliar_reports_read_as_given": keep_unfamiliar_reports,
               "variant_tables": {v: str(p) for v, p in variant_tables.items()},
-              "unchanged_reports": {v: n for v, n in unchanged.items() if v != "rephrased_as_given"},
+              "unchanged_reports": unchanged,
               "reports_in_rule_wording": in_rule_wording}
     region = lesion_prone_region(per_variant["real"]["ref"]) if has_pseudo else None
     for v in variants:

@@ -17,9 +17,9 @@ from torch import nn
 
 from nnunetv2_textseg.architectures.base import TextConditionedNetwork
 from nnunetv2_textseg.building_blocks.biclip import (AnatomyGate, AttentionPoolText, BidirectionalFusion,
-                                             DeepMapInjection, GlobalImageEncoder, ImageToTextHead, MapLogitPrior, MeanPoolText,
-                                             ProjectionHead, PseudoImageGenerator, TokenZoneMaps, gated_logits,
-                                             noisy_or_logits)
+                                                     DeepMapInjection, GlobalImageEncoder, ImageToTextHead,
+                                                     MapLogitPrior, MeanPoolText, ProjectionHead, PseudoImageGenerator,
+                                                     TokenZoneMaps, gated_logits, noisy_or_logits)
 from nnunetv2_textseg.patient_frame import (POSITION_CHANNELS, ensure_position_channels, sample_patient_frame,
                                             split_position)
 
@@ -142,8 +142,7 @@ class BiCLIPNetwork(TextConditionedNetwork):
                              "'sigmoid'")
         self.map_prior = MapLogitPrior(unet.decoder.num_classes) if map_prior else None
         stages = len(unet.encoder.stages)
-        conv_op = type(next(m for m in unet.modules() if isinstance(m, nn.modules.conv._ConvNd)))
-        self.deep_map = nn.ModuleDict({str(s): DeepMapInjection(unet.encoder.output_channels[s], conv_op)
+        self.deep_map = nn.ModuleDict({str(s): DeepMapInjection(unet.encoder.output_channels[s], unet.encoder.conv_op)
                                        for s in (stages - 2, stages - 1)}) if deep_map else None
         self.ignore_text = ignore_text
         self._tokens: torch.Tensor | None = None  # set per case at inference; not part of the state dict

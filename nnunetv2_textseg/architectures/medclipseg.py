@@ -33,7 +33,8 @@ from torch import nn
 from nnunetv2_textseg.architectures.base import TextConditionedNetwork
 from nnunetv2_textseg.patient_frame import ensure_position_channels
 from nnunetv2_textseg.building_blocks.biclip import masked_mean
-from nnunetv2_textseg.building_blocks.medclipseg import CrossModalAdapter, fourier_position_features
+from nnunetv2_textseg.building_blocks.medclipseg import (FOURIER_POSITION_FEATURES, CrossModalAdapter,
+                                                         fourier_position_features)
 
 
 @dataclass
@@ -94,7 +95,7 @@ class MedCLIPSegNetwork(TextConditionedNetwork):
         for s in stages:
             self.adapters[str(s)] = CrossModalAdapter(
                 enc.output_channels[s], txt_dim, width, heads, beta, deterministic,
-                position_dim=fourier_position_features(torch.zeros(1, 3, 1)).shape[1] if adapter_position else 0)
+                position_dim=FOURIER_POSITION_FEATURES if adapter_position else 0)
             txt_dim = width
         self.text_width = txt_dim  # width of the fused text tokens (D if there are no adapters)
         self.num_classes = unet.decoder.num_classes

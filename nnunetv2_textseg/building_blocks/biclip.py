@@ -335,4 +335,3 @@ class DeepMapInjection(nn.Module):
     def forward(self, feat: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         pool = F.adaptive_avg_pool2d if feat.ndim == 4 else F.adaptive_avg_pool3d
         return feat + self.proj(pool(m.to(feat.dtype), feat.shape[2:]))
-

@@ -180,15 +180,17 @@ class CrossModalAdapter(nn.Module):
         return feat + delta.to(feat.dtype), t_new
 
 
-def fourier_position_features(position: torch.Tensor, frequencies: tuple[float, ...] = (1.0, 2.0, 4.0)
-                              ) -> torch.Tensor:
+POSITION_FREQUENCIES = (1.0, 2.0, 4.0)
+FOURIER_POSITION_FEATURES = 4 * len(POSITION_FREQUENCIES) + 1  # channels of fourier_position_features
+
+
+def fourier_position_features(position: torch.Tensor) -> torch.Tensor:
     """Patient-frame position channels (B, 3, *spatial) — row and column in [-1, 1] and the inside flag — ->
-    (B, 4·len(frequencies) + 1, *spatial): sin and cos of π·f·row and π·f·column for each frequency f, and the
-    inside flag. Zone-scale places ("upper", "left") are then linear in the features."""
+    (B, FOURIER_POSITION_FEATURES, *spatial): sin and cos of π·f·row and π·f·column for each f of
+    POSITION_FREQUENCIES, and the inside flag. Zone-scale places ("upper", "left") are then linear in the features."""
     rows, cols, inside = position[:, 0:1], position[:, 1:2], position[:, 2:3]
     parts = []
-    for f in frequencies:
+    for f in POSITION_FREQUENCIES:
         for coord in (rows, cols):
             parts += [torch.sin(torch.pi * f * coord), torch.cos(torch.pi * f * coord)]
     return torch.cat(parts + [inside], dim=1)
-

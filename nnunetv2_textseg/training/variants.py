@@ -220,8 +220,8 @@ class nnUNetTrainerBiCLIP_deepMap(nnUNetTrainerBiCLIP):
     through a 1×1 convolution started at zero). Why: as an input channel it meets the image only at full resolution;
     the U-Net leaned on it little (no report cost the default 0.01–0.04 Dice), while MedCLIPSeg, whose report enters
     the deepest stages, gains more. Measured at 7a41cdc (5 %, development seeds, README "Tried and not kept: the map
-    in the deepest stages too"): −0.003 / −0.001 Dice vs the default's two trainings on clean / low-dose images; kept
-    as a variant."""
+    in the deepest stages too"): −0.003 / −0.001 Dice vs the default's two trainings on clean / low-dose images;
+    kept as a variant."""
     deep_map = True
 
 
