@@ -975,3 +975,60 @@ def test_deep_map_is_recorded_in_the_plans():
     assert nnUNetTrainerBiCLIP_deepMap.network_plans_entry()["deep_map"] is True
     assert nnUNetTrainerBiCLIP.network_plans_entry()["deep_map"] is False
     assert nnUNetTrainerBiCLIP.network_plans_defaults["deep_map"] is False  # models from before the entry: none
+
+
+def test_text_adapters_start_as_the_network_without_them_and_read_the_report():
+    """BiCLIPNetwork(text_adapters=True): MedCLIPSeg's adapters after the last two encoder stages and a per-class
+    logit affine, all identity at construction (same output as without them); given weights, the report changes the
+    output through them even when the map is the null report's; the segmentation loss trains them and the adapters'
+    null report (dropped rows), in the cross-fitted training forward too, while (seg_gradient_to_text False) the report
+    pathway gets none of it."""
+    from nnunetv2_textseg.building_blocks.medclipseg import CrossModalAdapter
+    plain, adapted, x, missing = _text_only_and_variant(structured_map=True, text_adapters=True)
+    stages = len(adapted.unet.encoder.stages)
+    assert sorted(adapted.text_adapters) == [str(stages - 2), str(stages - 1)]
+    assert all(isinstance(m, CrossModalAdapter) for m in adapted.text_adapters.values())
+    assert all(n.startswith(("text_adapters.", "adapter_null_tokens", "adapter_logit_film.")) for n in missing)
+    with torch.no_grad():
+        assert torch.allclose(plain(x)[0], adapted(x)[0], atol=1e-6)
+        torch.manual_seed(7)
+        for name, p in adapted.named_parameters():
+            if name.startswith(("text_adapters.", "adapter_logit_film.")):
+                p.normal_(0, 0.3)
+        moved = adapted(x)[0] - plain(x)[0]
+        assert float(moved.abs().max()) > 1e-3
+        # the adapters read the report itself, not only its map: another report moves the output with the map fixed
+        tk2, mk2 = report(1, seed=9)
+        first = adapted.segment(*_skips_and_text(adapted, x))
+        adapted.set_text(tk2, mk2)
+        second = adapted.segment(*_skips_and_text(adapted, x, map_from=plain))
+    assert float((first[0] - second[0]).abs().max()) > 1e-3
+
+    adapted.train()
+    tgt = (torch.rand(2, 64, 64) > 0.8).long()
+    tk, mk = report(2, seed=6)
+    out = adapted(x, tk, mk, drop=torch.tensor([False, True]), fold=torch.tensor([0, 1]), return_aux=True)
+    seg_like_loss(out.seg, tgt).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in adapted.named_parameters()
+               if n.startswith(("text_adapters.", "adapter_logit_film.")) and "var" not in n and "gate" not in n)
+    assert adapted.adapter_null_tokens.grad is not None
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for n, p in adapted.named_parameters()
+               if n.startswith(("generator", "text_pool", "token_maps", "cross_fit_twin")))
+
+
+def _skips_and_text(net, x, map_from=None):
+    """The encoder's skips, the seen map and the fused text for the report set on ``net`` (segment's arguments); the
+    map drawn by ``map_from``
+    (the same weights without adapters) if given, else by ``net`` — so only the adapters' report differs."""
+    from nnunetv2_textseg.patient_frame import split_position
+    image, position = split_position(x)
+    seen = (map_from or net).current_pseudo_image(x)
+    skips, fused = net.encode(image, seen, position, net.adapter_report(net._tokens, net._mask, x.shape[0]))
+    return skips, seen, fused
+
+
+def test_text_adapters_are_recorded_in_the_plans():
+    from nnunetv2_textseg.training.variants import nnUNetTrainerBiCLIP, nnUNetTrainerBiCLIP_textAdapters
+    assert nnUNetTrainerBiCLIP_textAdapters.network_plans_entry()["text_adapters"] is True
+    assert nnUNetTrainerBiCLIP.network_plans_entry()["text_adapters"] is False
+    assert nnUNetTrainerBiCLIP.network_plans_defaults["text_adapters"] is False  # models from before the entry: none

@@ -19,7 +19,8 @@ from nnunetv2_textseg.architectures.base import TextConditionedNetwork
 from nnunetv2_textseg.building_blocks.biclip import (AnatomyGate, AttentionPoolText, BidirectionalFusion,
                                                      DeepMapInjection, GlobalImageEncoder, ImageToTextHead,
                                                      MapLogitPrior, MeanPoolText, ProjectionHead, PseudoImageGenerator,
-                                                     TokenZoneMaps, gated_logits, noisy_or_logits)
+                                                     TokenZoneMaps, gated_logits, masked_mean, noisy_or_logits)
+from nnunetv2_textseg.building_blocks.medclipseg import CrossModalAdapter, film_logits, tokens_or_null_report
 from nnunetv2_textseg.patient_frame import (POSITION_CHANNELS, ensure_position_channels, sample_patient_frame,
                                             split_position)
 
@@ -92,6 +93,11 @@ class BiCLIPNetwork(TextConditionedNetwork):
             where, the image where not. Needs a sigmoid pseudo-image.
         deep_map: also add the map, pooled to their grids, to the last two encoder stages' features
             (:class:`DeepMapInjection`, zero at construction), where zone-scale place words concern the image.
+        text_adapters: also let the report's tokens and the last two encoder stages' features attend to each other
+            (MedCLIPSeg's :class:`CrossModalAdapter`, identity at construction) and the fused tokens scale and shift
+            the logits per class (zero at construction): the report then also reaches the U-Net where its features
+            know the image's anatomy, not only as a map drawn from the text. Not cross-fitted: trained by the
+            segmentation loss, like MedCLIPSeg's.
     """
 
     text_input = "tokens"  # what set_text expects: token embeddings + mask
@@ -102,7 +108,8 @@ class BiCLIPNetwork(TextConditionedNetwork):
                  ignore_text: bool = False, text_pooling: str = "attention", pseudo_activation: str = "sigmoid",
                  frame_resolution: int | None = 16, position_to_unet: bool = True, generation_source: str = "fused",
                  seg_gradient_to_text: bool = True, cross_fit: int = 1, token_maps: bool = False,
-                 token_window: int = 1, map_prior: bool = False, anatomy_gate: bool = False, deep_map: bool = False):
+                 token_window: int = 1, map_prior: bool = False, anatomy_gate: bool = False, deep_map: bool = False,
+                 text_adapters: bool = False):
         super().__init__()
         if not (hasattr(unet, "encoder") and hasattr(unet, "decoder")):
             raise TypeError(f"{type(unet).__name__} has no encoder/decoder; BiCLIP needs a "
@@ -144,6 +151,17 @@ class BiCLIPNetwork(TextConditionedNetwork):
         stages = len(unet.encoder.stages)
         self.deep_map = nn.ModuleDict({str(s): DeepMapInjection(unet.encoder.output_channels[s], unet.encoder.conv_op)
                                        for s in (stages - 2, stages - 1)}) if deep_map else None
+        self.text_adapters = self.adapter_null_tokens = self.adapter_logit_film = None
+        if text_adapters:
+            width, txt_dim = ADAPTER_WIDTH, text_in_dim
+            self.text_adapters = nn.ModuleDict()
+            for s in (stages - 2, stages - 1):  # the text tokens are carried from one adapter to the next
+                self.text_adapters[str(s)] = CrossModalAdapter(unet.encoder.output_channels[s], txt_dim, width)
+                txt_dim = width
+            self.adapter_null_tokens = nn.Parameter(torch.zeros(1, 1, text_in_dim))
+            self.adapter_logit_film = nn.Linear(width, 2 * unet.decoder.num_classes)
+            nn.init.zeros_(self.adapter_logit_film.weight)
+            nn.init.zeros_(self.adapter_logit_film.bias)
         self.ignore_text = ignore_text
         self._tokens: torch.Tensor | None = None  # set per case at inference; not part of the state dict
         self._mask: torch.Tensor | None = None
@@ -267,28 +285,47 @@ class BiCLIPNetwork(TextConditionedNetwork):
         parts = [image, p.to(image.dtype)] + ([position.to(image.dtype)] if self.position_to_unet else [])
         return torch.cat(parts, dim=1)
 
-    def encode(self, image: torch.Tensor, seen: torch.Tensor, position: torch.Tensor) -> list[torch.Tensor]:
-        """The U-Net encoder's skips for [image, pseudo-image, position]; with ``deep_map`` the map is also added to
-        the last two stages' features."""
+    def encode(self, image: torch.Tensor, seen: torch.Tensor, position: torch.Tensor,
+               report: tuple[torch.Tensor, torch.Tensor] | None = None
+               ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """The U-Net encoder's skips for [image, pseudo-image, position], and with ``text_adapters`` the report's fused
+        tokens pooled (B, width) (else None); ``report``: the adapters' tokens and mask (:meth:`adapter_report`). With
+        ``deep_map`` the map is also added to the last two stages' features, with ``text_adapters`` the report attends
+        to them."""
         x = self.unet_input(image, seen, position)
-        if self.deep_map is None:
-            return self.unet.encoder(x)
+        if self.deep_map is None and self.text_adapters is None:
+            return self.unet.encoder(x), None
         enc = self.unet.encoder
         m = x[:, self.image_channels:self.image_channels + 1]  # the map as the U-Net's input channel carries it
+        txt, txt_mask = report if report is not None else (None, None)
         if getattr(enc, "stem", None) is not None:
             x = enc.stem(x)
         skips = []
         for i, stage in enumerate(enc.stages):
             x = stage(x)
-            if str(i) in self.deep_map:
+            if self.deep_map is not None and str(i) in self.deep_map:
                 x = self.deep_map[str(i)](x, m)
+            if self.text_adapters is not None and str(i) in self.text_adapters:
+                # attention values sampled in training, the mean path in prediction (as MedCLIPSeg's)
+                x, txt = self.text_adapters[str(i)](x, txt, txt_mask, self.training)
             skips.append(x)
-        return skips
+        return skips, (None if self.text_adapters is None else masked_mean(txt, txt_mask))
 
-    def segment(self, skips: list[torch.Tensor], seen: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        """The U-Net decoder's logits (a list with deep supervision), plus the map's prior with ``map_prior``."""
+    def adapter_report(self, tokens: torch.Tensor | None, mask: torch.Tensor | None, batch: int,
+                       drop: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The adapters' report tokens (B, L, D_in) and mask (B, L), the learned null report in dropped rows; None
+        without ``text_adapters``."""
+        if self.text_adapters is None:
+            return None
+        return tokens_or_null_report(self.adapter_null_tokens, tokens, mask, batch, drop, self.ignore_text)
+
+    def segment(self, skips: list[torch.Tensor], seen: torch.Tensor, fused_text: torch.Tensor | None = None
+                ) -> torch.Tensor | list[torch.Tensor]:
+        """The U-Net decoder's logits (a list with deep supervision), plus the map's prior with ``map_prior`` and the
+        report's per-class affine with ``text_adapters`` (``fused_text``: :meth:`encode`'s pooled tokens)."""
         seg = self.unet.decoder(skips)
-        return seg if self.map_prior is None else self.map_prior(seg, seen)
+        seg = seg if self.map_prior is None else self.map_prior(seg, seen)
+        return seg if fused_text is None else film_logits(seg, self.adapter_logit_film(fused_text))
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 drop: torch.Tensor | None = None, x_strong: torch.Tensor | None = None, return_aux: bool = False,
@@ -306,6 +343,7 @@ class BiCLIPNetwork(TextConditionedNetwork):
         U-Net sees the pathways' mean."""
         if fold is not None and len(self.pathways) > 1 and return_aux:
             return self._cross_fitted_training_forward(x, tokens, mask, drop, x_strong, fold, fit)
+        tokens, mask = self.report_for_forward(tokens, mask)
         image, position, ts, maps, fit = self._report_pathways(x, tokens, mask, drop, fold, fit, return_aux)
         n = len(self.pathways)
         if n == 1:
@@ -315,13 +353,14 @@ class BiCLIPNetwork(TextConditionedNetwork):
         else:
             pseudo = _per_sample(fold, [m[0] for m in maps])
         seen = pseudo if self.seg_gradient_to_text else pseudo.detach()
-        skips = self.encode(image, seen, position)
-        seg = self.segment(skips, seen)
+        report = self.adapter_report(tokens, mask, x.shape[0], drop)
+        skips, fused_text = self.encode(image, seen, position, report)
+        seg = self.segment(skips, seen, fused_text)
         if not return_aux:
             return seg
         out = self._fitted_outputs(position, ts, maps, fit, seg, pseudo)
         if self.iac_head is not None and x_strong is not None:
-            strong_bottleneck = self.encode(x_strong, seen, position)[-1]
+            strong_bottleneck = self.encode(x_strong, seen, position, report)[0][-1]
             out.p_weak = self.iac_head(skips[-1].mean(dim=(2, 3)))
             out.p_strong = self.iac_head(strong_bottleneck.mean(dim=(2, 3)))
         return out
@@ -352,7 +391,8 @@ class BiCLIPNetwork(TextConditionedNetwork):
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.seg_gradient_to_text):
             pseudo = self._routed_pathways(x, tokens, mask, drop, fold, losses=False)[0]
         seen = pseudo if self.seg_gradient_to_text else pseudo.detach()
-        skips = self.encode(image, seen, position)
+        report = self.adapter_report(tokens, mask, x.shape[0], drop)
+        skips, fused_text = self.encode(image, seen, position, report)
         _, raw, generated, t, t_hat, frame = fitted
         if torch.is_grad_enabled() and _distributed():
             # nnU-Net's DDP (find_unused_parameters=False) needs a gradient for every parameter on every rank, and a
@@ -360,10 +400,10 @@ class BiCLIPNetwork(TextConditionedNetwork):
             # Only under DDP: it is one small op per parameter, forward and backward (~1200 GPU kernels a step)
             generated = generated + 0.0 * sum(q.flatten()[0] for name, q in self.named_parameters()
                                               if q.requires_grad and not name.startswith("unet."))
-        out = BiCLIPOutput(self.segment(skips, seen), pseudo, raw if self.sigmoid else None, generated,
+        out = BiCLIPOutput(self.segment(skips, seen, fused_text), pseudo, raw if self.sigmoid else None, generated,
                            position[:, 2:3], t, t_hat, None, None, frame)
         if self.iac_head is not None and x_strong is not None:
-            strong_bottleneck = self.encode(x_strong, seen, position)[-1]
+            strong_bottleneck = self.encode(x_strong, seen, position, report)[0][-1]
             out.p_weak = self.iac_head(skips[-1].mean(dim=(2, 3)))
             out.p_strong = self.iac_head(strong_bottleneck.mean(dim=(2, 3)))
         return out
@@ -465,6 +505,9 @@ class BiCLIPNetwork(TextConditionedNetwork):
         t_hat, generated = (None if t_hat[0] is None else own(list(t_hat))), own(list(generated))
         return BiCLIPOutput(seg, pseudo, raw if self.sigmoid else None, generated, position[:, 2:3], t, t_hat,
                             None, None, own([m[2] for m in maps]))
+
+
+ADAPTER_WIDTH = 64  # text_adapters' token width (MedCLIPSeg's default)
 
 
 def _distributed() -> bool:

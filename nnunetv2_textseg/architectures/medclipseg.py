@@ -33,8 +33,8 @@ from torch import nn
 from nnunetv2_textseg.architectures.base import TextConditionedNetwork
 from nnunetv2_textseg.patient_frame import ensure_position_channels
 from nnunetv2_textseg.building_blocks.biclip import masked_mean
-from nnunetv2_textseg.building_blocks.medclipseg import (FOURIER_POSITION_FEATURES, CrossModalAdapter,
-                                                         fourier_position_features)
+from nnunetv2_textseg.building_blocks.medclipseg import (FOURIER_POSITION_FEATURES, CrossModalAdapter, film_logits,
+                                                         fourier_position_features, tokens_or_null_report)
 
 
 @dataclass
@@ -136,25 +136,7 @@ class MedCLIPSegNetwork(TextConditionedNetwork):
                      drop: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Report tokens (B, L, D) and mask (B, L) with the null report (one real token) in rows that are
         dropped, have no real token, or all rows if tokens is None / ``ignore_text``."""
-        null = self.null_tokens
-        if tokens is None or self.ignore_text:
-            return null.expand(batch, 1, -1), torch.ones(batch, 1, dtype=torch.bool, device=null.device)
-        tokens = tokens.to(device=null.device, dtype=null.dtype)
-        if mask is None:
-            mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=null.device)
-        mask = mask.to(device=null.device, dtype=torch.bool)
-        tokens = tokens.expand(batch, -1, -1) if tokens.shape[0] == 1 else tokens
-        mask = mask.expand(batch, -1) if mask.shape[0] == 1 else mask
-        use_null = ~mask.any(1)
-        if drop is not None:
-            use_null = use_null | drop.to(device=null.device, dtype=torch.bool)
-        null_mask = torch.zeros_like(mask)
-        null_mask[:, 0] = True
-        # torch.where keeps both branches in the graph: null_tokens gets a gradient every step
-        # (DDP with find_unused_parameters=False requires it), also when no row is dropped.
-        tokens = torch.where(use_null[:, None, None], null.expand_as(tokens), tokens)
-        mask = torch.where(use_null[:, None], null_mask, mask)
-        return tokens, mask
+        return tokens_or_null_report(self.null_tokens, tokens, mask, batch, drop, self.ignore_text)
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 drop: torch.Tensor | None = None, sample: bool | None = None, return_aux: bool = False):
@@ -184,13 +166,7 @@ class MedCLIPSegNetwork(TextConditionedNetwork):
         seg = self.unet.decoder(skips)
 
         pooled_txt = masked_mean(txt, txt_mask)  # (B, text_width)
-        gamma, delta = self.logit_film(pooled_txt).chunk(2, dim=1)  # (B, K) each
-
-        def film(o: torch.Tensor) -> torch.Tensor:
-            shape = o.shape[:2] + (1,) * (o.ndim - 2)
-            return o * (1 + gamma.reshape(shape)).to(o.dtype) + delta.reshape(shape).to(o.dtype)
-
-        seg = [film(o) for o in seg] if isinstance(seg, (list, tuple)) else film(seg)
+        seg = film_logits(seg, self.logit_film(pooled_txt))
         if not return_aux:
             return seg
         bottleneck = skips[-1].flatten(2).mean(2)

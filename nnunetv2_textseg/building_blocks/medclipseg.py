@@ -180,6 +180,44 @@ class CrossModalAdapter(nn.Module):
         return feat + delta.to(feat.dtype), t_new
 
 
+def tokens_or_null_report(null: torch.Tensor, tokens: torch.Tensor | None, mask: torch.Tensor | None, batch: int,
+                          drop: torch.Tensor | None = None, ignore_text: bool = False
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Report tokens (B, L, D) and mask (B, L) for the adapters, with the learned null report ``null`` (1, 1, D; one
+    real token) in the rows that are dropped (``drop`` (B,) bool), have no real token, or in all rows if ``tokens`` is
+    None or ``ignore_text``."""
+    if tokens is None or ignore_text:
+        return null.expand(batch, 1, -1), torch.ones(batch, 1, dtype=torch.bool, device=null.device)
+    tokens = tokens.to(device=null.device, dtype=null.dtype)
+    if mask is None:
+        mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=null.device)
+    mask = mask.to(device=null.device, dtype=torch.bool)
+    tokens = tokens.expand(batch, -1, -1) if tokens.shape[0] == 1 else tokens
+    mask = mask.expand(batch, -1) if mask.shape[0] == 1 else mask
+    use_null = ~mask.any(1)
+    if drop is not None:
+        use_null = use_null | drop.to(device=null.device, dtype=torch.bool)
+    null_mask = torch.zeros_like(mask)
+    null_mask[:, 0] = True
+    # torch.where keeps both branches in the graph: the null report gets a gradient every step
+    # (DDP with find_unused_parameters=False requires it), also when no row is dropped.
+    tokens = torch.where(use_null[:, None, None], null.expand_as(tokens), tokens)
+    mask = torch.where(use_null[:, None], null_mask, mask)
+    return tokens, mask
+
+
+def film_logits(seg: torch.Tensor | list[torch.Tensor], film: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+    """The report's per-class affine on the U-Net's logits, ``logit_k · (1 + γ_k) + δ_k``, on every deep-supervision
+    output alike. seg (B, K, *spatial) or a list of them; film (B, 2K) = [γ | δ]."""
+    gamma, delta = film.chunk(2, dim=1)  # (B, K) each
+
+    def apply(o: torch.Tensor) -> torch.Tensor:
+        shape = o.shape[:2] + (1,) * (o.ndim - 2)
+        return o * (1 + gamma.reshape(shape)).to(o.dtype) + delta.reshape(shape).to(o.dtype)
+
+    return [apply(o) for o in seg] if isinstance(seg, (list, tuple)) else apply(seg)
+
+
 POSITION_FREQUENCIES = (1.0, 2.0, 4.0)
 FOURIER_POSITION_FEATURES = 4 * len(POSITION_FREQUENCIES) + 1  # channels of fourier_position_features
 

@@ -78,6 +78,9 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
     anatomy_gate = False
     # the map is also added to the last two encoder stages' features (see BiCLIPNetwork / DeepMapInjection)
     deep_map = False
+    # the report's tokens also attend to the last two encoder stages' features (MedCLIPSeg's adapters) and scale and
+    # shift the logits (see BiCLIPNetwork's text_adapters)
+    text_adapters = False
     # weight of the whole-case generation term (0: off): the fitted pathway's whole-image map against the case's
     # whole lesion mask at zone scale, not only against the part of it the sample's crop shows (see
     # whole_case_generation_loss)
@@ -117,6 +120,7 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
         map_prior = bool(text.get("map_prior", False))
         anatomy_gate = bool(text.get("anatomy_gate", False))
         deep_map = bool(text.get("deep_map", False))
+        text_adapters = bool(text.get("text_adapters", False))
         unet = cls.planned_unet(configuration_manager,
                                 num_input_channels + 1 + (POSITION_CHANNELS if cls.position_to_unet else 0),
                                 num_output_channels, enable_deep_supervision)
@@ -127,17 +131,18 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
                              position_to_unet=cls.position_to_unet, generation_source=cls.generation_source,
                              seg_gradient_to_text=cls.seg_gradient_to_text, cross_fit=pathways,
                              token_maps=token_maps, token_window=token_window, map_prior=map_prior,
-                             anatomy_gate=anatomy_gate, deep_map=deep_map)
+                             anatomy_gate=anatomy_gate, deep_map=deep_map, text_adapters=text_adapters)
 
     network_plans_defaults = {"report_pathways": 1, "token_maps": False, "token_window": 1, "map_prior": False,
-                              "anatomy_gate": False, "deep_map": False}
+                              "anatomy_gate": False, "deep_map": False, "text_adapters": False}
     earlier_design_hint = "nnUNetTrainerBiCLIP_endToEnd (the default up to commit bfc641f)"
 
     @classmethod
     def network_plans_entry(cls) -> dict:
         return {"report_pathways": int(cls.cross_fit), "token_maps": bool(cls.token_maps),
                 "token_window": int(cls.token_window), "map_prior": bool(cls.map_prior),
-                "anatomy_gate": bool(cls.anatomy_gate), "deep_map": bool(cls.deep_map)}
+                "anatomy_gate": bool(cls.anatomy_gate), "deep_map": bool(cls.deep_map),
+                "text_adapters": bool(cls.text_adapters)}
 
     def initialize(self):
         fresh = not self.was_initialized

@@ -225,6 +225,15 @@ class nnUNetTrainerBiCLIP_deepMap(nnUNetTrainerBiCLIP):
     deep_map = True
 
 
+class nnUNetTrainerBiCLIP_textAdapters(nnUNetTrainerBiCLIP):
+    """The report also enters the last two encoder stages through MedCLIPSeg's cross-modal adapters, and their fused
+    tokens scale and shift the logits (BiCLIPNetwork's text_adapters). Why: BiCLIP's map is drawn from the text (and
+    a global image embedding), so it can only put "upper left zone" on the average patient's lungs; the adapters'
+    image tokens know this image's anatomy. MedCLIPSeg, whose report enters there, gains more than BiCLIP on clean
+    images (+0.043 against −0.012 over plain nnU-Net on the development seeds)."""
+    text_adapters = True
+
+
 class nnUNetTrainerBiCLIP_noPosition(nnUNetTrainerBiCLIP):
     """The U-Net gets [image, pseudo-image] only: the patient frame reaches it through the pseudo-image."""
     position_to_unet = False
@@ -320,7 +329,7 @@ _BASES = [nnUNetTrainerBiCLIP, nnUNetTrainerBiCLIP_endToEnd, nnUNetTrainerBiCLIP
           nnUNetTrainerBiCLIP_crossFitTokens, nnUNetTrainerBiCLIP_pathwayWarmup,
           nnUNetTrainerBiCLIP_phraseMaps, nnUNetTrainerBiCLIP_locationFree, nnUNetTrainerBiCLIP_longWarmup,
           nnUNetTrainerBiCLIP_mapPrior, nnUNetTrainerBiCLIP_wholeCase, nnUNetTrainerBiCLIP_anatomyGate,
-          nnUNetTrainerBiCLIP_deepMap,
+          nnUNetTrainerBiCLIP_deepMap, nnUNetTrainerBiCLIP_textAdapters,
           nnUNetTrainerMedCLIPSeg, nnUNetTrainerMedCLIPSeg_noProb, nnUNetTrainerMedCLIPSeg_noContrastive,
           nnUNetTrainerMedCLIPSeg_noText, nnUNetTrainerMedCLIPSeg_safeAug, nnUNetTrainerMedCLIPSeg_mirroredPatient,
           nnUNetTrainerMedCLIPSeg_locationFree, nnUNetTrainerMedCLIPSeg_reportsAsWritten,
