@@ -245,7 +245,7 @@ def test_a_model_folder_keeps_its_network(tmp_path):
     t.output_folder_base = str(tmp_path / "nnUNetTrainerBiCLIP__nnUNetPlans__2d")
     now = {**nnUNetTrainerBiCLIP.network_plans_entry(), "encoder": {}}
     assert now == {"report_pathways": 4, "token_maps": True, "token_window": 3, "map_prior": False,
-                   "anatomy_gate": False, "deep_map": False, "encoder": {}}
+                   "anatomy_gate": False, "deep_map": False, "text_adapters": False, "encoder": {}}
     t._check_same_network({}, now)  # no recorded entry: nothing to compare
     t._check_same_network(dict(now), now)
     with pytest.raises(TextTrainingError, match=r"nnUNetTrainerBiCLIP__nnUNetPlans__2d.*report_pathways: 1 there, 4 "
@@ -260,3 +260,6 @@ def test_a_model_folder_keeps_its_network(tmp_path):
         t._check_same_network({"report_pathways": 4, "token_maps": True, "token_window": 3, "anatomy_gate": True}, now)
     with pytest.raises(TextTrainingError, match=r"deep_map: True there, False now"):  # a _deepMap model's folder
         t._check_same_network({"report_pathways": 4, "token_maps": True, "token_window": 3, "deep_map": True}, now)
+    with pytest.raises(TextTrainingError, match=r"text_adapters: True there, False now"):  # a _textAdapters model
+        t._check_same_network({"report_pathways": 4, "token_maps": True, "token_window": 3, "text_adapters": True},
+                              now)
