@@ -230,7 +230,10 @@ class nnUNetTrainerBiCLIP_textAdapters(nnUNetTrainerBiCLIP):
     tokens scale and shift the logits (BiCLIPNetwork's text_adapters). Why: BiCLIP's map is drawn from the text (and
     a global image embedding), so it can only put "upper left zone" on the average patient's lungs; the adapters'
     image tokens know this image's anatomy. MedCLIPSeg, whose report enters there, gains more than BiCLIP on clean
-    images (+0.043 against −0.012 over plain nnU-Net on the development seeds)."""
+    images (+0.043 against −0.012 over plain nnU-Net on the development seeds). Measured at cf563b5 (5 %, README
+    "MedCLIPSeg's adapters in BiCLIP"): wrong reports cost it far more than the default (shuffled 0.098, contradictory
+    0.160 on the benchmark seeds), Dice +0.047 / +0.042 vs the default on the development seeds' clean / low-dose
+    images but −0.000 / +0.001 on the benchmark seeds'; kept as a variant."""
     text_adapters = True
 
 
