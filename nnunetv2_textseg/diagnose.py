@@ -27,8 +27,8 @@ Measured (written to OUT/diagnosis.json and printed as a table):
 
 - Dice of the prediction with each variant, on the preprocessed grid;
 - text sensitivity ``mean|P_real − P_contra| / mean|P_real|`` (P = foreground probability);
-- reliance: Dice(real) − Dice(null) (for BiCLIP the report reaches the U-Net only through the
-  pseudo-image, so this is the Δ Dice of replacing the pseudo-image by the null report's);
+- reliance: Dice(real) − Dice(null) (for BiCLIP without ``text_adapters`` the report reaches the U-Net only
+  through the pseudo-image, so this is the Δ Dice of replacing the pseudo-image by the null report's);
 - BiCLIP only: the per-pixel AUC of the pseudo-image for lesion vs background with each variant — over
   the whole image, and **within the lesion-prone region** (the pixels that are lesion in at least one test
   case, when all cases share one grid): the whole-image AUC rewards knowing where lesions can be at all
