@@ -24,6 +24,8 @@ from nnunetv2_textseg.building_blocks.medclipseg import CrossModalAdapter, film_
 from nnunetv2_textseg.patient_frame import (POSITION_CHANNELS, ensure_position_channels, sample_patient_frame,
                                             split_position)
 
+ADAPTER_WIDTH = 64  # text_adapters' token width (MedCLIPSeg's default)
+
 
 @dataclass
 class BiCLIPOutput:
@@ -505,9 +507,6 @@ class BiCLIPNetwork(TextConditionedNetwork):
         t_hat, generated = (None if t_hat[0] is None else own(list(t_hat))), own(list(generated))
         return BiCLIPOutput(seg, pseudo, raw if self.sigmoid else None, generated, position[:, 2:3], t, t_hat,
                             None, None, own([m[2] for m in maps]))
-
-
-ADAPTER_WIDTH = 64  # text_adapters' token width (MedCLIPSeg's default)
 
 
 def _distributed() -> bool:
