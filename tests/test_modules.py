@@ -1028,7 +1028,13 @@ def _skips_and_text(net, x, map_from=None):
 
 
 def test_text_adapters_are_recorded_in_the_plans():
-    from nnunetv2_textseg.training.variants import nnUNetTrainerBiCLIP, nnUNetTrainerBiCLIP_textAdapters
-    assert nnUNetTrainerBiCLIP_textAdapters.network_plans_entry()["text_adapters"] is True
-    assert nnUNetTrainerBiCLIP.network_plans_entry()["text_adapters"] is False
-    assert nnUNetTrainerBiCLIP.network_plans_defaults["text_adapters"] is False  # models from before the entry: none
+    from nnunetv2_textseg.training import variants as v
+    assert v.nnUNetTrainerBiCLIP.network_plans_entry()["text_adapters"] is True  # the default after fc1398c
+    assert v.nnUNetTrainerBiCLIP_textAdapters.network_plans_entry() == v.nnUNetTrainerBiCLIP.network_plans_entry()
+    # the earlier default, and the variants measured against it, keep the map-only network their models recorded
+    for earlier in (v.nnUNetTrainerBiCLIP_mapOnly, v.nnUNetTrainerBiCLIP_endToEnd, v.nnUNetTrainerBiCLIP_locationFree,
+                    v.nnUNetTrainerBiCLIP_efunet, v.nnUNetTrainerBiCLIP_longWarmup, v.nnUNetTrainerBiCLIP_mapPrior,
+                    v.nnUNetTrainerBiCLIP_wholeCase, v.nnUNetTrainerBiCLIP_anatomyGate, v.nnUNetTrainerBiCLIP_deepMap):
+        assert earlier.network_plans_entry()["text_adapters"] is False, earlier.__name__
+    assert v.nnUNetTrainerBiCLIP_noIAC.network_plans_entry()["text_adapters"] is True  # ablations of the default
+    assert v.nnUNetTrainerBiCLIP.network_plans_defaults["text_adapters"] is False  # models from before the entry: none

@@ -245,21 +245,25 @@ def test_a_model_folder_keeps_its_network(tmp_path):
     t.output_folder_base = str(tmp_path / "nnUNetTrainerBiCLIP__nnUNetPlans__2d")
     now = {**nnUNetTrainerBiCLIP.network_plans_entry(), "encoder": {}}
     assert now == {"report_pathways": 4, "token_maps": True, "token_window": 3, "map_prior": False,
-                   "anatomy_gate": False, "deep_map": False, "text_adapters": False, "encoder": {}}
+                   "anatomy_gate": False, "deep_map": False, "text_adapters": True, "encoder": {}}
     t._check_same_network({}, now)  # no recorded entry: nothing to compare
     t._check_same_network(dict(now), now)
     with pytest.raises(TextTrainingError, match=r"nnUNetTrainerBiCLIP__nnUNetPlans__2d.*report_pathways: 1 there, 4 "
                                                 r"now.*token_maps: False there.*nnUNetTrainerBiCLIP_endToEnd"):
         t._check_same_network({"encoder": {}, "network_version": 2}, now)  # an earlier default's plans
+    mapped = {"report_pathways": 4, "token_maps": True, "token_window": 3, "text_adapters": True}  # the default's
     with pytest.raises(TextTrainingError, match=r"token_window: 1 there, 3 now"):
-        t._check_same_network({"report_pathways": 4, "token_maps": True, "token_window": 1}, now)
+        t._check_same_network({**mapped, "token_window": 1}, now)
     with pytest.raises(TextTrainingError, match=r"map_prior: True there, False now"):  # a _mapPrior model's folder
-        t._check_same_network({"report_pathways": 4, "token_maps": True, "token_window": 3, "map_prior": True}, now)
-    t._check_same_network({"report_pathways": 4, "token_maps": True, "token_window": 3}, now)  # before map_prior
+        t._check_same_network({**mapped, "map_prior": True}, now)
     with pytest.raises(TextTrainingError, match=r"anatomy_gate: True there, False now"):  # an _anatomyGate model
-        t._check_same_network({"report_pathways": 4, "token_maps": True, "token_window": 3, "anatomy_gate": True}, now)
+        t._check_same_network({**mapped, "anatomy_gate": True}, now)
     with pytest.raises(TextTrainingError, match=r"deep_map: True there, False now"):  # a _deepMap model's folder
-        t._check_same_network({"report_pathways": 4, "token_maps": True, "token_window": 3, "deep_map": True}, now)
-    with pytest.raises(TextTrainingError, match=r"text_adapters: True there, False now"):  # a _textAdapters model
-        t._check_same_network({"report_pathways": 4, "token_maps": True, "token_window": 3, "text_adapters": True},
-                              now)
+        t._check_same_network({**mapped, "deep_map": True}, now)
+    # the map-only default up to fc1398c (text_adapters recorded False, or not yet recorded): its own variant
+    for earlier in ({**mapped, "text_adapters": False}, {"report_pathways": 4, "token_maps": True, "token_window": 3}):
+        with pytest.raises(TextTrainingError, match=r"text_adapters: False there, True now.*BiCLIP_mapOnly \(the"):
+            t._check_same_network(earlier, now)
+    with pytest.raises(TextTrainingError, match=r"text_adapters: False there.*the trainer variant that matches it"):
+        t._check_same_network({**mapped, "text_adapters": False, "anatomy_gate": True}, now)  # an _anatomyGate model
+    t._check_same_network(mapped, now)  # before map_prior, anatomy_gate and deep_map were recorded

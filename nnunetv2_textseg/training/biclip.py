@@ -79,8 +79,9 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
     # the map is also added to the last two encoder stages' features (see BiCLIPNetwork / DeepMapInjection)
     deep_map = False
     # the report's tokens also attend to the last two encoder stages' features (MedCLIPSeg's adapters) and scale and
-    # shift the logits (see BiCLIPNetwork's text_adapters)
-    text_adapters = False
+    # shift the logits (see BiCLIPNetwork's text_adapters): the map alone is drawn on the average patient's lungs,
+    # the adapters' image tokens see this image (README, "MedCLIPSeg's adapters in BiCLIP")
+    text_adapters = True
     # weight of the whole-case generation term (0: off): the fitted pathway's whole-image map against the case's
     # whole lesion mask at zone scale, not only against the part of it the sample's crop shows (see
     # whole_case_generation_loss)
@@ -135,7 +136,14 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
 
     network_plans_defaults = {"report_pathways": 1, "token_maps": False, "token_window": 1, "map_prior": False,
                               "anatomy_gate": False, "deep_map": False, "text_adapters": False}
-    earlier_design_hint = "nnUNetTrainerBiCLIP_endToEnd (the default up to commit bfc641f)"
+
+    @classmethod
+    def earlier_design_hint(cls, differ: dict) -> str:
+        if differ == {"text_adapters": False}:
+            return "nnUNetTrainerBiCLIP_mapOnly (the default up to commit fc1398c)"
+        if {"report_pathways", "token_maps", "token_window"} & set(differ):
+            return "nnUNetTrainerBiCLIP_endToEnd (the default up to commit bfc641f)"
+        return super().earlier_design_hint(differ)
 
     @classmethod
     def network_plans_entry(cls) -> dict:

@@ -216,16 +216,21 @@ class nnUNetTrainerText(nnUNetTrainer):
         state-dict mismatch deep in nnU-Net's checkpoint loading or folds of two designs in one model."""
         if not recorded:
             return
-        differ = [f"{k}: {recorded.get(k, d)!r} there, {entry[k]!r} now" for k, d in self.network_plans_defaults.items()
-                  if recorded.get(k, d) != entry[k]]
+        differ = {k: recorded.get(k, d) for k, d in self.network_plans_defaults.items()
+                  if recorded.get(k, d) != entry[k]}
         if differ:
             raise TextTrainingError(
                 f"{self.output_folder_base} holds a model whose network differs from what {type(self).__name__} builds "
-                f"now ({'; '.join(differ)}), e.g. one trained before this trainer's defaults changed. A model keeps "
-                f"its network: predict with it as it is (its plans rebuild it), train the earlier design with "
-                f"{self.earlier_design_hint}, or move this folder away to train anew.")
+                f"now ({'; '.join(f'{k}: {v!r} there, {entry[k]!r} now' for k, v in differ.items())}), e.g. one "
+                f"trained before this trainer's defaults changed. A model keeps its network: predict with it as it is "
+                f"(its plans rebuild it), train the earlier design with {self.earlier_design_hint(differ)}, or move "
+                f"this folder away to train anew.")
 
-    earlier_design_hint = "the trainer variant that matches it"
+    @classmethod
+    def earlier_design_hint(cls, differ: dict) -> str:
+        """The trainer that builds a recorded network differing from this class's in ``differ`` (key: recorded
+        value)."""
+        return "the trainer variant that matches it"
 
     def _prepare_mirrored_reports(self, cache: TextEmbeddingCache, reports: dict | None, pre: Path,
                                   spec: EncoderSpec) -> None:
