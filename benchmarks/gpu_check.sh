@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Prepared GPU check (about 8 minutes on one GPU; run it where a GPU is lent, CI never has one):
-#   1. train step of plain nnU-Net, BiCLIP (with and without IAC) and MedCLIPSeg at a 256² patch with
+#   1. train step of plain nnU-Net, BiCLIP (with and without IAC; at batch 2 also without its adapters,
+#      _mapOnly) and MedCLIPSeg at a 256² patch with
 #      nnU-Net's CUDA defaults (AMP, its grad scaler, pinned memory) but torch.compile off unless COMPILE=t
 #      (compiling four trainers took over 8 minutes on an H200): s/iter and peak GPU memory as ratios to
 #      nnUNetTrainer (benchmarks/train_step.py --device cuda), at the plans' batch (2) and at batch 12;
@@ -23,8 +24,8 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
 WORK="$OUT/work"
 nnUNet_compile=${COMPILE:-f} "$PY" benchmarks/train_step.py --device cuda --size 256 --iters 20 --warmup 5 \
   --root "$WORK" -d 989 \
-  --trainers nnUNetTrainer nnUNetTrainerBiCLIP_noIAC nnUNetTrainerBiCLIP nnUNetTrainerMedCLIPSeg \
-  --out "$OUT/train_step.json" | tee "$OUT/train_step.md"
+  --trainers nnUNetTrainer nnUNetTrainerBiCLIP_noIAC nnUNetTrainerBiCLIP nnUNetTrainerBiCLIP_mapOnly \
+  nnUNetTrainerMedCLIPSeg --out "$OUT/train_step.json" | tee "$OUT/train_step.md"
 # the same at nnU-Net's 2D reference batch size (12): the 40-case dataset caps the plans' batch at 2, where the
 # step is bound by how fast the host queues kernels, not by the GPU
 nnUNet_compile=${COMPILE:-f} "$PY" benchmarks/train_step.py --device cuda --size 256 --iters 20 --warmup 5 \

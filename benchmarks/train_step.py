@@ -1,5 +1,5 @@
 """Seconds per training iteration (and peak memory) of nnUNetTrainer vs nnUNetTrainerBiCLIP vs _noIAC (and the
-earlier default, _endToEnd) on the same preprocessed data, measured in one run, printed as ratios, plus the time of
+earlier defaults, _mapOnly and _endToEnd) on the same preprocessed data, measured in one run, printed as ratios, plus the time of
 BiCLIP's one-off report-pathway warm-up. Not a test.
 
     python benchmarks/train_step.py [--root benchmarks/results/work] [-d 990] [--iters 30] [--device cpu]
@@ -170,7 +170,7 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--trainers", nargs="+",
                    default=["nnUNetTrainer", "nnUNetTrainerBiCLIP_noIAC", "nnUNetTrainerBiCLIP",
-                            "nnUNetTrainerBiCLIP_endToEnd"])
+                            "nnUNetTrainerBiCLIP_mapOnly", "nnUNetTrainerBiCLIP_endToEnd"])
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "train_step.json"))
     a = p.parse_args(argv)
     if a.batch_size is not None and a.batch_size < 1:
