@@ -1029,7 +1029,7 @@ def _skips_and_text(net, x, map_from=None):
 
 def test_text_adapters_are_recorded_in_the_plans():
     from nnunetv2_textseg.training import variants as v
-    assert v.nnUNetTrainerBiCLIP.network_plans_entry()["text_adapters"] is True  # the default after fc1398c
+    assert v.nnUNetTrainerBiCLIP.network_plans_entry()["text_adapters"] is True  # the default since fe37a5d
     assert v.nnUNetTrainerBiCLIP_textAdapters.network_plans_entry() == v.nnUNetTrainerBiCLIP.network_plans_entry()
     # the earlier default, and the variants measured against it, keep the map-only network their models recorded
     for earlier in (v.nnUNetTrainerBiCLIP_mapOnly, v.nnUNetTrainerBiCLIP_endToEnd, v.nnUNetTrainerBiCLIP_locationFree,
