@@ -1,6 +1,6 @@
 """Seconds per training iteration (and peak memory) of nnUNetTrainer vs nnUNetTrainerBiCLIP vs _noIAC (and the
-earlier defaults, _mapOnly and _endToEnd) on the same preprocessed data, measured in one run, printed as ratios, plus the time of
-BiCLIP's one-off report-pathway warm-up. Not a test.
+earlier defaults, _mapOnly and _endToEnd) on the same preprocessed data, measured in one run, printed as ratios, plus
+the time of BiCLIP's one-off report-pathway warm-up. Not a test.
 
     python benchmarks/train_step.py [--root benchmarks/results/work] [-d 990] [--iters 30] [--device cpu]
 

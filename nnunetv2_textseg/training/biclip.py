@@ -3,7 +3,8 @@ nnU-Net's planned U-Net, trained by unmodified ``nnUNetv2_train``.
 
 What the U-Net sees: [image, pseudo-image, patient-frame position]. The pseudo-image is the report,
 decoded (after BMF) into a whole-image map of where the report puts the lesion and read at each pixel's
-patient-frame position (:mod:`nnunetv2_textseg.patient_frame`).
+patient-frame position (:mod:`nnunetv2_textseg.patient_frame`). By default (``text_adapters``) the report's tokens
+also meet the last two encoder stages through MedCLIPSeg's adapters and scale and shift the logits per class.
 
 Loss: nnU-Net's Dice+CE (deep supervision) + λgen·L_gen + λcycle·‖t − t̂‖² + λIAC·(1 − cos(p_weak, p_strong)).
 Default ``generation = "lesion"``: L_gen = BCE + soft Dice of the sigmoid pseudo-image against the lesion

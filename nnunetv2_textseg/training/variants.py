@@ -50,7 +50,8 @@ class nnUNetTrainerBiCLIP_noCycle(nnUNetTrainerBiCLIP):
 
 
 class nnUNetTrainerBiCLIP_unidirectional(nnUNetTrainerBiCLIP):
-    """Text conditions vision only: no Δt refinement from the image (the LViT-style baseline)."""
+    """No BMF: t' = t, no Δt refinement from the global image embedding (isolates BMF; the default's adapters still
+    let the report's tokens attend to image features — without them, on _mapOnly, the LViT-style baseline)."""
     bidirectional = False
 
 
@@ -183,9 +184,10 @@ class nnUNetTrainerMedCLIPSeg_adapterPosition(nnUNetTrainerMedCLIPSeg):
     adapter_position = True
 
 
+# ---- tried on the map-only default (_mapOnly) and not kept: "the default" in these docstrings is that design ----
 class nnUNetTrainerBiCLIP_longWarmup(nnUNetTrainerBiCLIP_mapOnly):
-    """The default with 3000 warm-up steps instead of 750. Why: four cross-fitted pathways share the warm-up, each
-    sample fitting one of them, so each pathway sees about a quarter of its batches (~190 of 750) — the pathway
+    """The map-only default with 3000 warm-up steps instead of 750. Why: four cross-fitted pathways share the warm-up,
+    each sample fitting one of them, so each pathway sees about a quarter of its batches (~190 of 750) — the pathway
     trained alone needed 750-1500 batches to bind side to level (text_pathway_probe.py), and the trained models'
     maps named the lesion's side in only 15-18 of 24 one-sided cases. Measured (README, "A longer warm-up"): a
     better map (region AUC 0.849 vs 0.829 on three development seeds) that the U-Net leans on less, and no Dice
