@@ -238,9 +238,9 @@ class nnUNetTrainerBiCLIP_deepMap(nnUNetTrainerBiCLIP_mapOnly):
 
 
 class nnUNetTrainerBiCLIP_textAdapters(nnUNetTrainerBiCLIP):
-    """The default since fe37a5d (text_adapters: MedCLIPSeg's cross-modal adapters after the last
-    two encoder stages, their fused tokens scaling and shifting the logits). Kept under this name because models and
-    benchmark rows measured before the switch carry it; the same network as the default."""
+    """The default since fe37a5d (text_adapters: MedCLIPSeg's cross-modal adapters after the last two encoder stages,
+    their fused tokens scaling and shifting the logits). Kept under this name because models and benchmark rows
+    measured before the switch carry it; the same network as the default."""
     text_adapters = True
 
 
