@@ -1016,6 +1016,46 @@ def test_text_adapters_start_as_the_network_without_them_and_read_the_report():
                if n.startswith(("generator", "text_pool", "token_maps", "cross_fit_twin")))
 
 
+def test_both_iac_views_in_one_encoder_pass_equal_two_passes():
+    """encode_views runs the image and IAC's strong view through the encoder (adapters included) as one batch of 2B:
+    the image's skips and fused text, the strong view's bottleneck and every gradient equal two separate passes. An
+    encoder with batch norm (statistics over the batch) gets two passes."""
+    from nnunetv2_textseg.patient_frame import split_position
+    _, net, x, _ = _text_only_and_variant(structured_map=True, text_adapters=True)
+    torch.manual_seed(8)
+    with torch.no_grad():  # adapters that do something
+        for name, p in net.named_parameters():
+            if name.startswith(("text_adapters.", "adapter_logit_film.")):
+                p.normal_(0, 0.3)
+    image, position = split_position(x)
+    strong = image * 1.7 + 0.3 * torch.randn_like(image)
+    seen = net.current_pseudo_image(x).detach()
+    tokens, mask = report(2, seed=5)
+
+    def run(batched: bool):
+        net.zero_grad(set_to_none=True)
+        rep = net.adapter_report(tokens, mask, 2, drop=torch.tensor([False, True]))
+        if batched:
+            skips, fused, strong_bottleneck = net.encode_views(image, strong, seen, position, rep)
+        else:
+            skips, fused = net.encode(image, seen, position, rep)
+            strong_bottleneck = net.encode(strong, seen, position, rep)[0][-1]
+        loss = sum((s ** 2).mean() for s in skips) + fused.square().sum() + strong_bottleneck.abs().mean()
+        loss.backward()
+        return [s.detach() for s in skips] + [fused.detach(), strong_bottleneck.detach()], \
+            {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+
+    one, grads_one = run(True)
+    two, grads_two = run(False)
+    assert all(a.shape == b.shape and torch.allclose(a, b, atol=1e-5) for a, b in zip(one, two))
+    assert one[-1].shape[0] == 2 and grads_one.keys() == grads_two.keys() and len(grads_one) > 10
+    assert all(torch.allclose(grads_one[n], grads_two[n], atol=1e-5, rtol=1e-4) for n in grads_one)
+    assert not net._batch_statistics_in_encoder()
+    bn = make_net()
+    bn.unet.encoder.stages[0][0].convs[0].norm = nn.BatchNorm2d(8)
+    assert bn._batch_statistics_in_encoder()
+
+
 def _skips_and_text(net, x, map_from=None):
     """The encoder's skips, the seen map and the fused text for the report set on ``net`` (segment's arguments); the
     map drawn by ``map_from``

@@ -356,15 +356,13 @@ class BiCLIPNetwork(TextConditionedNetwork):
             pseudo = _per_sample(fold, [m[0] for m in maps])
         seen = pseudo if self.seg_gradient_to_text else pseudo.detach()
         report = self.adapter_report(tokens, mask, x.shape[0], drop)
-        skips, fused_text = self.encode(image, seen, position, report)
+        strong = x_strong if return_aux and self.iac_head is not None else None
+        skips, fused_text, strong_bottleneck = self.encode_views(image, strong, seen, position, report)
         seg = self.segment(skips, seen, fused_text)
         if not return_aux:
             return seg
         out = self._fitted_outputs(position, ts, maps, fit, seg, pseudo)
-        if self.iac_head is not None and x_strong is not None:
-            strong_bottleneck = self.encode(x_strong, seen, position, report)[0][-1]
-            out.p_weak = self.iac_head(skips[-1].mean(dim=(2, 3)))
-            out.p_strong = self.iac_head(strong_bottleneck.mean(dim=(2, 3)))
+        self._consistency_outputs(out, skips[-1], strong_bottleneck)
         return out
 
     def report_pathways_forward(self, x: torch.Tensor, tokens: torch.Tensor | None = None,
@@ -394,7 +392,8 @@ class BiCLIPNetwork(TextConditionedNetwork):
             pseudo = self._routed_pathways(x, tokens, mask, drop, fold, losses=False)[0]
         seen = pseudo if self.seg_gradient_to_text else pseudo.detach()
         report = self.adapter_report(tokens, mask, x.shape[0], drop)
-        skips, fused_text = self.encode(image, seen, position, report)
+        strong = x_strong if self.iac_head is not None else None
+        skips, fused_text, strong_bottleneck = self.encode_views(image, strong, seen, position, report)
         _, raw, generated, t, t_hat, frame = fitted
         if torch.is_grad_enabled() and _distributed():
             # nnU-Net's DDP (find_unused_parameters=False) needs a gradient for every parameter on every rank, and a
@@ -404,11 +403,44 @@ class BiCLIPNetwork(TextConditionedNetwork):
                                               if q.requires_grad and not name.startswith("unet."))
         out = BiCLIPOutput(self.segment(skips, seen, fused_text), pseudo, raw if self.sigmoid else None, generated,
                            position[:, 2:3], t, t_hat, None, None, frame)
-        if self.iac_head is not None and x_strong is not None:
-            strong_bottleneck = self.encode(x_strong, seen, position, report)[0][-1]
-            out.p_weak = self.iac_head(skips[-1].mean(dim=(2, 3)))
-            out.p_strong = self.iac_head(strong_bottleneck.mean(dim=(2, 3)))
+        self._consistency_outputs(out, skips[-1], strong_bottleneck)
         return out
+
+    def encode_views(self, image: torch.Tensor, strong: torch.Tensor | None, seen: torch.Tensor,
+                     position: torch.Tensor, report: tuple[torch.Tensor, torch.Tensor] | None = None
+                     ) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
+        """:meth:`encode` of the image and, for IAC, of its strongly augmented view ``strong`` (B, C, H, W; None:
+        none), which shares the pseudo-image, position and report: (the image's skips, its fused text, the strong
+        view's bottleneck or None).
+
+        Both views pass the encoder as one batch of 2B: per sample the same computation as two passes (instance
+        norm, attention and adapters are per sample; sampled attention values are drawn for all 2B rows), in half
+        the kernel launches — what bounds a GPU step at small batches. An encoder with batch norm, whose statistics
+        span the batch, gets two passes."""
+        if strong is None:
+            return (*self.encode(image, seen, position, report), None)
+        if self._batch_statistics_in_encoder():
+            skips, fused_text = self.encode(image, seen, position, report)
+            return skips, fused_text, self.encode(strong, seen, position, report)[0][-1]
+        b = image.shape[0]
+        both = (lambda v: None if v is None else torch.cat([v, v]))
+        report2 = None if report is None else (both(report[0]), both(report[1]))
+        skips, fused_text = self.encode(torch.cat([image, strong.to(image.dtype)]), both(seen), both(position),
+                                        report2)
+        return [s[:b] for s in skips], (None if fused_text is None else fused_text[:b]), skips[-1][b:]
+
+    def _batch_statistics_in_encoder(self) -> bool:
+        if not hasattr(self, "_encoder_batch_norm"):
+            self._encoder_batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                                           for m in self.unet.encoder.modules())
+        return self._encoder_batch_norm
+
+    def _consistency_outputs(self, out: BiCLIPOutput, bottleneck: torch.Tensor, strong_bottleneck: torch.Tensor | None
+                             ) -> None:
+        """IAC's projected pooled bottlenecks of the two views (``out.p_weak`` / ``p_strong``), with a strong view."""
+        if self.iac_head is not None and strong_bottleneck is not None:
+            pooled = torch.cat([bottleneck, strong_bottleneck]).mean(dim=(2, 3))
+            out.p_weak, out.p_strong = self.iac_head(pooled).chunk(2)
 
     def _batch_report(self, x, tokens, mask):
         """x with its position channels checked, and the report's tokens / mask on its device, one row per sample."""
