@@ -87,6 +87,9 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
     # whole lesion mask at zone scale, not only against the part of it the sample's crop shows (see
     # whole_case_generation_loss)
     lambda_whole_case = 0.0
+    # the whole-case term only where nnU-Net planned a patch smaller than the median image (crops the usual sample):
+    # where a crop shows the whole image the sample's generation loss already trains every cell (see initialize)
+    whole_case_only_when_cropped = False
     mirrored_patient = 0.5  # see nnUNetTrainerText
     location_free_reports = 0.25  # see nnUNetTrainerText
     text_pooling = "attention"  # or "mean" (the paper's)
@@ -155,6 +158,12 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
 
     def initialize(self):
         fresh = not self.was_initialized
+        if fresh and self.lambda_whole_case > 0 and self.whole_case_only_when_cropped and not self.patches_crop_images():
+            self.lambda_whole_case = 0.0
+            self.aux_losses = tuple(k for k in self.aux_losses if k != "whole_case")
+            self.print_to_log_file(f"Whole-case generation term off: the planned patch "
+                                   f"{list(self.configuration_manager.patch_size)} covers the median image "
+                                   f"{list(self.configuration_manager.median_image_size_in_voxels)}")
         super().initialize()
         prior = self.unwrapped_network().map_prior
         if fresh and prior is not None and not self.label_manager.has_regions:
@@ -162,6 +171,13 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
             # (regions are sigmoids, each raised by the map); checkpoints (--c, prediction) overwrite this
             with torch.no_grad():
                 prior.weight[0] = 0.0
+
+    def patches_crop_images(self) -> bool:
+        """True when the planned patch is smaller than the median image (nnU-Net's plans) along some axis: then the
+        samples are crops of their images."""
+        patch = self.configuration_manager.patch_size
+        median = self.configuration_manager.median_image_size_in_voxels[-len(patch):]
+        return any(p < m for p, m in zip(patch, median))
 
     # ---- data: two intensity views for IAC -----------------------------------------------------
     def get_training_transforms(self, *args, **kwargs):

@@ -215,6 +215,16 @@ class nnUNetTrainerBiCLIP_wholeCase(nnUNetTrainerBiCLIP_mapOnly):
     aux_losses = nnUNetTrainerBiCLIP.aux_losses + ("whole_case",)
 
 
+class nnUNetTrainerBiCLIP_wholeCaseCropped(nnUNetTrainerBiCLIP):
+    """Today's default plus the whole-case generation term, only where nnU-Net plans a patch smaller than the median
+    image (``whole_case_only_when_cropped``; elsewhere it trains exactly as the default). Why: in the large-image
+    condition the default's map did not know the side its report names (a crop trains only the map cells it covers),
+    while on images the patch covers the term cost Dice (``_wholeCase``, on the map-only design)."""
+    lambda_whole_case = 1.0
+    whole_case_only_when_cropped = True
+    aux_losses = nnUNetTrainerBiCLIP.aux_losses + ("whole_case",)
+
+
 class nnUNetTrainerBiCLIP_anatomyGate(nnUNetTrainerBiCLIP_mapOnly):
     """Each report pathway's map is gated by the sample's image (BiCLIPNetwork's anatomy_gate): p · σ(gate), the
     gate drawn at 1/4 resolution from the image and position. Why: a map from the text alone is blurred over every
@@ -340,6 +350,7 @@ _BASES = [nnUNetTrainerBiCLIP, nnUNetTrainerBiCLIP_endToEnd, nnUNetTrainerBiCLIP
           nnUNetTrainerBiCLIP_pathwayWarmup, nnUNetTrainerBiCLIP_phraseMaps, nnUNetTrainerBiCLIP_locationFree,
           nnUNetTrainerBiCLIP_longWarmup, nnUNetTrainerBiCLIP_mapPrior, nnUNetTrainerBiCLIP_wholeCase,
           nnUNetTrainerBiCLIP_anatomyGate, nnUNetTrainerBiCLIP_deepMap, nnUNetTrainerBiCLIP_textAdapters,
+          nnUNetTrainerBiCLIP_wholeCaseCropped,
           nnUNetTrainerMedCLIPSeg, nnUNetTrainerMedCLIPSeg_noProb, nnUNetTrainerMedCLIPSeg_noContrastive,
           nnUNetTrainerMedCLIPSeg_noText, nnUNetTrainerMedCLIPSeg_safeAug, nnUNetTrainerMedCLIPSeg_mirroredPatient,
           nnUNetTrainerMedCLIPSeg_locationFree, nnUNetTrainerMedCLIPSeg_reportsAsWritten,
