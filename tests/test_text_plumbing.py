@@ -103,6 +103,27 @@ def test_generation_target_ignores_the_ignore_label_and_handles_regions():
     assert valid.tolist() == [[[[False, True], [True, True]]]]
 
 
+def test_whole_case_term_only_where_the_patch_crops_the_images(monkeypatch):
+    """_wholeCaseCropped: the whole-case term stays on where the planned patch is smaller than the median image and
+    is switched off (weight 0, not logged, said in the log) where the patch covers it — there it trains as the
+    default."""
+    from types import SimpleNamespace
+    from nnunetv2_textseg.training.text_trainer import nnUNetTrainerText
+    from nnunetv2_textseg.training.variants import nnUNetTrainerBiCLIP_wholeCaseCropped as T
+    monkeypatch.setattr(nnUNetTrainerText, "initialize", lambda self: None)  # only the switch is under test here
+    for patch, median, crops in (([64, 64], [128, 128], True), ([64, 64], [64, 64], False),
+                                 ([64, 64], [1, 64, 60], False), ([64, 64], [30, 64, 100], True)):
+        t, log = object.__new__(T), []
+        t.was_initialized, t.print_to_log_file = False, lambda *a, **k: log.append(" ".join(map(str, a)))
+        t.configuration_manager = SimpleNamespace(patch_size=patch, median_image_size_in_voxels=median)
+        t.unwrapped_network = lambda: SimpleNamespace(map_prior=None)
+        assert t.patches_crop_images() is crops
+        t.initialize()
+        assert (t.lambda_whole_case, "whole_case" in t.aux_losses) == ((1.0, True) if crops else (0.0, False))
+        assert any("covers the median image" in line for line in log) is not crops
+    assert T.lambda_whole_case == 1.0 and "whole_case" in T.aux_losses  # the class keeps its defaults
+
+
 def test_whole_case_generation_targets_pool_the_preprocessed_case_in_the_patient_frame(tmp_path):
     """BiCLIP's whole-case generation term: each training case's lesion share per map cell, pooled from nnU-Net's
     preprocessed segmentation (ignore label unlabelled, -1 background), read back where sample_patient_frame reads
