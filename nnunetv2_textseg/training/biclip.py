@@ -158,7 +158,8 @@ class nnUNetTrainerBiCLIP(nnUNetTrainerText):
 
     def initialize(self):
         fresh = not self.was_initialized
-        if fresh and self.lambda_whole_case > 0 and self.whole_case_only_when_cropped and not self.patches_crop_images():
+        cropped_only = self.lambda_whole_case > 0 and self.whole_case_only_when_cropped
+        if fresh and cropped_only and not self.patches_crop_images():
             self.lambda_whole_case = 0.0
             self.aux_losses = tuple(k for k in self.aux_losses if k != "whole_case")
             self.print_to_log_file(f"Whole-case generation term off: the planned patch "
