@@ -430,6 +430,8 @@ class BiCLIPNetwork(TextConditionedNetwork):
         return [s[:b] for s in skips], (None if fused_text is None else fused_text[:b]), skips[-1][b:]
 
     def _batch_statistics_in_encoder(self) -> bool:
+        """Whether a norm in the encoder pools statistics over the batch (then the two views cannot share a batch);
+        looked up once."""
         if not hasattr(self, "_encoder_batch_norm"):
             self._encoder_batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm)
                                            for m in self.unet.encoder.modules())
