@@ -2,7 +2,7 @@
 earlier defaults, _mapOnly and _endToEnd) on the same preprocessed data, measured in one run, printed as ratios, plus
 the time of BiCLIP's one-off report-pathway warm-up. Not a test.
 
-    python benchmarks/train_step.py [--root benchmarks/results/work] [-d 990] [--iters 30] [--device cpu]
+    python benchmarks/train_step.py [--root benchmarks/results/work] [-d 990] [--iters 30] [--device cpu] [--repeats 3]
 
 Data loading is excluded (batches are drawn first, then the timed loop only runs ``train_step``), so the
 numbers compare the networks and losses, which is what the trainers change. Targets: ≤ 1.1× without IAC,
@@ -14,6 +14,9 @@ reads of a tensor's value by the host outside the optimiser step (on a GPU each 
 On a GPU at small batches the text modules are many small kernels and the step is bound by how fast the host queues
 them, so these counts say where GPU time goes when no GPU is at hand; they do not depend on the machine's load.
 ``--batch_size`` overrides the plans' batch (this 40-case dataset caps it at 2; nnU-Net's 2D reference is 12).
+``--repeats R`` times the trainer list R times in turn (A B C, A B C, ...): a shared CPU's speed drifts by ±10 %
+between runs a minute apart, so each repeat's ratio is taken to plain nnU-Net's time in the same repeat, and the
+table gives the median s/iter and the median and range of those ratios.
 """
 from __future__ import annotations
 
@@ -158,6 +161,20 @@ def count_step_ops(trainer, batches: list[dict]) -> tuple[float, float]:
     return counter.ops / len(batches), counter.reads / len(batches) + 1
 
 
+def combine_repeats(runs: list[list[dict]]) -> list[dict]:
+    """One row per trainer from ``runs`` (one list of rows per repeat, the same trainers in the same order, plain
+    nnU-Net first): the first repeat's row with the median s/iter, each repeat's time ratio to the first trainer of
+    that repeat (``time_ratio_runs``) and their median (``time_ratio``)."""
+    import statistics
+    rows = []
+    for i, first in enumerate(runs[0]):
+        times = [run[i]["s_per_iter"] for run in runs]
+        ratios = [run[i]["s_per_iter"] / run[0]["s_per_iter"] for run in runs]
+        rows.append({**first, "s_per_iter": statistics.median(times), "s_per_iter_runs": times,
+                     "time_ratio": statistics.median(ratios), "time_ratio_runs": ratios})
+    return rows
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default=str(REPO / "benchmarks" / "results" / "work"))
@@ -171,35 +188,46 @@ def main(argv=None) -> None:
     p.add_argument("--trainers", nargs="+",
                    default=["nnUNetTrainer", "nnUNetTrainerBiCLIP_noIAC", "nnUNetTrainerBiCLIP",
                             "nnUNetTrainerBiCLIP_mapOnly", "nnUNetTrainerBiCLIP_endToEnd"])
+    p.add_argument("--repeats", type=int, default=1,
+                   help="time the trainer list this many times in turn; ratios per repeat, median and range")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "train_step.json"))
     a = p.parse_args(argv)
     if a.batch_size is not None and a.batch_size < 1:
         p.error(f"--batch_size must be 1 or more (samples per step), got {a.batch_size}")
+    if a.repeats < 1:
+        p.error(f"--repeats must be 1 or more, got {a.repeats}")
     root = Path(a.root)
     env = ensure_dataset(root, a.dataset_id, a.size)
     os.environ.update({k: v for k, v in env.items() if k.startswith("nnUNet") or k == "HF_HUB_OFFLINE"})
     # Each trainer in its own process: peak memory (ru_maxrss) is per process.
-    rows = []
-    for name in a.trainers:
-        out = run_command([sys.executable, __file__, "--_one", name, "-d", str(a.dataset_id), "--iters",
-                           str(a.iters), "--warmup", str(a.warmup), "--device", a.device,
-                           "--batch_size", str(a.batch_size or 0)], os.environ, capture=True,
-                          echo=False)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    runs: list[list[dict]] = []
+    for repeat in range(a.repeats):
+        runs.append([])
+        for name in a.trainers:
+            out = run_command([sys.executable, __file__, "--_one", name, "-d", str(a.dataset_id), "--iters",
+                               str(a.iters), "--warmup", str(a.warmup), "--device", a.device,
+                               "--batch_size", str(a.batch_size or 0)], os.environ, capture=True,
+                              echo=False)
+            runs[-1].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            if a.repeats > 1:
+                print(f"repeat {repeat + 1}/{a.repeats}: {name} {runs[-1][-1]['s_per_iter']:.3f} s/iter", flush=True)
+    rows = combine_repeats(runs)
     base = rows[0]
     import torch
     print(f"\nTrain step, {a.device}, torch {torch.__version__}, {os.cpu_count()} CPUs, patch {base['patch_size']}, "
-          f"batch {base['batch_size']}, {a.iters} timed iterations (after {a.warmup} warm-up)\n")
+          f"batch {base['batch_size']}, {a.iters} timed iterations (after {a.warmup} warm-up)"
+          + (f", median of {a.repeats} repeats (ratio range in brackets)" if a.repeats > 1 else "") + "\n")
     print("| trainer | s/iter | × nnUNetTrainer | peak mem (MiB) | × mem | params (M) | pathway warm-up (s/step × steps) "
           "| launching ops / step | × ops | host reads / step |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        r["time_ratio"] = r["s_per_iter"] / base["s_per_iter"]
         r["mem_ratio"] = r["peak_mem_mib"] / base["peak_mem_mib"]
         warm = "–" if not r.get("warmup_s_per_step") else \
             f"{r['warmup_s_per_step']:.3f} × {r['warmup_steps']} = {r['warmup_s_per_step'] * r['warmup_steps']:.0f} s"
         r["ops_ratio"] = r["launching_ops"] / base["launching_ops"]
-        print(f"| {r['trainer']} | {r['s_per_iter']:.3f} | {r['time_ratio']:.2f} | {r['peak_mem_mib']:.0f} | "
+        spread = "" if len(r["time_ratio_runs"]) < 2 else \
+            f" ({min(r['time_ratio_runs']):.2f}–{max(r['time_ratio_runs']):.2f})"
+        print(f"| {r['trainer']} | {r['s_per_iter']:.3f} | {r['time_ratio']:.2f}{spread} | {r['peak_mem_mib']:.0f} | "
               f"{r['mem_ratio']:.2f} | {r['params_m']:.2f} | {warm} | {r['launching_ops']:.0f} | {r['ops_ratio']:.2f} | "
               f"{r['host_reads']:.1f} |")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

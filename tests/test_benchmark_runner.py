@@ -450,3 +450,26 @@ def test_train_step_benchmark_refuses_a_batch_below_one(tmp_path, capsys):
         train_step.main(["--batch_size", "0", "--root", str(tmp_path / "work")])
     assert "--batch_size must be 1 or more" in capsys.readouterr().err
     assert not (tmp_path / "work").exists()
+
+
+def test_train_step_benchmark_takes_each_repeats_ratio_to_plain_of_the_same_repeat(tmp_path, capsys):
+    """--repeats: a CPU that is 20 % slower in the second repeat moves the times, not the paired ratios; the row
+    gives the median time and the median and range of the per-repeat ratios; --repeats 0 is refused up front."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import train_step
+
+    def row(name, sec):
+        return {"trainer": name, "s_per_iter": sec, "peak_mem_mib": 1.0}
+
+    runs = [[row("plain", 0.40), row("text", 0.60)], [row("plain", 0.48), row("text", 0.84)],
+            [row("plain", 0.44), row("text", 0.66)]]
+    plain, text = train_step.combine_repeats(runs)
+    assert plain["time_ratio_runs"] == [1.0, 1.0, 1.0] and plain["s_per_iter"] == pytest.approx(0.44)
+    assert text["time_ratio_runs"] == pytest.approx([1.5, 1.75, 1.5])
+    assert text["time_ratio"] == pytest.approx(1.5) and text["s_per_iter"] == pytest.approx(0.66)
+    assert text["trainer"] == "text" and text["s_per_iter_runs"] == [0.60, 0.84, 0.66]
+
+    with pytest.raises(SystemExit):
+        train_step.main(["--repeats", "0", "--root", str(tmp_path / "work")])
+    assert "--repeats must be 1 or more" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()

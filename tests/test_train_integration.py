@@ -170,14 +170,18 @@ def test_train_step_reads_no_device_value_before_its_end(trained_model, trainer_
 
 @pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 4),
                     reason="fused AdamW runs on the CPU from torch 2.4")
-def test_text_modules_step_with_fused_adamw_on_cuda(trained_model, monkeypatch):
-    """On CUDA the text modules' AdamW is fused (one kernel for hundreds of small parameters, no per-parameter host
-    work), elsewhere torch's default; the fused step moves the parameters as the default one does (fused AdamW also
-    runs on the CPU, so the trainer's real optimiser is stepped here); a checkpoint saved with the default AdamW
-    (before this, or on the CPU) resumes fused, and one saved fused resumes unfused on the CPU."""
+def test_text_modules_step_with_fused_adamw(trained_model, monkeypatch):
+    """The text modules' AdamW is fused where torch has the kernel (CUDA, the CPU): one kernel for hundreds of
+    small parameters, no per-parameter host work; the fused step moves the parameters as the per-parameter one does
+    (the trainer's real optimiser is stepped both ways); a checkpoint saved unfused (before this, or on a device
+    without the kernel) resumes fused, and one saved fused resumes unfused where there is no fused kernel."""
+    from nnunetv2_textseg.training import text_trainer
+
+    assert text_trainer.fused_adamw_on(torch.device("cpu")) and text_trainer.fused_adamw_on(torch.device("cuda"))
+    assert not text_trainer.fused_adamw_on(torch.device("meta"))
     trainer = _trainer_with_loaders(trained_model, "nnUNetTrainerBiCLIP", monkeypatch)
     _finish_loaders(trainer)
-    assert not trainer.optimizer.text.defaults["fused"]
+    assert trainer.optimizer.text.defaults["fused"] is True
     params = trainer.optimizer.text.param_groups[0]["params"]
     start = [p.detach().clone() for p in params]
     torch.manual_seed(0)
@@ -191,29 +195,26 @@ def test_text_modules_step_with_fused_adamw_on_cuda(trained_model, monkeypatch):
         trainer.optimizer.text.step()
         return [p.detach().clone() for p in params]
 
-    default = one_step()
-    trainer.device = torch.device("cuda")  # what configure_optimizers reads; nothing is moved
-    trainer.optimizer, trainer.lr_scheduler = trainer.configure_optimizers()
-    assert trainer.optimizer.text.defaults["fused"] is True
-    params = trainer.optimizer.text.param_groups[0]["params"]
     fused = one_step()
+    saved_fused = trainer.optimizer.state_dict()
+    with_kernel = text_trainer.fused_adamw_on
+    monkeypatch.setattr(text_trainer, "fused_adamw_on", lambda device: False)  # a device without the kernel
+    trainer.optimizer, trainer.lr_scheduler = trainer.configure_optimizers()
+    assert not trainer.optimizer.text.defaults["fused"]
+    params = trainer.optimizer.text.param_groups[0]["params"]
+    default = one_step()
     assert max((a - b).abs().max().item() for a, b in zip(default, fused)) < 1e-6
     assert max((a - b).abs().max().item() for a, b in zip(start, fused)) > 1e-4  # it did step
 
-    saved_fused = trainer.optimizer.state_dict()
-    trainer.device = torch.device("cpu")
-    trainer.optimizer, trainer.lr_scheduler = trainer.configure_optimizers()
-    params = trainer.optimizer.text.param_groups[0]["params"]
-    one_step()
     saved_default = trainer.optimizer.state_dict()
-    trainer.optimizer.load_state_dict(saved_fused)  # nnU-Net's --c on the CPU from a checkpoint saved fused
+    trainer.optimizer.load_state_dict(saved_fused)  # nnU-Net's --c, without the kernel, from a checkpoint saved fused
     assert not trainer.optimizer.text.param_groups[0]["fused"]
-    trainer.device = torch.device("cuda")
+    monkeypatch.setattr(text_trainer, "fused_adamw_on", with_kernel)
     trainer.optimizer, trainer.lr_scheduler = trainer.configure_optimizers()
-    trainer.optimizer.load_state_dict(saved_default)  # on CUDA from a checkpoint saved with the default AdamW
+    trainer.optimizer.load_state_dict(saved_default)  # from a checkpoint saved with the per-parameter AdamW
     assert trainer.optimizer.text.param_groups[0]["fused"] is True
     params = trainer.optimizer.text.param_groups[0]["params"]
-    one_step()  # the loaded state (step counters moved to the parameters' device) steps
+    one_step()  # the loaded state (step counters on the parameters' device) steps
 
 
 @pytest.mark.parametrize("variant", ["nnUNetTrainerBiCLIP_noIAC", "nnUNetTrainerBiCLIP_unidirectional",
