@@ -782,7 +782,8 @@ def test_unrouted_pathways_get_zero_gradients_in_one_process_as_under_ddp(monkey
     """Under DDP every pathway stays in the graph at weight 0 (find_unused_parameters=False); in one process the
     trainer fills the same zero gradients after the backward pass instead (nnUNetTrainerBiCLIP.complete_gradients):
     every gradient, and the parameters after an AdamW step (which moves a parameter with a zero gradient by its
-    moments, but skips one without a gradient), equal those of the in-graph version."""
+    moments, but skips one without a gradient), equal those of the in-graph version — also when the zeroed buffer is
+    reused by the next step after last step's zero gradients were changed in place."""
     from types import SimpleNamespace
 
     import nnunetv2_textseg.architectures.biclip as biclip_module
@@ -796,18 +797,22 @@ def test_unrouted_pathways_get_zero_gradients_in_one_process_as_under_ddp(monkey
         monkeypatch.setattr(biclip_module, "_distributed", lambda: distributed)
         net = make_net(cross_fit=4, token_maps=True, token_window=3, seg_gradient_to_text=False).train()
         opt = torch.optim.AdamW([p for n, p in net.named_parameters() if not n.startswith("unet.")], lr=1e-2)
-        for step in range(2):  # the second step moves the unrouted pathways by the moments of the first
+        trainer = SimpleNamespace(cross_fit=4, is_ddp=False, unwrapped_network=lambda: net)
+        for step in range(3):  # later steps move the unrouted pathways by the moments of the first
             opt.zero_grad(set_to_none=True)
-            f = fit if step == 0 else torch.tensor([2, 3])
+            f = fit if step != 1 else torch.tensor([2, 3])
             trainer_style_loss(net(x, tokens=tokens, mask=mask, return_aux=True, fold=fold, fit=f), x, target).backward()
             if not distributed:
-                nnUNetTrainerBiCLIP.complete_gradients(SimpleNamespace(cross_fit=4, is_ddp=False,
-                                                                       unwrapped_network=lambda: net))
+                nnUNetTrainerBiCLIP.complete_gradients(trainer)
             if step == 0:
                 grads = {n: p.grad for n, p in net.named_parameters() if not n.startswith("unet.")}
                 assert all(g is not None for g in grads.values())
                 assert all(float(g.abs().sum()) == 0 for n, g in grads.items() if n.startswith("cross_fit_more"))
             opt.step()
+            if step == 0 and not distributed:  # a zero gradient changed in place (e.g. accumulated into) after use
+                for name, q in net.named_parameters():
+                    if name.startswith("cross_fit_more"):
+                        q.grad.add_(1.0)
         nets.append(net)
     for (name, a), b in zip(nets[0].named_parameters(), nets[1].parameters()):
         torch.testing.assert_close(a, b, msg=name)
