@@ -137,8 +137,10 @@ def count_step_ops(trainer, batches: list[dict]) -> tuple[float, float]:
 
     inner = [getattr(trainer.optimizer, k) for k in ("main", "text") if hasattr(trainer.optimizer, k)] \
         or [trainer.optimizer]
-    text = getattr(trainer.optimizer, "text", None)  # the text modules' AdamW: fused on CUDA (configure_optimizers)
-    fused_on_cpu = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 4)
+    from nnunetv2_textseg.training.text_trainer import fused_adamw_on
+
+    text = getattr(trainer.optimizer, "text", None)  # the text modules' AdamW: fused where torch has the kernel
+    fused_on_cpu = fused_adamw_on(torch.device("cpu"))
     counter = Counter()
     for opt in inner:
         for group in opt.param_groups:  # as on CUDA: that AdamW fused, the rest multi-tensor
